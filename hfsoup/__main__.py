@@ -1,0 +1,3 @@
+from hfsoup.cli import main
+
+raise SystemExit(main())

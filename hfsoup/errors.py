@@ -1,0 +1,55 @@
+"""The exceptions hfsoup raises for failures a user can cause.
+
+Every class subclasses :class:`HfsoupError`; the CLI turns any of them into one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+
+class HfsoupError(Exception):
+    """Base class of every error a user can cause (bad input, missing repo, ...)."""
+
+
+class IngredientSpecError(HfsoupError):
+    """An ingredient string is malformed (not ``org/name[@rev]`` nor an existing directory)."""
+
+
+class IngredientNotFoundError(HfsoupError):
+    """The repository, revision or local directory of an ingredient does not exist."""
+
+
+class AccessDeniedError(HfsoupError):
+    """The repository is private or gated and no (valid) token was given."""
+
+
+class HubConnectionError(HfsoupError):
+    """The Hub could not be reached, or kept failing after the retries."""
+
+
+class IncompatibleIngredientsError(HfsoupError):
+    """Ingredients differ in tensor names, shapes, dtypes, architecture or labels."""
+
+
+class UnsafeWeightsError(HfsoupError):
+    """Weights are only available as pickle files and ``allow_pickle`` was not given."""
+
+
+class CorruptWeightsError(HfsoupError):
+    """A safetensors header or payload is malformed, or bytes fail their checksum."""
+
+
+class RecipeError(HfsoupError):
+    """A recipe file or the equivalent options are invalid."""
+
+
+class OutputExistsError(HfsoupError):
+    """The output folder exists and is not empty (and ``overwrite`` was not given)."""
+
+
+class PushError(HfsoupError):
+    """Uploading the soup to the Hub failed; the local output is intact."""
+
+
+class TaskError(HfsoupError):
+    """A task (dataset, split, columns, metric) cannot be used as asked."""

@@ -47,6 +47,10 @@ class OutputExistsError(HfsoupError):
     """The output folder exists and is not empty (and ``overwrite`` was not given)."""
 
 
+class OutputWriteError(HfsoupError):
+    """Writing the output failed (disk full, permissions); nothing was left behind."""
+
+
 class PushError(HfsoupError):
     """Uploading the soup to the Hub failed; the local output is intact."""
 

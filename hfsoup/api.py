@@ -1,0 +1,395 @@
+"""The public Python API; the CLI is a thin shell over these functions.
+
+>>> import hfsoup
+>>> hfsoup.soup(["org/ft-1", "org/ft-2@v1"], output="out/soup")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hfsoup.card import CardInfo, CardRow, render_card
+from hfsoup.errors import HfsoupError, IncompatibleIngredientsError, RecipeError
+from hfsoup.hub import IngredientSpec, parse_ingredient, push_folder, resolve
+from hfsoup.recipe import IngredientEntry, OutputConfig, Recipe, build_recipe, load_recipe
+from hfsoup.soup import fetch_plan_bytes, normalise_weights, stream_average
+from hfsoup.tensors import (
+    IngredientIndex,
+    check_compatible,
+    index_ingredient,
+    parse_size,
+    plan_shards,
+)
+from hfsoup.writer import ShardWriter, copy_aux_files, staged_output, write_config
+
+IngredientLike = str | IngredientSpec | IngredientEntry | dict
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Inspection:
+    """What ``inspect`` found: each ingredient's pin and size, and whether they can be souped."""
+
+    ingredients: list[IngredientIndex]
+    compatible: bool
+    problem: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "compatible": self.compatible,
+            "problem": self.problem,
+            "ingredients": [_describe(ix) for ix in self.ingredients],
+        }
+
+
+@dataclass
+class SoupResult:
+    """What a soup run produced."""
+
+    output: Path
+    method: str
+    weights: list[float]
+    results: dict[str, Any]
+    url: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _describe(ix: IngredientIndex) -> dict[str, Any]:
+    spec = ix.ingredient.spec
+    return {
+        "ingredient": spec.label,
+        "repo": spec.repo or str(spec.path),
+        "revision": spec.revision,
+        "sha": ix.ingredient.sha,
+        "parameters": ix.num_parameters,
+        "bytes": ix.nbytes,
+        "dtypes": sorted({t.dtype for t in ix.tensors.values()}),
+        "model_type": ix.config.get("model_type"),
+        "architectures": ix.config.get("architectures"),
+        "format": "pickle" if ix.pickle else "safetensors",
+    }
+
+
+def _spec(item: IngredientLike) -> IngredientSpec:
+    if isinstance(item, IngredientSpec):
+        return item
+    if isinstance(item, dict):
+        item = IngredientEntry.model_validate(item)
+    if isinstance(item, IngredientEntry):
+        return parse_ingredient(item.text, weight=item.weight)
+    return parse_ingredient(item)
+
+
+def load_ingredients(
+    ingredients: Sequence[IngredientLike], *, token: str | None = None, allow_pickle: bool = False
+) -> list[IngredientIndex]:
+    """Resolve every ingredient to a SHA and read its config and headers (no weights).
+
+    Ingredients are resolved concurrently: on a real Hub each is a few round trips.
+    """
+    specs = [_spec(i) for i in ingredients]
+    if not specs:
+        raise RecipeError("no ingredients given")
+
+    def one(spec: IngredientSpec) -> IngredientIndex:
+        return index_ingredient(resolve(spec, token=token), allow_pickle=allow_pickle)
+
+    with ThreadPoolExecutor(max_workers=min(8, len(specs))) as pool:
+        return list(pool.map(one, specs))
+
+
+def inspect(
+    ingredients: Sequence[IngredientLike], *, token: str | None = None, allow_pickle: bool = False
+) -> Inspection:
+    """Resolve ingredients and check compatibility from headers and configs alone.
+
+    Example:
+        >>> hfsoup.inspect(["org/ft-1", "org/ft-2"]).compatible  # doctest: +SKIP
+        True
+    """
+    indexes = load_ingredients(ingredients, token=token, allow_pickle=allow_pickle)
+    try:
+        check_compatible(indexes)
+    except IncompatibleIngredientsError as exc:
+        return Inspection(indexes, compatible=False, problem=str(exc))
+    return Inspection(indexes, compatible=True)
+
+
+def soup(
+    ingredients: Sequence[IngredientLike],
+    *,
+    output: str | Path,
+    method: str = "uniform",
+    weights: Sequence[float] | None = None,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    task: Any = None,
+    accept: str = ">=",
+    name: str | None = None,
+    push_to: str | None = None,
+    private: bool = False,
+    **options: Any,
+) -> SoupResult:
+    """Make a soup of ``ingredients`` and write it to ``output`` (optionally push it).
+
+    Args:
+        ingredients: ``"org/name"``, ``"org/name@revision"``, local directories, or
+            ``{"repo", "revision", "weight"}`` mappings.
+        output: the folder to write; it must be empty or absent unless ``overwrite=True``.
+        method: ``"uniform"`` (this release), ``"greedy"`` or ``"learned"``.
+        weights: per-ingredient mixing weights, normalised to sum to 1.
+        dtype: output dtype for float tensors; default: the ingredients' own.
+        max_shard_size: bytes per output shard (``"5GB"``, ``"500MiB"`` or an int).
+        push_to: a Hub repo ID to upload the soup to, in one commit.
+        options: ``overwrite``, ``device``, ``token``, ``allow_pickle``, ``accumulate``,
+            ``progress`` (see :func:`run`).
+
+    Returns:
+        A :class:`SoupResult`.
+
+    Raises:
+        HfsoupError: any failure a user can cause; nothing is left half-written.
+    """
+    entries = [_entry(i) for i in ingredients]
+    if weights is not None:
+        if len(weights) != len(entries):
+            raise RecipeError(f"got {len(weights)} weights for {len(entries)} ingredients")
+        entries = [{**e, "weight": w} for e, w in zip(entries, weights, strict=True)]
+    recipe = build_recipe(
+        {
+            "name": name,
+            "method": method,
+            "accept": accept,
+            "ingredients": entries,
+            "task": task,
+            "output": {
+                "dir": str(output),
+                "dtype": dtype,
+                "max_shard_size": max_shard_size,
+                "push_to": push_to,
+                "private": private,
+            },  # fmt: skip
+        },
+        where="options",
+    )
+    return run(recipe, **options)
+
+
+def _entry(item: IngredientLike) -> dict[str, Any]:
+    spec = _spec(item)
+    repo = spec.repo if spec.path is None else str(spec.path)
+    return {"repo": repo, "revision": spec.revision, "weight": spec.weight}
+
+
+def run(
+    recipe: str | Path | Recipe,
+    *,
+    output: str | Path | None = None,
+    push_to: str | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+    token: str | None = None,
+    allow_pickle: bool = False,
+    accumulate: str = "float32",
+    progress: bool = True,
+) -> SoupResult:
+    """Run a recipe (a YAML file, a soup's README.md, or a :class:`Recipe`).
+
+    Args:
+        output / push_to: override the recipe's ``output.dir`` / ``output.push_to``.
+        overwrite: replace a non-empty output folder.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        token: Hub token; default ``HF_TOKEN`` or the stored login.
+        allow_pickle: accept ``pytorch_model.bin`` ingredients (``weights_only=True``).
+        accumulate: ``float32`` (default) or ``float64`` running sums.
+        progress: show progress bars.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    out = recipe.output.model_copy(
+        update={k: v for k, v in {"dir": output and str(output), "push_to": push_to}.items() if v}
+    )
+    recipe = recipe.model_copy(update={"output": out})
+    if not out.dir:
+        raise RecipeError("no output folder: set output.dir in the recipe or pass --output")
+    if recipe.method != "uniform":
+        raise RecipeError(f"method {recipe.method!r} is not available yet; use 'uniform'")
+    if accumulate not in ("float32", "float64"):
+        raise RecipeError(f"accumulate must be float32 or float64, got {accumulate!r}")
+    try:
+        shard_bytes = parse_size(out.max_shard_size)
+    except ValueError as exc:
+        raise RecipeError(f"output.max_shard_size: {exc}") from exc
+    target_device = resolve_device(device)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    indexes = load_ingredients(recipe.ingredients, token=token, allow_pickle=allow_pickle)
+    check_compatible(indexes)
+    timings["resolve"] = time.perf_counter() - t0
+    given = [e.weight for e in recipe.ingredients]
+    if any(w is not None for w in given) and any(w is None for w in given):
+        raise RecipeError("give a weight for every ingredient, or for none")
+    weights = normalise_weights(len(indexes), None if given[0] is None else given)
+    dtype = _DTYPES[out.dtype] if out.dtype else None
+    shards = plan_shards(indexes[0], max_shard_size=shard_bytes, dtype=dtype)
+
+    target = Path(out.dir)
+    with staged_output(target, overwrite=overwrite) as tmp:
+        t0 = time.perf_counter()
+        writer = ShardWriter(tmp, len(shards))
+        with _bar(fetch_plan_bytes(indexes, shards), "Fetching + averaging", progress) as bar:
+            stream_average(
+                indexes, weights, shards, on_shard=writer.write, dtype=dtype,
+                device=target_device, accumulate=_DTYPES[accumulate], on_bytes=bar.update,
+            )  # fmt: skip
+        writer.finish()
+        timings["stream"] = time.perf_counter() - t0
+        write_config(tmp, indexes[0].config, dtype)
+        copy_aux_files(tmp, indexes[0].ingredient)
+        pinned = pin_recipe(recipe, indexes)
+        results = _results(pinned, indexes, weights, timings, shards)
+        write_card(tmp, pinned, indexes, weights)
+        (tmp / "hfsoup_recipe.yaml").write_text(pinned.to_yaml())
+        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    target = target.expanduser().resolve()
+    url = None
+    if out.push_to:
+        t0 = time.perf_counter()
+        url = push(target, out.push_to, private=out.private, token=token)
+        timings["push"] = time.perf_counter() - t0
+    return SoupResult(target, recipe.method, weights, results, url=url, timings=timings)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; validate explicit choices."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise RecipeError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"device {device!r} asked for, but no CUDA GPU is visible")
+    return dev
+
+
+def pin_recipe(recipe: Recipe, indexes: Sequence[IngredientIndex]) -> Recipe:
+    """The recipe with every revision replaced by the commit SHA that was read."""
+    entries = []
+    for entry, ix in zip(recipe.ingredients, indexes, strict=True):
+        sha = ix.ingredient.sha
+        entries.append(entry.model_copy(update={"revision": sha} if sha else {}))
+    return recipe.model_copy(update={"ingredients": entries})
+
+
+def write_card(
+    folder: Path,
+    recipe: Recipe,
+    indexes: Sequence[IngredientIndex],
+    weights: Sequence[float],
+    sections: Sequence[str] = (),
+    model_index: list[dict] | None = None,
+) -> None:
+    """Render the model card into ``folder/README.md``."""
+    from hfsoup import __version__
+
+    rows = [
+        CardRow(
+            repo=ix.ingredient.spec.repo or ix.ingredient.spec.path.name,
+            revision=ix.ingredient.spec.revision,
+            sha=ix.ingredient.sha,
+            weight=w,
+        )  # fmt: skip
+        for ix, w in zip(indexes, weights, strict=True)
+    ]
+    info = CardInfo(
+        recipe=recipe,
+        rows=rows,
+        config=indexes[0].config,
+        licenses=[ix.ingredient.card.get("license") for ix in indexes],
+        sections=list(sections),
+        model_index=model_index,
+        hfsoup_version=__version__,
+    )
+    (folder / "README.md").write_text(render_card(info), encoding="utf-8")
+
+
+def _results(recipe, indexes, weights, timings, shards) -> dict[str, Any]:
+    from hfsoup import __version__
+
+    return {
+        "hfsoup_version": __version__,
+        "name": recipe.name,
+        "method": recipe.method,
+        "ingredients": [
+            {
+                "repo": ix.ingredient.spec.repo or str(ix.ingredient.spec.path),
+                "revision": ix.ingredient.spec.revision,
+                "sha": ix.ingredient.sha,
+                "weight": w,
+                "scores": {},
+            }  # fmt: skip
+            for ix, w in zip(indexes, weights, strict=True)
+        ],
+        "output": {"shards": len(shards), "parameters": indexes[0].num_parameters},
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+    }
+
+
+def push(
+    folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None
+) -> str:
+    """Upload a soup folder to ``repo_id`` in one commit (creating the repo if needed).
+
+    Returns:
+        The commit URL.
+
+    Raises:
+        PushError: the upload failed; the folder is intact and the message says how to retry.
+    """
+    folder = Path(folder).expanduser().resolve()
+    if not (folder / "config.json").is_file():
+        raise HfsoupError(f"{folder} is not a soup folder (no config.json)")
+    return push_folder(
+        folder, repo_id, private=private, token=token, message="Upload model soup made with hfsoup"
+    )
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from huggingface_hub.utils import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
+
+
+__all__ = [
+    "Inspection",
+    "OutputConfig",
+    "SoupResult",
+    "inspect",
+    "load_ingredients",
+    "push",
+    "run",
+    "soup",
+]

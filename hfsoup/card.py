@@ -1,0 +1,141 @@
+"""The soup's model card: Hub metadata, the ingredients pinned to SHAs, and the recipe.
+
+Rendering is pure: everything the card says is passed in, so it makes no network call and the
+same inputs always give the same card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from hfsoup.recipe import Recipe
+
+_PIPELINES = (
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForImageClassification", "image-classification"),
+    ("ForCausalLM", "text-generation"),
+    ("ForMaskedLM", "fill-mask"),
+    ("ForConditionalGeneration", "text2text-generation"),
+)
+_METHODS = {
+    "uniform": "uniform soup: the plain average of all ingredients' weights",
+    "greedy": (
+        "greedy soup (Wortsman et al. 2022, Recipe 1): ingredients sorted by held-out score, "
+        "each kept only if the soup with it does not score lower"
+    ),
+    "learned": "learned soup: mixing weights learned on a held-out split",
+}
+
+
+@dataclass
+class CardRow:
+    """One ingredient as the card lists it."""
+
+    repo: str
+    revision: str | None
+    sha: str | None
+    weight: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CardInfo:
+    """Everything a card says."""
+
+    recipe: Recipe
+    rows: list[CardRow]
+    config: dict[str, Any]
+    licenses: list[str | None]
+    sections: list[str] = field(default_factory=list)
+    model_index: list[dict[str, Any]] | None = None
+    hfsoup_version: str = ""
+
+
+def pipeline_tag(config: dict[str, Any]) -> str | None:
+    """The Hub pipeline tag implied by the config's architecture, if one is obvious."""
+    for arch in config.get("architectures") or []:
+        for suffix, tag in _PIPELINES:
+            if arch.endswith(suffix):
+                return tag
+    return None
+
+
+def card_metadata(info: CardInfo) -> dict[str, Any]:
+    """The YAML front matter: valid Hub metadata for a merge of the ingredients."""
+    meta: dict[str, Any] = {
+        # Local folders have no Hub ID; base_model may only name Hub repos.
+        "base_model": [r.repo for r in info.rows if r.sha],
+        "base_model_relation": "merge",
+        "library_name": "transformers",
+        "tags": ["hfsoup", "model-soup", "merge", f"{info.recipe.method}-soup"],
+    }
+    tag = pipeline_tag(info.config)
+    if tag:
+        meta["pipeline_tag"] = tag
+    if info.licenses and info.licenses[0] and len(set(info.licenses)) == 1:
+        meta["license"] = info.licenses[0]
+    if info.model_index:
+        meta["model-index"] = info.model_index
+    return meta
+
+
+def render_card(info: CardInfo) -> str:
+    """The whole README.md of a soup."""
+    recipe = info.recipe
+    title = recipe.name or "Model soup"
+    lines = [
+        "---",
+        yaml.safe_dump(card_metadata(info), sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        "",
+        f"# {title}",
+        "",
+        "This model is a *model soup* (Wortsman et al., ICML 2022): its weights are an average of "
+        "several fine-tunes of one pretrained model, so it runs at the cost of one model. "
+        "It was made with [hfsoup](https://pypi.org/project/hfsoup/) from the ingredients below, "
+        "each pinned to the commit that was read.",
+        "",
+        f"**Method:** {_METHODS[recipe.method]}.",
+        "",
+        "## Ingredients",
+        "",
+        _table(info.rows),
+        "",
+    ]
+    lines += [s.rstrip() + "\n" for s in info.sections]
+    lines += [
+        "## Recipe",
+        "",
+        "Rebuild this soup with `hfsoup run README.md --output DIR` (the revisions are pinned SHAs):",
+        "",
+        "```yaml hfsoup-recipe",
+        recipe.to_yaml().rstrip(),
+        "```",
+        "",
+    ]
+    if info.hfsoup_version:
+        lines += [f"<sub>Made with hfsoup {info.hfsoup_version}.</sub>", ""]
+    return "\n".join(lines)
+
+
+def _table(rows: list[CardRow]) -> str:
+    extra_keys = sorted({k for r in rows for k in r.extra})
+    head = ["#", "repo", "requested revision", "commit SHA", "weight", *extra_keys]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(rows, 1):
+        cells = [str(i), f"`{r.repo}`", f"`{r.revision}`" if r.revision else "(default)",
+                 f"`{r.sha}`" if r.sha else "(local)", f"{r.weight:.4g}",
+                 *(_cell(r.extra.get(k)) for k in extra_keys)]  # fmt: skip
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,371 @@
+"""Everything that talks to the Hub: resolving ingredients, reading bytes, pushing a soup.
+
+This is the only module that makes HTTP calls. An ingredient is resolved once to a commit SHA and
+every later read goes through a :class:`Source` pinned to that SHA, so a branch that moves while
+a soup is being made cannot mix two versions of one ingredient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hfsoup.errors import (
+    AccessDeniedError,
+    HubConnectionError,
+    IngredientNotFoundError,
+    IngredientSpecError,
+    PushError,
+)
+
+T = TypeVar("T")
+
+# A Hub repo ID: optional namespace, then a name; '@' separates an optional revision.
+_REPO_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+_RETRIES = 5
+_BACKOFF_S = 0.5
+
+
+@dataclass(frozen=True)
+class IngredientSpec:
+    """What the user asked for: a repo ID with an optional revision, or a local directory."""
+
+    repo: str | None = None
+    revision: str | None = None
+    path: Path | None = None
+    weight: float | None = None
+
+    @property
+    def label(self) -> str:
+        """How the ingredient is named in messages, tables and cards."""
+        if self.path is not None:
+            return str(self.path)
+        return f"{self.repo}@{self.revision}" if self.revision else str(self.repo)
+
+
+def parse_ingredient(text: str, *, weight: float | None = None) -> IngredientSpec:
+    """Parse ``org/name``, ``org/name@revision`` or a local directory.
+
+    Args:
+        text: the ingredient as the user wrote it.
+        weight: optional mixing weight, carried along unchanged.
+
+    Returns:
+        An :class:`IngredientSpec`.
+
+    Raises:
+        IngredientSpecError: the string is neither a repo ID nor an existing directory.
+        IngredientNotFoundError: it looks like a path but no such directory exists.
+
+    Example:
+        >>> parse_ingredient("org/ft-1@v2").revision
+        'v2'
+    """
+    text = text.strip()
+    local = Path(text).expanduser()
+    if local.is_dir():
+        return IngredientSpec(path=local.resolve(), weight=weight)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise IngredientNotFoundError(f"ingredient {text!r}: no such local directory")
+    repo, sep, revision = text.partition("@")
+    if not _REPO_RE.match(repo) or (sep and not revision) or ".." in repo:
+        raise IngredientSpecError(
+            f"ingredient {text!r} is not 'org/name', 'org/name@revision' or a local directory"
+        )
+    return IngredientSpec(repo=repo, revision=revision or None, weight=weight)
+
+
+class Source(ABC):
+    """Read access to one pinned ingredient: byte ranges of its files, and whole small files."""
+
+    files: dict[str, int | None]
+
+    @abstractmethod
+    def read_range(self, filename: str, start: int, end: int) -> bytearray:
+        """Bytes ``[start, end)`` of ``filename``."""
+
+    @abstractmethod
+    def local_file(self, filename: str) -> Path:
+        """A local path holding the whole file (downloaded into the HF cache if needed)."""
+
+    def read_json(self, filename: str) -> dict[str, Any]:
+        return json.loads(self.local_file(filename).read_text(encoding="utf-8"))
+
+
+class LocalSource(Source):
+    """An ingredient that is a directory on disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files = {
+            p.relative_to(root).as_posix(): p.stat().st_size
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and ".cache" not in p.relative_to(root).parts
+        }
+
+    def read_range(self, filename: str, start: int, end: int) -> bytearray:
+        buf = bytearray(end - start)
+        with open(self.local_file(filename), "rb") as f:
+            f.seek(start)
+            got = f.readinto(buf)
+        if got != len(buf):
+            raise IngredientNotFoundError(f"{self.root}/{filename}: file shorter than expected")
+        return buf
+
+    def local_file(self, filename: str) -> Path:
+        path = (self.root / filename).resolve()
+        if not path.is_relative_to(self.root):
+            raise IngredientNotFoundError(f"{filename!r} points outside {self.root}")
+        return path
+
+
+class HubSource(Source):
+    """An ingredient on the Hub, pinned to one commit SHA; reads are HTTP range requests."""
+
+    def __init__(self, repo: str, sha: str, files: dict[str, int | None], token: str | None):
+        self.repo, self.sha, self.files, self._token = repo, sha, files, token
+
+    def _url(self, filename: str) -> str:
+        from huggingface_hub import constants, hf_hub_url
+
+        return hf_hub_url(self.repo, filename, revision=self.sha, endpoint=constants.ENDPOINT)
+
+    def read_range(self, filename: str, start: int, end: int) -> bytearray:
+        from huggingface_hub import get_session
+        from huggingface_hub.utils import build_hf_headers
+
+        buf = bytearray(end - start)
+        got = 0
+        headers = build_hf_headers(token=self._token, library_name="hfsoup")
+        for attempt in range(_RETRIES + 1):
+            # Resume from the last byte received, so a dropped connection costs only a retry.
+            headers["Range"] = f"bytes={start + got}-{end - 1}"
+            try:
+                with get_session().stream(
+                    "GET", self._url(filename), headers=headers, follow_redirects=True, timeout=60
+                ) as response:
+                    _raise_for_status(response, f"{self.repo}/{filename}")
+                    if response.status_code != 206 and start + got != 0:
+                        raise HubConnectionError(
+                            f"{self.repo}/{filename}: the server ignored a range request"
+                        )
+                    for chunk in response.iter_bytes(1 << 20):
+                        take = min(len(chunk), len(buf) - got)
+                        buf[got : got + take] = chunk[:take]
+                        got += take
+                        if got == len(buf):
+                            break
+                if got == len(buf):
+                    return buf
+                raise _Retryable(f"connection closed after {got} of {len(buf)} bytes")
+            except _Retryable as exc:
+                if attempt == _RETRIES:
+                    raise HubConnectionError(
+                        f"{self.repo}/{filename}: {exc} (gave up after {_RETRIES} retries)"
+                    ) from exc
+                time.sleep(exc.retry_after or _BACKOFF_S * 2**attempt)
+            except Exception as exc:  # network errors from the HTTP client
+                if not _is_network_error(exc):
+                    raise
+                if attempt == _RETRIES:
+                    raise HubConnectionError(
+                        f"{self.repo}/{filename}: cannot reach the Hub at {_endpoint()} ({type(exc).__name__})"
+                    ) from exc
+                time.sleep(_BACKOFF_S * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def local_file(self, filename: str) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        return Path(
+            _call_hub(
+                lambda: hf_hub_download(self.repo, filename, revision=self.sha, token=self._token),
+                what=f"{self.repo}/{filename}",
+            )
+        )
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    import httpx2
+
+    return isinstance(exc, httpx2.TransportError | ConnectionError | TimeoutError)
+
+
+def _raise_for_status(response: Any, what: str) -> None:
+    status = response.status_code
+    if status < 400:
+        return
+    if status == 429 or status >= 500:
+        retry_after = response.headers.get("Retry-After")
+        wait = float(retry_after) if retry_after and retry_after.isdigit() else None
+        raise _Retryable(f"the Hub answered {status}", retry_after=wait)
+    if status in (401, 403):
+        raise AccessDeniedError(f"{what}: access denied ({status}); {_LOGIN_HINT}")
+    raise IngredientNotFoundError(f"{what}: the Hub answered {status}")
+
+
+_LOGIN_HINT = "set HF_TOKEN or run `hf auth login` with an account that can read it"
+
+
+def _call_hub(fn: Callable[[], T], *, what: str) -> T:
+    """Run one huggingface_hub call, turning its errors into hfsoup's one-line errors."""
+    from huggingface_hub import errors
+
+    for attempt in range(_RETRIES + 1):
+        try:
+            return fn()
+        except errors.GatedRepoError as exc:
+            raise AccessDeniedError(f"{what} is gated or private; {_LOGIN_HINT}") from exc
+        except errors.RevisionNotFoundError as exc:
+            raise IngredientNotFoundError(f"{what}: revision not found") from exc
+        except errors.RepositoryNotFoundError as exc:
+            raise IngredientNotFoundError(
+                f"{what}: repository not found (or private: {_LOGIN_HINT})"
+            ) from exc
+        except errors.EntryNotFoundError as exc:
+            raise IngredientNotFoundError(f"{what}: file not found") from exc
+        except errors.HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            if status in (401, 403):
+                raise AccessDeniedError(f"{what}: access denied; {_LOGIN_HINT}") from exc
+            if status is None or status == 429 or status >= 500:
+                if attempt < _RETRIES:
+                    time.sleep(_BACKOFF_S * 2**attempt)
+                    continue
+            raise HubConnectionError(f"{what}: the Hub answered {status}") from exc
+        except Exception as exc:
+            if not _is_network_error(exc) and not isinstance(exc, errors.LocalEntryNotFoundError):
+                raise
+            if attempt < _RETRIES:
+                time.sleep(_BACKOFF_S * 2**attempt)
+                continue
+            raise HubConnectionError(f"{what}: cannot reach the Hub at {_endpoint()}") from exc
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class Ingredient:
+    """An ingredient resolved to a commit: where to read it, and what it holds."""
+
+    spec: IngredientSpec
+    sha: str | None
+    source: Source
+    card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    @property
+    def files(self) -> dict[str, int | None]:
+        return self.source.files
+
+
+def resolve(spec: IngredientSpec, *, token: str | None = None) -> Ingredient:
+    """Pin an ingredient to a commit SHA and list its files.
+
+    Args:
+        spec: the parsed ingredient.
+        token: a Hub token; ``None`` uses ``HF_TOKEN`` or the stored login.
+
+    Returns:
+        An :class:`Ingredient` whose every later read uses the resolved SHA.
+
+    Raises:
+        IngredientNotFoundError: no such repo, revision or directory.
+        AccessDeniedError: the repo is private or gated and the token cannot read it.
+        HubConnectionError: the Hub cannot be reached.
+    """
+    if spec.path is not None:
+        source: Source = LocalSource(spec.path)
+        card = _front_matter(spec.path / "README.md") if "README.md" in source.files else {}
+        return Ingredient(spec=spec, sha=None, source=source, card=card)
+
+    from huggingface_hub import HfApi
+
+    info = _call_hub(
+        lambda: HfApi(token=token).model_info(
+            spec.repo, revision=spec.revision, files_metadata=True
+        ),
+        what=spec.label,
+    )
+    files = {s.rfilename: s.size for s in info.siblings or []}
+    source = HubSource(spec.repo, info.sha, files, token)
+    card = dict(info.card_data.to_dict()) if info.card_data else {}
+    if not card and "README.md" in files:
+        card = _front_matter(source.local_file("README.md"))
+    return Ingredient(spec=spec, sha=info.sha, source=source, card=card)
+
+
+def _front_matter(path: Path) -> dict[str, Any]:
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        return metadata_load(path) or {}
+    except Exception:  # a malformed card should not stop a soup: its metadata is a nicety
+        return {}
+
+
+def push_folder(
+    folder: Path, repo_id: str, *, private: bool = False, token: str | None = None, message: str
+) -> str:
+    """Create ``repo_id`` if needed and upload everything in ``folder`` as one commit.
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        PushError: anything failed; the message says how to retry. ``folder`` is left intact.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    retry = f"retry with: hfsoup push {folder} {repo_id}" + (" --private" if private else "")
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
+    except Exception as exc:
+        reason = _push_reason(exc)
+        raise PushError(
+            f"push to {repo_id} failed ({reason}); the soup is intact in {folder}; {retry}"
+        ) from exc
+    return info.commit_url
+
+
+def _push_reason(exc: BaseException) -> str:
+    from huggingface_hub import errors
+
+    if isinstance(exc, errors.HfHubHTTPError) and exc.response is not None:
+        status = exc.response.status_code
+        if status in (401, 403):
+            return f"access denied, {_LOGIN_HINT} with write access"
+        return f"the Hub answered {status}"
+    if _is_network_error(exc):
+        return f"cannot reach the Hub at {_endpoint()}"
+    return type(exc).__name__
+
+
+def token_from_env() -> str | None:
+    """The token huggingface_hub would use (``HF_TOKEN`` or the stored login), if any."""
+    from huggingface_hub import get_token
+
+    return os.environ.get("HF_TOKEN") or get_token()

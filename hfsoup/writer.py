@@ -1,0 +1,179 @@
+"""Writing a soup: sharded safetensors, the index, config and tokenizer files, atomically.
+
+Everything is written into a hidden folder beside the target and renamed into place only when
+complete, so a crash, a full disk or Ctrl-C never leaves a half-written model that looks whole.
+A lock file beside the target keeps two hfsoup processes from writing the same output.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from hfsoup.errors import OutputExistsError, OutputWriteError
+from hfsoup.hub import Ingredient
+
+# Files a user expects beside the weights so that the soup loads and runs like its ingredients.
+AUX_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "image_processor_config.json",
+)
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def partial_dir(target: Path) -> Path:
+    """The hidden folder beside ``target`` where its output is assembled."""
+    return target.parent / f".{target.name}.hfsoup-partial"
+
+
+def is_nonempty(target: Path) -> bool:
+    return target.exists() and (not target.is_dir() or any(target.iterdir()))
+
+
+@contextmanager
+def staged_output(
+    target: Path, *, overwrite: bool = False, keep_partial: bool = False
+) -> Iterator[Path]:
+    """Yield a temporary folder for the output; on success, move it to ``target``.
+
+    Args:
+        target: the output folder the user asked for.
+        overwrite: replace a non-empty ``target``.
+        keep_partial: keep the temporary folder after a failure (resumable runs keep their
+            state there); otherwise it is removed.
+
+    Raises:
+        OutputExistsError: ``target`` is not empty and ``overwrite`` is False, or another hfsoup
+            process is writing it.
+        OutputWriteError: the disk filled up or the folder cannot be written.
+    """
+    target = target.expanduser().resolve()
+    if is_nonempty(target) and not overwrite:
+        raise OutputExistsError(f"output folder {target} exists and is not empty (use --overwrite)")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(target.parent / f".{target.name}.hfsoup-lock", "w")  # noqa: SIM115
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write to {target.parent}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        lock.close()
+        raise OutputExistsError(f"another hfsoup process is writing {target}") from exc
+    tmp = partial_dir(target)
+    try:
+        if tmp.exists() and not keep_partial:
+            shutil.rmtree(tmp)
+        tmp.mkdir(exist_ok=True)
+        try:
+            yield tmp
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise OutputWriteError(
+                    f"disk full while writing {target}; nothing was written"
+                ) from exc
+            raise
+        _swap_into_place(tmp, target)
+    except BaseException:
+        if not keep_partial:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        os.unlink(lock.name) if os.path.exists(lock.name) else None
+        lock.close()
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    old = target.parent / f".{target.name}.hfsoup-old"
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def shard_filename(i: int, n: int) -> str:
+    """``model.safetensors`` for a single shard, ``model-0000i-of-0000n.safetensors`` otherwise."""
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+class ShardWriter:
+    """Writes output shards as they arrive, then the weight index."""
+
+    def __init__(self, folder: Path, num_shards: int) -> None:
+        self.folder, self.num_shards = folder, num_shards
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def write(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        name = shard_filename(i, self.num_shards)
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            self.folder / name,
+            metadata={"format": "pt"},
+        )
+        for key, t in tensors.items():
+            self.weight_map[key] = name
+            self.total_size += t.numel() * t.element_size()
+
+    def finish(self) -> None:
+        if self.num_shards > 1:
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": dict(sorted(self.weight_map.items())),
+            }
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_config(folder: Path, config: dict, dtype: torch.dtype | None) -> None:
+    """Write the first ingredient's config.json, with its dtype updated when ``dtype`` is set."""
+    config = dict(config)
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        config["dtype"] = name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = name
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_aux_files(folder: Path, ingredient: Ingredient) -> list[str]:
+    """Copy the tokenizer / processor / generation files of ``ingredient`` that exist."""
+    copied = []
+    for name in AUX_FILES:
+        if name in ingredient.files:
+            shutil.copyfile(ingredient.source.local_file(name), folder / name)
+            copied.append(name)
+    return copied
+
+
+__all__ = [
+    "ShardWriter",
+    "copy_aux_files",
+    "partial_dir",
+    "shard_filename",
+    "staged_output",
+    "write_config",
+]

@@ -247,10 +247,10 @@ def _call_hub(fn: Callable[[], T], *, what: str) -> T:
             status = exc.response.status_code if exc.response is not None else None
             if status in (401, 403):
                 raise AccessDeniedError(f"{what}: access denied; {_LOGIN_HINT}") from exc
-            if status is None or status == 429 or status >= 500:
-                if attempt < _RETRIES:
-                    time.sleep(_BACKOFF_S * 2**attempt)
-                    continue
+            transient = status is None or status == 429 or status >= 500
+            if transient and attempt < _RETRIES:
+                time.sleep(_BACKOFF_S * 2**attempt)
+                continue
             raise HubConnectionError(f"{what}: the Hub answered {status}") from exc
         except Exception as exc:
             if not _is_network_error(exc) and not isinstance(exc, errors.LocalEntryNotFoundError):

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from hfsoup.card import CardInfo, CardRow, render_card
+from hfsoup.combine import fetch_plan_bytes, normalise_weights, stream_average
 from hfsoup.errors import HfsoupError, IncompatibleIngredientsError, RecipeError
 from hfsoup.hub import IngredientSpec, parse_ingredient, push_folder, resolve
 from hfsoup.recipe import IngredientEntry, OutputConfig, Recipe, build_recipe, load_recipe
-from hfsoup.soup import fetch_plan_bytes, normalise_weights, stream_average
 from hfsoup.tensors import (
     IngredientIndex,
     check_compatible,
@@ -200,6 +200,7 @@ def run(
     allow_pickle: bool = False,
     accumulate: str = "float32",
     progress: bool = True,
+    max_in_flight: int | None = None,
 ) -> SoupResult:
     """Run a recipe (a YAML file, a soup's README.md, or a :class:`Recipe`).
 
@@ -211,6 +212,8 @@ def run(
         allow_pickle: accept ``pytorch_model.bin`` ingredients (``weights_only=True``).
         accumulate: ``float32`` (default) or ``float64`` running sums.
         progress: show progress bars.
+        max_in_flight: bytes of reads allowed ahead of the arithmetic (default 256 MiB); peak
+            memory is about one output shard plus this, whatever the number of ingredients.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -250,6 +253,7 @@ def run(
             stream_average(
                 indexes, weights, shards, on_shard=writer.write, dtype=dtype,
                 device=target_device, accumulate=_DTYPES[accumulate], on_bytes=bar.update,
+                max_in_flight=max_in_flight,
             )  # fmt: skip
         writer.finish()
         timings["stream"] = time.perf_counter() - t0

@@ -357,7 +357,7 @@ def _push_reason(exc: BaseException) -> str:
     if isinstance(exc, errors.HfHubHTTPError) and exc.response is not None:
         status = exc.response.status_code
         if status in (401, 403):
-            return f"access denied, {_LOGIN_HINT} with write access"
+            return "access denied; set HF_TOKEN or run `hf auth login` with a write token"
         return f"the Hub answered {status}"
     if _is_network_error(exc):
         return f"cannot reach the Hub at {_endpoint()}"

@@ -59,3 +59,47 @@ def api(hub):
     from huggingface_hub import HfApi
 
     return HfApi(endpoint=hub.url)
+
+
+@pytest.fixture
+def publish(api, repo_id):
+    """Upload a local model folder to a fresh repo; returns ``(repo_id, commit_sha)``."""
+
+    def upload(folder, stem: str = "ft", repo: str | None = None, message: str = "upload"):
+        repo = repo or repo_id(stem)
+        api.create_repo(repo, exist_ok=True)
+        info = api.upload_folder(repo_id=repo, folder_path=str(folder), commit_message=message)
+        return repo, info.oid
+
+    return upload
+
+
+@pytest.fixture
+def bert_soup_ingredients(tmp_path, publish):
+    """Three tiny BERT fine-tunes of one init on the Hub; the second sharded differently."""
+    from factories import save_ingredient, tiny_bert_config
+
+    config = tiny_bert_config()
+    repos, dirs = [], []
+    for i in range(3):
+        folder = save_ingredient(
+            tmp_path / f"ing{i}", config, seed=i + 1, max_shard_size="8KB" if i == 1 else "5GB"
+        )
+        repos.append(publish(folder)[0])
+        dirs.append(folder)
+    return repos, dirs
+
+
+def run_cli(*args: str, cwd=None, env: dict[str, str] | None = None):
+    """Run the real console entry point in a subprocess; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "hfsoup", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )

@@ -18,6 +18,15 @@ from hfsoup.evaluation.scorer import Scorer, required_count
 N_SELECTION = 24
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Millisecond-sized models run fastest on one thread; two spin against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("text")
@@ -168,14 +177,16 @@ def test_required_count_is_the_least_count_whose_accuracy_reaches():
 
 
 def test_early_rejection_decides_like_a_full_evaluation(scorer, models):
-    rng = np.random.default_rng(0)
-    ties = [c / N_SELECTION for c in range(N_SELECTION + 1)]
+    model = models[3]
+    full = scorer.selection_score(scorer.logits(model, "validation"))
+    correct = round(full * N_SELECTION)
+    # Decisions flip at the ties near the model's own count: each, and the floats either side.
+    ties = [c / N_SELECTION for c in range(max(correct - 3, 0), min(correct + 4, N_SELECTION + 1))]
     near = [math.nextafter(t, d) for t in ties for d in (-1, 2)]
-    thresholds = [*ties, *near, *rng.uniform(0, 1, 5), -1.0, 1.5]
-    full = scorer.selection_score(scorer.logits(models[3], "validation"))
-    for threshold in thresholds:
+    spread = np.random.default_rng(0).uniform(0, 1, 10).tolist()  # early stops at various batches
+    for threshold in [*ties, *near, *spread, -1.0, 1.5]:
         for strict in (False, True):
-            early = scorer.score_with_early_stop(models[3], "validation", threshold, strict=strict)
+            early = scorer.score_with_early_stop(model, "validation", threshold, strict=strict)
             decided = reaches(early.score, threshold, strict=strict)
             assert decided == reaches(full, threshold, strict=strict), (threshold, strict)
             assert early.score is None or early.score == full

@@ -17,7 +17,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = ("Inspection", "SoupResult", "inspect", "push", "run", "soup")
+_API = ("Inspection", "SoupResult", "evaluate", "inspect", "push", "run", "soup")
 __all__ = [*_API, "__version__"]
 
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from hfsoup.card import CardInfo, CardRow, render_card
 from hfsoup.combine import fetch_plan_bytes, normalise_weights, stream_average
 from hfsoup.errors import HfsoupError, IncompatibleIngredientsError, RecipeError
 from hfsoup.hub import IngredientSpec, parse_ingredient, push_folder, resolve
+from hfsoup.outputs import pin_recipe, results_base, write_card
 from hfsoup.recipe import IngredientEntry, OutputConfig, Recipe, build_recipe, load_recipe
 from hfsoup.tensors import (
     IngredientIndex,
@@ -133,6 +133,8 @@ def soup(
     max_shard_size: str | int = "5GB",
     task: Any = None,
     accept: str = ">=",
+    order: str = "score",
+    seed: int = 0,
     name: str | None = None,
     push_to: str | None = None,
     private: bool = False,
@@ -168,6 +170,8 @@ def soup(
             "name": name,
             "method": method,
             "accept": accept,
+            "order": order,
+            "seed": seed,
             "ingredients": entries,
             "task": task,
             "output": {
@@ -223,8 +227,12 @@ def run(
     recipe = recipe.model_copy(update={"output": out})
     if not out.dir:
         raise RecipeError("no output folder: set output.dir in the recipe or pass --output")
-    if recipe.method != "uniform":
-        raise RecipeError(f"method {recipe.method!r} is not available yet; use 'uniform'")
+    if recipe.method == "learned":
+        raise RecipeError("method 'learned' is not available yet; use 'uniform' or 'greedy'")
+    if recipe.method == "greedy" and recipe.task is None:
+        raise RecipeError(
+            "a greedy soup needs a task to score on (--task glue/sst2, or a task: block)"
+        )
     if accumulate not in ("float32", "float64"):
         raise RecipeError(f"accumulate must be float32 or float64, got {accumulate!r}")
     try:
@@ -246,6 +254,15 @@ def run(
     shards = plan_shards(indexes[0], max_shard_size=shard_bytes, dtype=dtype)
 
     target = Path(out.dir)
+    if recipe.method == "greedy":
+        from hfsoup.greedy_run import run_greedy_soup
+
+        results = run_greedy_soup(
+            recipe, indexes, shards, target=target, overwrite=overwrite, dtype=dtype,
+            device=target_device, accumulate=_DTYPES[accumulate], progress=progress,
+            timings=timings, token=token,
+        )  # fmt: skip
+        return _finish(recipe, target, weights_of(results), results, timings, token)
     with staged_output(target, overwrite=overwrite) as tmp:
         t0 = time.perf_counter()
         writer = ShardWriter(tmp, len(shards))
@@ -260,15 +277,23 @@ def run(
         write_config(tmp, indexes[0].config, dtype)
         copy_aux_files(tmp, indexes[0].ingredient)
         pinned = pin_recipe(recipe, indexes)
-        results = _results(pinned, indexes, weights, timings, shards)
+        results = results_base(pinned, indexes, weights, timings, shards)
         write_card(tmp, pinned, indexes, weights)
         (tmp / "hfsoup_recipe.yaml").write_text(pinned.to_yaml())
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return _finish(recipe, target, weights, results, timings, token)
+
+
+def weights_of(results: dict[str, Any]) -> list[float]:
+    return [row["weight"] for row in results["ingredients"]]
+
+
+def _finish(recipe, target, weights, results, timings, token) -> SoupResult:
     target = target.expanduser().resolve()
     url = None
-    if out.push_to:
+    if recipe.output.push_to:
         t0 = time.perf_counter()
-        url = push(target, out.push_to, private=out.private, token=token)
+        url = push(target, recipe.output.push_to, private=recipe.output.private, token=token)
         timings["push"] = time.perf_counter() - t0
     return SoupResult(target, recipe.method, weights, results, url=url, timings=timings)
 
@@ -286,66 +311,59 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def pin_recipe(recipe: Recipe, indexes: Sequence[IngredientIndex]) -> Recipe:
-    """The recipe with every revision replaced by the commit SHA that was read."""
-    entries = []
-    for entry, ix in zip(recipe.ingredients, indexes, strict=True):
-        sha = ix.ingredient.sha
-        entries.append(entry.model_copy(update={"revision": sha} if sha else {}))
-    return recipe.model_copy(update={"ingredients": entries})
+def evaluate(
+    ingredients: Sequence[IngredientLike],
+    *,
+    task: Any,
+    device: str = "auto",
+    token: str | None = None,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score each ingredient on a task, with the ensemble and greedy ensemble beside them.
 
+    Args:
+        ingredients: as for :func:`soup`.
+        task: a preset (``"glue/sst2"``), a task mapping (recipe keys) or a ``Task``.
 
-def write_card(
-    folder: Path,
-    recipe: Recipe,
-    indexes: Sequence[IngredientIndex],
-    weights: Sequence[float],
-    sections: Sequence[str] = (),
-    model_index: list[dict] | None = None,
-) -> None:
-    """Render the model card into ``folder/README.md``."""
-    from hfsoup import __version__
+    Returns:
+        ``{"ingredients": [{repo, revision, sha, scores}], "table": {method: {split: {metric:
+        value}}}, "selection": {split, metric}}``.
 
-    rows = [
-        CardRow(
-            repo=ix.ingredient.spec.repo or ix.ingredient.spec.path.name,
-            revision=ix.ingredient.spec.revision,
-            sha=ix.ingredient.sha,
-            weight=w,
-        )  # fmt: skip
-        for ix, w in zip(indexes, weights, strict=True)
-    ]
-    info = CardInfo(
-        recipe=recipe,
-        rows=rows,
-        config=indexes[0].config,
-        licenses=[ix.ingredient.card.get("license") for ix in indexes],
-        sections=list(sections),
-        model_index=model_index,
-        hfsoup_version=__version__,
-    )
-    (folder / "README.md").write_text(render_card(info), encoding="utf-8")
+    Example:
+        >>> hfsoup.evaluate(["org/ft-1", "org/ft-2"], task="glue/sst2")  # doctest: +SKIP
+    """
+    from hfsoup.evaluation.task import resolve_task
+    from hfsoup.greedy import SoupSession, score_ingredients
+    from hfsoup.greedy_run import make_scorer
 
-
-def _results(recipe, indexes, weights, timings, shards) -> dict[str, Any]:
-    from hfsoup import __version__
-
+    task = resolve_task(task)
+    target_device = resolve_device(device)
+    indexes = load_ingredients(ingredients, token=token, allow_pickle=allow_pickle)
+    check_compatible(indexes)
+    scorer = make_scorer(task, indexes[0], device=target_device, progress=progress)
+    session = SoupSession(indexes, device=target_device)
+    labels = [ix.ingredient.label for ix in indexes]
+    individual = score_ingredients(session, scorer, labels=labels)
+    splits, sel = task.splits, scorer.selection_split
+    outputs = {s: [scorer.cache[(str(i), s)] for i in range(len(indexes))] for s in splits}
+    members = scorer.greedy_ensemble(outputs[sel])
+    best = max(range(len(indexes)), key=lambda i: individual[i][sel][scorer.selection_metric])
     return {
-        "hfsoup_version": __version__,
-        "name": recipe.name,
-        "method": recipe.method,
         "ingredients": [
-            {
-                "repo": ix.ingredient.spec.repo or str(ix.ingredient.spec.path),
-                "revision": ix.ingredient.spec.revision,
-                "sha": ix.ingredient.sha,
-                "weight": w,
-                "scores": {},
-            }  # fmt: skip
-            for ix, w in zip(indexes, weights, strict=True)
+            {**_describe(ix), "scores": scores}
+            for ix, scores in zip(indexes, individual, strict=True)
         ],
-        "output": {"shards": len(shards), "parameters": indexes[0].num_parameters},
-        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "table": {
+            "best_individual": individual[best],
+            "ensemble": {s: scorer.scores(scorer.ensemble(outputs[s]), s) for s in splits},
+            "greedy_ensemble": {
+                s: scorer.scores(scorer.ensemble([outputs[s][i] for i in members]), s)
+                for s in splits
+            },
+        },
+        "greedy_ensemble": {"members": [labels[i] for i in members]},
+        "selection": {"split": sel, "metric": scorer.selection_metric},
     }
 
 
@@ -388,6 +406,7 @@ def _bar(total: int, desc: str, enabled: bool):
 
 
 __all__ = [
+    "evaluate",
     "Inspection",
     "OutputConfig",
     "SoupResult",

@@ -36,6 +36,64 @@ def _soup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--private", action="store_true", help="create the pushed repo as private")
 
 
+def _task_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task (for greedy/learned soups and evaluate)")
+    g.add_argument("--task", help="a preset such as glue/sst2, or a task YAML file")
+    g.add_argument("--dataset", help="dataset Hub ID (or a local data folder)")
+    g.add_argument("--dataset-config", help="dataset configuration name")
+    g.add_argument("--selection-split", help="held-out split that ranks and accepts")
+    g.add_argument("--report-split", action="append", help="split to report (repeatable)")
+    g.add_argument("--input-column", action="append", help="input column (repeatable: 2 for pairs)")
+    g.add_argument("--label-column", help="label column (default: label)")
+    g.add_argument("--metric", action="append", help="evaluate metric (repeatable; first selects)")
+    g.add_argument("--limit", type=int, help="score only the first N examples of each split")
+    g.add_argument("--batch-size", type=int, help="examples per forward pass (default 64)")
+    g.add_argument("--max-length", type=int, help="tokens per example (default 128)")
+    g.add_argument("--holdout-fraction", type=float, help="carve the selection split out of train")
+    g.add_argument("--holdout-from", default="train", help="split to carve the holdout from")
+    g.add_argument("--holdout-seed", type=int, default=0)
+    g.add_argument("--allow-overlap", action="store_true",
+                   help="allow a report split to be the selection split")  # fmt: skip
+
+
+_TASK_FLAGS = {
+    "dataset_config": "config", "selection_split": "selection_split",
+    "report_split": "report_splits", "input_column": "input_columns",
+    "label_column": "label_column", "metric": "metrics", "limit": "limit",
+    "batch_size": "batch_size", "max_length": "max_length",
+}  # fmt: skip
+
+
+def task_from_args(args: argparse.Namespace) -> Any:
+    """The task the flags describe: a preset/file, a custom mapping, or None."""
+    overrides = {
+        key: getattr(args, flag) for flag, key in _TASK_FLAGS.items() if getattr(args, flag)
+    }
+    if args.holdout_fraction:
+        overrides["holdout"] = {"from": args.holdout_from, "fraction": args.holdout_fraction,
+                                "seed": args.holdout_seed}  # fmt: skip
+    if args.allow_overlap:
+        overrides["allow_overlap"] = True
+    if args.task and args.dataset:
+        raise HfsoupError("give --task or --dataset, not both")
+    if args.task:
+        if args.task.endswith((".yaml", ".yml")):
+            import yaml
+
+            with open(args.task, encoding="utf-8") as f:
+                return {**yaml.safe_load(f), **overrides}
+        if not overrides:
+            return args.task
+        from hfsoup.evaluation.task import resolve_task
+
+        return {**resolve_task(args.task).model_dump(by_alias=True, exclude_none=True), **overrides}
+    if args.dataset:
+        return {"dataset": args.dataset, **overrides}
+    if overrides:
+        raise HfsoupError("task options given without --task or --dataset")
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(
@@ -80,11 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="5GB",
         help="bytes per output shard, e.g. 5GB, 500MiB (default 5GB)",
     )
-    p.add_argument("--task", help="evaluation task for greedy/learned soups, e.g. glue/sst2")
     p.add_argument("--accept", choices=[">=", ">"], default=">=", help="greedy acceptance rule")
+    p.add_argument("--order", choices=["score", "random"], default="score",
+                   help="greedy order: best first (default) or seeded random")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed for --order random")
+    _task_options(p)
     p.add_argument("--name", help="a name for the soup (card title)")
     p.add_argument("--push-to", metavar="REPO_ID", help="upload the soup to this Hub repo")
     _soup_options(p)
+
+    p = sub.add_parser(
+        "evaluate", parents=[common], help="score ingredients (and their ensembles) on a task"
+    )
+    p.add_argument("ingredients", nargs="+", metavar="INGREDIENT")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--allow-pickle", action="store_true")
+    _task_options(p)
 
     p = sub.add_parser("run", parents=[common], help="run a recipe YAML (or a soup's README.md)")
     p.add_argument("recipe", metavar="RECIPE")
@@ -132,9 +201,28 @@ def _print_soup(result: Any, as_json: bool) -> None:
             )
         )
         return
+    if "table" in result.results:
+        from hfsoup.report import text_table
+
+        print(
+            text_table(
+                result.results["table"], selection_split=result.results["selection"]["split"]
+            )
+        )
     print(f"soup written to {result.output}")
     if result.url:
         print(f"pushed: {result.url}")
+
+
+def _print_evaluation(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    from hfsoup.report import text_table
+
+    sel = report["selection"]["split"]
+    table = {row["ingredient"]: row["scores"] for row in report["ingredients"]}
+    print(text_table({**table, **report["table"]}, selection_split=sel))
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -154,11 +242,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "soup":
         result = api.soup(
             args.ingredients, output=args.output, method=args.method, weights=args.weights,
-            dtype=args.dtype, max_shard_size=args.max_shard_size, task=args.task,
-            accept=args.accept, name=args.name, push_to=args.push_to, private=args.private,
+            dtype=args.dtype, max_shard_size=args.max_shard_size,
+            task=task_from_args(args), accept=args.accept, order=args.order, seed=args.seed,
+            name=args.name, push_to=args.push_to, private=args.private,
             **run_options,
         )  # fmt: skip
         _print_soup(result, args.json)
+    elif args.command == "evaluate":
+        task = task_from_args(args)
+        if task is None:
+            raise HfsoupError("evaluate needs a task: --task glue/sst2, or --dataset ... options")
+        report = api.evaluate(args.ingredients, task=task, device=args.device,
+                              allow_pickle=args.allow_pickle, progress=progress)  # fmt: skip
+        _print_evaluation(report, args.json)
     elif args.command == "run":
         result = api.run(args.recipe, output=args.output, push_to=args.push_to, **run_options)
         _print_soup(result, args.json)

@@ -98,6 +98,32 @@ class Source(ABC):
     def read_json(self, filename: str) -> dict[str, Any]:
         return json.loads(self.local_file(filename).read_text(encoding="utf-8"))
 
+    def cached(self) -> Source:
+        """A source that downloads each file whole once, then reads ranges from disk.
+
+        For runs that read an ingredient several times (greedy, learned soups).
+        """
+        return _DiskCached(self)
+
+
+class _DiskCached(Source):
+    def __init__(self, inner: Source) -> None:
+        self.inner, self.files = inner, inner.files
+
+    def read_range(self, filename: str, start: int, end: int) -> bytearray:
+        buf = bytearray(end - start)
+        with open(self.local_file(filename), "rb") as f:
+            f.seek(start)
+            if f.readinto(buf) != len(buf):
+                raise IngredientNotFoundError(f"{filename}: cached file shorter than expected")
+        return buf
+
+    def local_file(self, filename: str) -> Path:
+        return self.inner.local_file(filename)
+
+    def cached(self) -> Source:
+        return self
+
 
 class LocalSource(Source):
     """An ingredient that is a directory on disk."""
@@ -118,6 +144,9 @@ class LocalSource(Source):
         if got != len(buf):
             raise IngredientNotFoundError(f"{self.root}/{filename}: file shorter than expected")
         return buf
+
+    def cached(self) -> Source:
+        return self
 
     def local_file(self, filename: str) -> Path:
         path = (self.root / filename).resolve()

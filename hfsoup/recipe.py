@@ -51,9 +51,20 @@ class Recipe(_Strict):
     name: str | None = None
     method: Method = "uniform"
     accept: Literal[">=", ">"] = ">="
+    order: Literal["score", "random"] = "score"
+    seed: int = 0
     ingredients: list[IngredientEntry] = Field(min_length=1)
     task: Any = None
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        from hfsoup.evaluation.task import resolve_task
+
+        return resolve_task(value)
 
     @field_validator("ingredients", mode="before")
     @classmethod
@@ -64,7 +75,7 @@ class Recipe(_Strict):
 
     def to_yaml(self) -> str:
         """The recipe as YAML, in the order a person would write it, defaults left out."""
-        data = self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+        data = self.model_dump(mode="json", exclude_none=True, exclude_defaults=True, by_alias=True)
         data["method"] = self.method
         data["ingredients"] = [_compact(e) for e in data.get("ingredients", [])]
         ordered = {k: data[k] for k in type(self).model_fields if k in data}

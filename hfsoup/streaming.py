@@ -80,7 +80,7 @@ def read_fetch(fetch: Fetch) -> dict[str, torch.Tensor]:
         from hfsoup.pickled import load_pickled
 
         state = load_pickled(fetch.index.ingredient, fetch.file)
-        return {r.name: state[r.name] for r in fetch.refs}
+        return _aligned(fetch.index, {r.name: state[r.name] for r in fetch.refs})
     buf = fetch.index.ingredient.source.read_range(fetch.file, fetch.start, fetch.end)
     out: dict[str, torch.Tensor] = {}
     for ref in fetch.refs:
@@ -90,7 +90,24 @@ def read_fetch(fetch: Fetch) -> dict[str, torch.Tensor]:
             continue
         flat = torch.frombuffer(buf, dtype=dtype, count=ref.numel, offset=ref.start - fetch.start)
         out[ref.name] = flat.view(ref.shape)
-    return out
+    return _aligned(fetch.index, out)
+
+
+def _aligned(index: IngredientIndex, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Reorder classification-head rows of an ingredient whose labels are ordered differently."""
+    if index.row_perm is None:
+        return tensors
+    perm = torch.tensor(index.row_perm)
+    return {n: t[perm] if n in index.head_tensors else t for n, t in tensors.items()}
+
+
+def iter_tensors(
+    index: IngredientIndex, names: Iterable[str] | None = None, **kwargs: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream one ingredient's tensors (all, or ``names``) as ``(name, tensor)`` pairs."""
+    fetches = plan_fetches(index, index.tensors if names is None else names, slot=0)
+    for _, tensors in prefetch(fetches, **kwargs):
+        yield from tensors.items()
 
 
 def prefetch(

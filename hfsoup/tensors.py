@@ -72,6 +72,10 @@ class IngredientIndex:
     tensors: dict[str, TensorRef]
     config: dict
     pickle: bool = False
+    # Set when this ingredient names the reference's labels in another order: head rows are
+    # read as ``rows[row_perm]`` for the tensors in ``head_tensors``.
+    row_perm: list[int] | None = None
+    head_tensors: frozenset[str] = frozenset()
 
     @property
     def num_parameters(self) -> int:
@@ -219,7 +223,7 @@ def check_compatible(indexes: Sequence[IngredientIndex]) -> None:
                 )
         a, b = _labels(first.config), _labels(other.config)
         if a != b:
-            raise IncompatibleIngredientsError(f"{who}: id2label {b} != {a}")
+            _align_labels(first, other, who)
         missing = sorted(first.tensors.keys() - other.tensors.keys())
         extra = sorted(other.tensors.keys() - first.tensors.keys())
         if missing or extra:
@@ -242,6 +246,32 @@ def check_compatible(indexes: Sequence[IngredientIndex]) -> None:
                 raise IncompatibleIngredientsError(
                     f"{who}: tensor {name!r} has dtype {o.dtype}, expected {ref.dtype}"
                 )
+
+
+_HEAD_PARTS = ("classifier", "score", "head")
+
+
+def _align_labels(first: IngredientIndex, other: IngredientIndex, who: str) -> None:
+    """Same label names in another order: permute the head's rows; anything else: refuse."""
+    from hfsoup.evaluation.labels import label_permutation
+
+    a, b = _labels(first.config), _labels(other.config)
+    if a is None or b is None:
+        raise IncompatibleIngredientsError(f"{who}: id2label {b} != {a}")
+    try:
+        perm = label_permutation(a, b)
+    except IncompatibleIngredientsError as exc:
+        raise IncompatibleIngredientsError(f"{who}: id2label {b} != {a} ({exc})") from exc
+    heads = frozenset(
+        name
+        for name, ref in other.tensors.items()
+        if ref.shape and ref.shape[0] == len(a) and any(p in name.split(".") for p in _HEAD_PARTS)
+    )
+    if not heads:
+        raise IncompatibleIngredientsError(
+            f"{who}: labels are ordered differently and no classification head was found to align"
+        )
+    other.row_perm, other.head_tensors = perm, heads
 
 
 def _labels(config: dict) -> dict[str, str] | None:

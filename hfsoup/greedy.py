@@ -1,0 +1,290 @@
+"""Greedy soup (Wortsman et al. 2022, Recipe 1) and the paper's baselines, in bounded memory.
+
+One live model and one float32 running sum ``S`` of the accepted ingredients: a candidate ``j``
+is shown to the live model as ``(S + θj) / (n + 1)`` by streaming ``θj``; a rejected candidate
+is undone by writing ``S / n`` back (bit for bit the previous soup: the same arithmetic on the
+same ``S``); an accepted one is added into ``S`` by streaming ``θj`` once more from the local
+cache. Never more than the live model, ``S`` and one streamed tensor group are held.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hfsoup.evaluation.ensemble import reaches
+from hfsoup.evaluation.scorer import Scorer
+from hfsoup.live import LiveModel, build_model
+from hfsoup.streaming import iter_tensors
+from hfsoup.tensors import FLOAT_DTYPES, IngredientIndex
+
+Scores = dict[str, dict[str, float]]  # {split: {metric: value}}
+STATE_FILE = "greedy_state.json"
+
+
+class SoupSession:
+    """The live model, the running sum of accepted ingredients, and how to stream into them."""
+
+    def __init__(
+        self,
+        indexes: Sequence[IngredientIndex],
+        *,
+        device: torch.device | str = "cpu",
+        accumulate: torch.dtype = torch.float32,
+    ) -> None:
+        # Greedy reads each ingredient several times: whole files once, then ranges from disk.
+        self.indexes = [
+            replace(ix, ingredient=replace(ix.ingredient, source=ix.ingredient.source.cached()))
+            for ix in indexes
+        ]
+        first = self.indexes[0]
+        self.floats = {n for n, r in first.tensors.items() if r.dtype in FLOAT_DTYPES}
+        self.live = LiveModel(build_model(first.config, device=device), set(first.tensors))
+        self.device, self.accumulate = torch.device(device), accumulate
+        self.sum: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.live.model
+
+    def _stream(self, i: int):
+        return iter_tensors(self.indexes[i])
+
+    def show(self, i: int) -> None:
+        """Set the live model to ingredient ``i`` alone (the running sum is untouched)."""
+        for name, t in self._stream(i):
+            self.live.set(name, t)
+
+    def restart(self, i: int) -> None:
+        """Start the running sum from ingredient ``i`` and show it."""
+        self.sum, self.count = {}, 1
+        for name, t in self._stream(i):
+            if name in self.floats:
+                self.sum[name] = t.to(self.device, self.accumulate, copy=True)
+            else:
+                self.sum[name] = t.clone()
+        self.show_sum()
+
+    def add(self, i: int) -> None:
+        """Add ingredient ``i`` into the running sum (an accepted candidate)."""
+        for name, t in self._stream(i):
+            if name in self.floats:
+                self.sum[name].add_(t.to(self.device, self.accumulate))
+        self.count += 1
+
+    def show_candidate(self, i: int) -> None:
+        """Show ``(S + θi) / (n + 1)`` without changing ``S``."""
+        for name, t in self._stream(i):
+            if name in self.floats:
+                self.live.set(
+                    name, (self.sum[name] + t.to(self.device, self.accumulate)) / (self.count + 1)
+                )
+
+    def show_sum(self) -> None:
+        """Show the current soup ``S / n``."""
+        for name, s in self.sum.items():
+            self.live.set(name, s / self.count if name in self.floats else s)
+
+    def soup_tensors(self, names: Sequence[str], dtype_of: Callable[[str], torch.dtype]) -> dict:
+        """The current soup's tensors ``names`` in their output dtypes, on the CPU."""
+        out = {}
+        for name in names:
+            s = self.sum[name]
+            out[name] = (s / self.count if name in self.floats else s).to(dtype_of(name)).cpu()
+        return out
+
+
+@dataclass
+class GreedyResult:
+    """Everything a greedy run measured."""
+
+    individual: list[Scores]
+    uniform: Scores
+    greedy: Scores
+    ensemble: Scores
+    greedy_ensemble: Scores
+    trace: list[dict[str, Any]]
+    accepted: list[int]
+    ensemble_members: list[int]
+    examples_scored: int
+    examples_full: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _State:
+    """Decisions so far, in a JSON file in the output's temporary folder (for resuming)."""
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.path, self.logits_dir = folder / STATE_FILE, folder / "logits"
+        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        if data.get("fingerprint") != fingerprint:
+            data = {"fingerprint": fingerprint, "individual": {}, "trace": []}
+        self.data = data
+        self.resumed = bool(data["individual"])
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+    def save_logits(self, i: int, logits: dict[str, torch.Tensor]) -> None:
+        self.logits_dir.mkdir(exist_ok=True)
+        torch.save(logits, self.logits_dir / f"{i}.pt")
+
+    def load_logits(self, i: int) -> dict[str, torch.Tensor]:
+        return torch.load(self.logits_dir / f"{i}.pt", weights_only=True)
+
+
+def run_greedy(
+    session: SoupSession,
+    scorer: Scorer,
+    *,
+    labels: Sequence[str],
+    state_dir: Path,
+    fingerprint: str,
+    strict: bool = False,
+    order: str = "score",
+    seed: int = 0,
+    log: Callable[[str], None] = lambda _: None,
+) -> GreedyResult:
+    """Score each ingredient, then build the greedy soup and the baselines beside it.
+
+    Args:
+        session: the live model and running sum over the ingredients.
+        scorer: the task's scorer (its cache keeps each ingredient's outputs).
+        labels: how each ingredient is named in the trace.
+        state_dir: where decisions are kept so an interrupted run resumes.
+        fingerprint: identifies the run (pinned SHAs, task, rule); a state file with another
+            fingerprint is ignored.
+        strict: accept only on ``>`` (the original code) instead of ``>=``.
+        order: ``"score"`` (best first, the paper's Recipe 1) or ``"random"`` (seeded).
+    """
+    k, splits, sel = len(session.indexes), scorer.task.splits, scorer.selection_split
+    state = _State(state_dir, fingerprint)
+    if state.resumed:
+        log(f"resuming: {len(state.data['individual'])} ingredients scored, "
+            f"{len(state.data['trace'])} greedy decisions kept")  # fmt: skip
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    individual = score_ingredients(session, scorer, labels=labels, state=state, log=log)
+    timings["score_ingredients"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log("scoring the uniform soup")
+    session.restart(0)
+    for i in range(1, k):
+        session.add(i)
+    session.show_sum()
+    uniform = _score_live(session, scorer, splits)
+    timings["uniform_soup"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    metric = scorer.selection_metric
+    sel_scores = [individual[i][sel][metric] for i in range(k)]
+    ranking = _ranking(sel_scores, order, seed)
+    trace = state.data["trace"]
+    session.restart(ranking[0])
+    incumbent = sel_scores[ranking[0]]
+    if not trace:
+        trace.append(_step(labels, ranking[0], incumbent, True, 0))
+    examples_full = scorer.split(sel).size
+    for position, j in enumerate(ranking[1:], start=1):
+        if position < len(trace):  # decided before an interruption: replay, do not re-score
+            if trace[position]["accepted"]:
+                session.add(j)
+                incumbent = trace[position]["score"]
+            continue
+        log(f"greedy: trying {labels[j]}")
+        session.show_candidate(j)
+        outcome = scorer.score_with_early_stop(session.model, sel, incumbent, strict=strict)
+        accepted = reaches(outcome.score, incumbent, strict=strict)
+        if accepted:
+            session.add(j)
+            incumbent = outcome.score
+        trace.append(_step(labels, j, outcome.score, accepted, outcome.examples_scored))
+        state.save()
+    session.show_sum()
+    greedy = _score_live(session, scorer, splits)
+    timings["greedy_soup"] = time.perf_counter() - t0
+
+    outputs = {s: [scorer.cache[(str(i), s)] for i in range(k)] for s in splits}
+    members = scorer.greedy_ensemble(outputs[sel], strict=strict)
+    return GreedyResult(
+        individual=individual,
+        uniform=uniform,
+        greedy=greedy,
+        ensemble={s: scorer.scores(scorer.ensemble(outputs[s]), s) for s in splits},
+        greedy_ensemble={
+            s: scorer.scores(scorer.ensemble([outputs[s][i] for i in members]), s) for s in splits
+        },
+        trace=trace,
+        accepted=[ranking[p] for p, step in enumerate(trace) if step["accepted"]],
+        ensemble_members=members,
+        examples_scored=sum(step["examples_scored"] for step in trace[1:]),
+        examples_full=examples_full * (k - 1),
+        timings=timings,
+    )
+
+
+def score_ingredients(
+    session: SoupSession,
+    scorer: Scorer,
+    *,
+    labels: Sequence[str],
+    state: _State | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> list[Scores]:
+    """Score every ingredient on every split; outputs land in ``scorer.cache`` under ``"i"``."""
+    individual: list[Scores] = []
+    splits = scorer.task.splits
+    for i in range(len(session.indexes)):
+        if state is not None and str(i) in state.data["individual"]:
+            for split, logits in state.load_logits(i).items():
+                scorer.cache[(str(i), split)] = logits
+            individual.append(state.data["individual"][str(i)])
+            continue
+        log(f"scoring ingredient {i + 1}/{len(session.indexes)}: {labels[i]}")
+        session.show(i)
+        logits = {s: scorer.logits(session.model, s, key=str(i)) for s in splits}
+        individual.append({s: scorer.scores(logits[s], s) for s in splits})
+        if state is not None:
+            state.save_logits(i, logits)
+            state.data["individual"][str(i)] = individual[-1]
+            state.save()
+    return individual
+
+
+def _score_live(session: SoupSession, scorer: Scorer, splits: Sequence[str]) -> Scores:
+    return {s: scorer.scores(scorer.logits(session.model, s), s) for s in splits}
+
+
+def _ranking(scores: Sequence[float], order: str, seed: int) -> list[int]:
+    if order == "random":
+        ranking = list(range(len(scores)))
+        random.Random(seed).shuffle(ranking)
+        return ranking
+    # Best first; ties keep the given order; NaN (a broken ingredient) last.
+    return sorted(
+        range(len(scores)),
+        key=lambda i: (scores[i] != scores[i], -scores[i] if scores[i] == scores[i] else 0),
+    )
+
+
+def _step(labels: Sequence[str], i: int, score: float | None, accepted: bool, n: int) -> dict:
+    return {
+        "repo": labels[i],
+        "index": i,
+        "score": score,
+        "accepted": accepted,
+        "examples_scored": n,
+    }

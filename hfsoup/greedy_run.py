@@ -1,0 +1,163 @@
+"""A greedy soup run end to end: score, choose, write the soup, its card and results.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hfsoup.evaluation.scorer import Scorer
+from hfsoup.greedy import STATE_FILE, GreedyResult, SoupSession, run_greedy
+from hfsoup.outputs import pin_recipe, results_base, write_card
+from hfsoup.recipe import Recipe
+from hfsoup.report import TRAJECTORY_PNG, markdown_table, model_index, plot_trajectory
+from hfsoup.tensors import IngredientIndex, output_dtype
+from hfsoup.writer import ShardWriter, copy_aux_files, staged_output, write_config
+
+
+def make_scorer(
+    task: Any, first: IngredientIndex, *, device: torch.device, progress: bool
+) -> Scorer:
+    """A scorer using the first ingredient's tokenizer / image processor (pinned to its SHA)."""
+    spec = first.ingredient.spec
+    source = str(spec.path) if spec.path is not None else spec.repo
+    return Scorer.from_pretrained(task, source, revision=first.ingredient.sha, progress=progress)
+
+
+def fingerprint(recipe: Recipe, indexes: Sequence[IngredientIndex]) -> str:
+    """Identifies a greedy run: a saved state is only resumed by the same run."""
+    data = {
+        "ingredients": [ix.ingredient.sha or str(ix.ingredient.spec.path) for ix in indexes],
+        "task": recipe.task.model_dump(mode="json"),
+        "accept": recipe.accept,
+        "order": recipe.order,
+        "seed": recipe.seed,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def comparison_table(result: GreedyResult, selection: str, metric: str) -> dict[str, Any]:
+    """The paper's side-by-side: best individual, uniform and greedy soups, ensembles."""
+    best = max(range(len(result.individual)), key=lambda i: result.individual[i][selection][metric])
+    return {
+        "best_individual": result.individual[best],
+        "uniform_soup": result.uniform,
+        "greedy_soup": result.greedy,
+        "ensemble": result.ensemble,
+        "greedy_ensemble": result.greedy_ensemble,
+    }
+
+
+def run_greedy_soup(
+    recipe: Recipe,
+    indexes: Sequence[IngredientIndex],
+    shards: Sequence[Sequence[str]],
+    *,
+    target: Path,
+    overwrite: bool,
+    dtype: torch.dtype | None,
+    device: torch.device,
+    accumulate: torch.dtype,
+    progress: bool,
+    timings: dict[str, float],
+    token: str | None = None,
+) -> dict[str, Any]:
+    """Run a greedy soup and write it to ``target``; returns the results.json content."""
+    log = (lambda msg: print(f"hfsoup: {msg}", file=sys.stderr)) if progress else (lambda _: None)
+    labels = [ix.ingredient.label for ix in indexes]
+    task = recipe.task
+    t0 = time.perf_counter()
+    scorer = make_scorer(task, indexes[0], device=device, progress=progress)
+    timings["load_task"] = time.perf_counter() - t0
+    with staged_output(target, overwrite=overwrite, keep_partial=True) as tmp:
+        session = SoupSession(indexes, device=device, accumulate=accumulate)
+        result = run_greedy(
+            session, scorer, labels=labels, state_dir=tmp, fingerprint=fingerprint(recipe, indexes),
+            strict=recipe.accept == ">", order=recipe.order, seed=recipe.seed, log=log,
+        )  # fmt: skip
+        timings.update(result.timings)
+        t0 = time.perf_counter()
+        first = indexes[0].tensors
+        writer = ShardWriter(tmp, len(shards))
+        for i, names in enumerate(shards):
+            writer.write(i, session.soup_tensors(names, lambda n: output_dtype(first[n], dtype)))
+        writer.finish()
+        shutil.rmtree(tmp / "logits", ignore_errors=True)
+        (tmp / STATE_FILE).unlink(missing_ok=True)
+        write_config(tmp, indexes[0].config, dtype)
+        copy_aux_files(tmp, indexes[0].ingredient)
+        timings["write"] = time.perf_counter() - t0
+
+        n = len(result.accepted)
+        weights = [1.0 / n if i in result.accepted else 0.0 for i in range(len(indexes))]
+        pinned = pin_recipe(recipe, indexes)
+        sel, metric = scorer.selection_split, scorer.selection_metric
+        table = comparison_table(result, sel, metric)
+        results = results_base(pinned, indexes, weights, timings, shards)
+        for row, scores in zip(results["ingredients"], result.individual, strict=True):
+            row["scores"] = scores
+        results["task"] = task.model_dump(mode="json", by_alias=True)
+        results["greedy"] = {
+            "trace": result.trace,
+            "accepted": [labels[i] for i in result.accepted],
+            "accept": recipe.accept,
+            "order": recipe.order,
+            "examples_scored": result.examples_scored,
+            "examples_full_evaluation": result.examples_full,
+            "examples_saved": result.examples_full - result.examples_scored,
+        }
+        results["greedy_ensemble"] = {"members": [labels[i] for i in result.ensemble_members]}
+        results["table"] = table
+        results["selection"] = {"split": sel, "metric": metric}
+
+        plot_trajectory(
+            tmp / TRAJECTORY_PNG, result.trace, metric=metric,
+            best_individual=table["best_individual"][sel][metric],
+            uniform=table["uniform_soup"][sel][metric],
+        )  # fmt: skip
+        section = _card_section(results, sel, metric)
+        index = model_index(
+            recipe.name or target.name, table, "greedy_soup",
+            dataset=task.dataset if isinstance(task.dataset, str) else task.dataset.get("path", "local"),
+            config=task.config, report_splits=task.report_splits,
+            task_type=_task_type(indexes[0].config),
+        )  # fmt: skip
+        write_card(tmp, pinned, indexes, weights, sections=[section], model_index=index or None)
+        (tmp / "hfsoup_recipe.yaml").write_text(pinned.to_yaml())
+        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _task_type(config: dict) -> str | None:
+    from hfsoup.card import pipeline_tag
+
+    return pipeline_tag(config)
+
+
+def _card_section(results: dict[str, Any], sel: str, metric: str) -> str:
+    g = results["greedy"]
+    saved = g["examples_saved"]
+    full = g["examples_full_evaluation"]
+    pct = f" ({100 * saved / full:.0f}%)" if full else ""
+    return "\n".join([
+        "## Scores",
+        "",
+        f"Chosen on split `{sel}` by `{metric}`; the other splits are the report. "
+        f"Greedy acceptance rule: `{g['accept']}`, order: `{g['order']}`.",
+        "",
+        markdown_table(results["table"], selection_split=sel),
+        "",
+        f"Kept {len(g['accepted'])} of {len(g['trace'])} ingredients: "
+        + ", ".join(f"`{r}`" for r in g["accepted"]) + ". "
+        f"Exact early rejection scored {g['examples_scored']} of {full} candidate examples "
+        f"(saved {saved}{pct}); the decisions equal a full evaluation's.",
+        "",
+        f"![greedy trajectory]({TRAJECTORY_PNG})",
+    ])  # fmt: skip

@@ -1,0 +1,70 @@
+"""The live model: one ``transformers`` model whose weights are set from streamed tensors.
+
+Greedy and learned soups score many weight combinations; they keep one model and overwrite its
+parameters in place rather than loading a model per combination.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from hfsoup.errors import IncompatibleIngredientsError
+
+
+def build_model(config: Mapping, *, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A model of the config's architecture, in float32, on ``device``.
+
+    Built normally rather than on the ``meta`` device: non-persistent buffers (position ids,
+    rotary frequencies) are made in ``__init__`` and are not in any checkpoint.
+
+    Raises:
+        IncompatibleIngredientsError: the architecture is not one ``transformers`` knows.
+    """
+    import transformers
+    from transformers import AutoConfig
+
+    config = dict(config)
+    arch = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise IncompatibleIngredientsError(
+            f"architecture {arch!r} is not in transformers; scoring needs a known architecture"
+        )
+    cfg = AutoConfig.for_model(**config)
+    model = cls._from_config(cfg, dtype=torch.float32)
+    return model.to(device).eval()
+
+
+class LiveModel:
+    """A model plus a name -> tensor map of the parameters and buffers a checkpoint holds."""
+
+    def __init__(self, model: torch.nn.Module, names: set[str]) -> None:
+        self.model = model
+        state = dict(model.named_parameters(remove_duplicate=False))
+        state.update(dict(model.named_buffers(remove_duplicate=False)))
+        missing = sorted(names - state.keys())
+        if missing:
+            raise IncompatibleIngredientsError(
+                f"the model has no parameter named {missing[0]!r} (checkpoint/architecture mismatch)"
+            )
+        self.targets = {n: state[n] for n in names}
+
+    @torch.no_grad()
+    def set(self, name: str, value: torch.Tensor) -> None:
+        """Overwrite one parameter (cast to its dtype and device)."""
+        self.targets[name].copy_(value)
+
+    @torch.no_grad()
+    def set_all(self, values: Mapping[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            self.targets[name].copy_(value)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of every parameter, for tests that compare states bit for bit."""
+        return {n: t.detach().clone() for n, t in self.targets.items()}
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.targets.values())).device

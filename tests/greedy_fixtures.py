@@ -1,0 +1,68 @@
+"""Tiny real fine-tunes for greedy-soup tests: a keyword-sentiment task a 2-layer BERT learns
+in a second, trained from one shared init with different learning rates and seeds."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from factories import make_model, tiny_bert_config
+
+POS, NEG = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
+FILLER = ["the", "a", "movie", "was", "plot", "it", "very", "and"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POS, *NEG, *FILLER]
+
+
+def sentences(n: int, seed: int) -> list[dict]:
+    """Labelled sentences: positive iff more positive than negative words (ties dropped)."""
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        words = [rng.choice(FILLER) for _ in range(rng.randint(3, 8))]
+        p, q = rng.randint(0, 2), rng.randint(0, 2)
+        if p == q:
+            continue
+        words += [rng.choice(POS) for _ in range(p)] + [rng.choice(NEG) for _ in range(q)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": int(p > q)})
+    return rows
+
+
+def tokenizer(tmp: Path):
+    """A BERT WordPiece tokenizer over the task's words (fits tiny_bert_config's 64 ids)."""
+    from transformers import BertTokenizer
+
+    return BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)})
+
+
+def fine_tune(
+    folder: Path, tok, train: list[dict], *, lr: float, seed: int, steps: int = 100
+) -> Path:
+    """Train the shared init (seed 0) for a few steps; save model + tokenizer to ``folder``."""
+    model = make_model(tiny_bert_config(), seed=0)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(train), (16,), generator=gen).tolist()
+        batch = tok([train[i]["text"] for i in idx], padding=True, return_tensors="pt")
+        labels = torch.tensor([train[i]["label"] for i in idx])
+        loss = model(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def publish_dataset(api, repo: str, splits: dict[str, list[dict]], tmp: Path) -> None:
+    import pandas as pd
+
+    api.create_repo(repo, repo_type="dataset", exist_ok=True)
+    data = tmp / "dataset" / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        pd.DataFrame(rows).to_parquet(data / f"{name}-00000-of-00001.parquet")
+    api.upload_folder(repo_id=repo, repo_type="dataset", folder_path=str(data.parent))

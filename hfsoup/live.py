@@ -37,13 +37,39 @@ def build_model(config: Mapping, *, device: torch.device | str = "cpu") -> torch
     return model.to(device).eval()
 
 
+def checkpoint_names(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names its checkpoints use.
+
+    transformers 5 renames some weights in memory (ViT's ``attention.attention.key`` is
+    ``attention.k_proj``) and reverts the renaming when saving; the same reversal is applied
+    here to the model's own tensors, and names are matched by storage.
+    """
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # older transformers: checkpoint names are the module names
+        return state
+    by_storage = {(t.data_ptr(), t.shape): t for t in state.values()}
+    reverted = revert_weight_conversion(model, {k: v.detach() for k, v in state.items()})
+    out = {}
+    for name, tensor in reverted.items():
+        target = by_storage.get((tensor.data_ptr(), tensor.shape))
+        if target is None:
+            raise IncompatibleIngredientsError(
+                f"{type(model).__name__} fuses or splits checkpoint tensors ({name!r}) when "
+                "loading; scoring soups of this architecture is not supported yet"
+            )
+        out[name] = target
+    return out
+
+
 class LiveModel:
     """A model plus a name -> tensor map of the parameters and buffers a checkpoint holds."""
 
     def __init__(self, model: torch.nn.Module, names: set[str]) -> None:
         self.model = model
-        state = dict(model.named_parameters(remove_duplicate=False))
-        state.update(dict(model.named_buffers(remove_duplicate=False)))
+        state = checkpoint_names(model)
         missing = sorted(names - state.keys())
         if missing:
             raise IncompatibleIngredientsError(

@@ -36,6 +36,13 @@ os.environ.pop("HF_HUB_OFFLINE", None)
 from hfsoup.hubserver import LocalHub  # noqa: E402  (stdlib only; after the environment)
 
 
+def pytest_configure(config):
+    # Tiny models run far faster on one thread than fighting over 2 busy cores.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def hub() -> LocalHub:
     """The test Hub, shared by the whole session; repos are kept apart by unique names."""

@@ -37,7 +37,11 @@ def test_string_and_mapping_ingredients_are_equivalent():
     ]
 
 
-@pytest.mark.parametrize("path", ["recipes/uniform.yaml", "recipes/weighted.yaml"])
+@pytest.mark.parametrize(
+    "path",
+    ["recipes/uniform.yaml", "recipes/weighted.yaml", "recipes/glue_sst2_greedy.yaml",
+     "recipes/beans_greedy.yaml", "recipes/tweets_greedy.yaml"],
+)  # fmt: skip
 def test_shipped_recipes_validate(path):
     from pathlib import Path
 

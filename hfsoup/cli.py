@@ -11,6 +11,7 @@ import json
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from hfsoup.errors import HfsoupError
@@ -169,6 +170,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true")
 
     p = sub.add_parser(
+        "sweep", parents=[common], help="fine-tune K ingredients from one base model"
+    )
+    p.add_argument("base", nargs="?", metavar="BASE", help="base model repo ID or folder")
+    p.add_argument("--recipe", metavar="YAML", help="a sweep recipe instead of the options")
+    p.add_argument("--n", type=int, help="how many ingredients")
+    p.add_argument("--space", metavar="SPEC", help="search space as YAML/JSON text or a file")
+    p.add_argument("--push-prefix", metavar="ORG/NAME", help="push ingredient i to ORG/NAME-i")
+    p.add_argument(
+        "--output-dir", default="sweep", help="where ingredients are saved (default sweep)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--train-limit", type=int, help="fine-tune on the first N training examples")
+    _task_options(p)
+
+    p = sub.add_parser(
+        "demo", parents=[common], help="the whole loop offline: sweep, greedy soup, push"
+    )
+    p.add_argument("--workdir", default="hfsoup-demo")
+    p.add_argument("--hub-endpoint", help="use this Hub instead of starting a local one")
+    p.add_argument("--namespace", default="demo-org", help="org for the demo's repos")
+    p.add_argument("--k", type=int, default=4, help="ingredients to fine-tune (default 4)")
+    p.add_argument("--train", type=int, default=600, help="training examples (default 600)")
+    p.add_argument(
+        "--eval", type=int, default=300, help="examples per evaluation split (default 300)"
+    )
+
+    p = sub.add_parser(
         "hub", parents=[common], help="a local Hub-protocol server for offline teams and tests"
     )
     hub_sub = p.add_subparsers(dest="hub_command", required=True, metavar="ACTION")
@@ -261,11 +290,47 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "push":
         url = api.push(args.folder, args.repo_id, private=args.private)
         print(json.dumps({"url": url}) if args.json else f"pushed: {url}")
+    elif args.command == "sweep":
+        for made in _sweep(args, progress):
+            print(made)
+    elif args.command == "demo":
+        from hfsoup.demo import demo
+
+        result = demo(workdir=args.workdir, hub_endpoint=args.hub_endpoint, namespace=args.namespace,
+                      k=args.k, train=args.train, evaluation=args.eval, progress=progress)  # fmt: skip
+        _print_soup(result, args.json)
     elif args.command == "hub":
         from hfsoup.hubserver import serve
 
         serve(args.data, host=args.host, port=args.port)
     return 0
+
+
+def _sweep(args: argparse.Namespace, progress: bool) -> list[str]:
+    from hfsoup.sweep import SweepRecipe, load_sweep_recipe, sweep
+
+    if args.recipe:
+        recipe = load_sweep_recipe(args.recipe)
+    else:
+        if not (args.base and args.n):
+            raise HfsoupError("sweep needs BASE and --n (or --recipe FILE)")
+        task = task_from_args(args)
+        if task is None:
+            raise HfsoupError("sweep needs a task: --task glue/sst2, or --dataset ... options")
+        fields = {"base": args.base, "task": task, "n": args.n, "push_prefix": args.push_prefix,
+                  "output_dir": args.output_dir, "seed": args.seed, "train_split": args.train_split,
+                  "train_limit": args.train_limit}  # fmt: skip
+        if args.space:
+            import yaml
+
+            spec = Path(args.space)
+            text = spec.read_text() if spec.suffix in (".yaml", ".yml", ".json") else args.space
+            fields["space"] = yaml.safe_load(text)
+        try:
+            recipe = SweepRecipe.model_validate(fields)
+        except ValueError as exc:  # pydantic's ValidationError
+            raise HfsoupError(f"sweep options: {str(exc).splitlines()[2].strip()}") from exc
+    return sweep(recipe, progress=progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

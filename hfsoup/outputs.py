@@ -37,6 +37,7 @@ def write_card(
             revision=ix.ingredient.spec.revision,
             sha=ix.ingredient.sha,
             weight=w,
+            extra=sweep_hparams(ix),
         )  # fmt: skip
         for ix, w in zip(indexes, weights, strict=True)
     ]
@@ -50,6 +51,21 @@ def write_card(
         hfsoup_version=__version__,
     )
     (folder / "README.md").write_text(render_card(info), encoding="utf-8")
+
+
+# Hyperparameters shown in the soup's ingredient table, when an ingredient came from a sweep.
+_CARD_HPARAMS = {"learning_rate": "lr", "num_train_epochs": "epochs", "weight_decay": "wd",
+                 "label_smoothing_factor": "label smoothing", "seed": "seed"}  # fmt: skip
+
+
+def sweep_hparams(ix: IngredientIndex) -> dict[str, Any]:
+    """The hyperparameters an ``hfsoup sweep`` ingredient records, under short names."""
+    from hfsoup.sweep import HPARAMS_FILE
+
+    if HPARAMS_FILE not in ix.ingredient.files:
+        return {}
+    hp = ix.ingredient.source.read_json(HPARAMS_FILE)
+    return {short: hp[key] for key, short in _CARD_HPARAMS.items() if key in hp}
 
 
 def results_base(recipe: Recipe, indexes: Sequence[IngredientIndex], weights: Sequence[float],

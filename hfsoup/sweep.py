@@ -1,0 +1,266 @@
+"""Make ingredients: fine-tune one base model K times with random hyperparameters.
+
+The paper's recipe starts here: one pretrained model, one head initialisation (saved once and
+reused, since soups need a shared init), K fine-tunes with hyperparameters drawn at random.
+Each ingredient is saved (and optionally pushed) with a card recording its hyperparameters,
+its base model and its scores. An interrupted sweep continues at the next ingredient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from hfsoup.errors import RecipeError, TaskError
+from hfsoup.evaluation.task import Task, resolve_task
+
+HPARAMS_FILE = "hfsoup_hparams.json"
+_DONE = "hfsoup_sweep_done.json"
+
+
+class SearchSpace(BaseModel):
+    """Where hyperparameters are drawn from (defaults: a CPU-sized version of the paper's sweep).
+
+    Learning rate is log-uniform in ``learning_rate``; every other entry is a list of choices.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    learning_rate: tuple[float, float] = (2e-5, 2e-4)
+    epochs: list[float] = Field(default_factory=lambda: [1, 2])
+    weight_decay: list[float] = Field(default_factory=lambda: [0.0, 1e-4, 1e-2, 0.1])
+    label_smoothing: list[float] = Field(default_factory=lambda: [0.0, 0.1])
+    warmup: list[float] = Field(default_factory=lambda: [0.0, 0.06])
+    batch_size: list[int] = Field(default_factory=lambda: [32])
+
+    def draw(self, rng: random.Random) -> dict[str, Any]:
+        """One point: Trainer argument names, plus the training and data-order seeds."""
+        low, high = self.learning_rate
+        return {
+            "learning_rate": math.exp(rng.uniform(math.log(low), math.log(high))),
+            "num_train_epochs": rng.choice(self.epochs),
+            "weight_decay": rng.choice(self.weight_decay),
+            "label_smoothing_factor": rng.choice(self.label_smoothing),
+            "warmup_steps": rng.choice(self.warmup),  # a float in [0, 1) is a ratio of all steps
+            "per_device_train_batch_size": rng.choice(self.batch_size),
+            "seed": rng.randrange(2**31),
+            "data_seed": rng.randrange(2**31),
+        }
+
+
+class SweepRecipe(BaseModel):
+    """A sweep: the base model, the task, how many ingredients, where they go."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str
+    task: Any
+    n: int = Field(ge=1)
+    space: SearchSpace = Field(default_factory=SearchSpace)
+    push_prefix: str | None = None
+    output_dir: str = "sweep"
+    seed: int = 0
+    train_split: str = "train"
+    train_limit: int | None = Field(None, ge=1)
+    head_seed: int = 0
+    private: bool = False
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task(cls, value: Any) -> Task:
+        return resolve_task(value)
+
+
+def load_sweep_recipe(path: str | Path) -> SweepRecipe:
+    """Read a sweep recipe YAML (keys of :class:`SweepRecipe`)."""
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        return SweepRecipe.model_validate(data)
+    except OSError as exc:
+        raise RecipeError(f"cannot read sweep recipe {path}: {exc.strerror}") from exc
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise RecipeError(f"{path}: {key}: {err['msg']}") from exc
+
+
+def _log(message: str, progress: bool) -> None:
+    if progress:
+        print(f"hfsoup: {message}", file=sys.stderr, flush=True)
+
+
+def train_rows(recipe: SweepRecipe):
+    """The training split, without the rows a holdout reserves for selection."""
+    import datasets
+
+    task = recipe.task
+    kwargs = task.dataset if isinstance(task.dataset, dict) else {"path": task.dataset}
+    try:
+        train = datasets.load_dataset(**kwargs, name=task.config, split=recipe.train_split)
+    except (ValueError, FileNotFoundError) as exc:
+        raise TaskError(
+            f"cannot load split {recipe.train_split!r} of {kwargs['path']}: {exc}"
+        ) from exc
+    if task.holdout is not None and task.holdout.from_ == recipe.train_split:
+        from hfsoup.evaluation.data import holdout_indices
+
+        _, rest = holdout_indices(len(train), task.holdout.fraction, task.holdout.seed)
+        train = train.select(rest)
+    if recipe.train_limit:
+        train = train.select(range(min(recipe.train_limit, len(train))))
+    return train
+
+
+def base_with_head(recipe: SweepRecipe, folder: Path, labels: list[str]) -> Path:
+    """The base model with one seeded classification head, saved once and reused."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(recipe.head_seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        recipe.base, num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+    )  # fmt: skip
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(recipe.base).save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def _labels(train, column: str) -> list[str]:
+    import datasets
+
+    feature = train.features.get(column)
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    return [str(v) for v in sorted(set(train[column]))]
+
+
+def fine_tune(base: Path, out: Path, train, task: Task, hp: dict[str, Any]) -> None:
+    """Fine-tune ``base`` on ``train`` with transformers' Trainer; save model and tokenizer."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )  # fmt: skip
+
+    tok = AutoTokenizer.from_pretrained(base)
+    columns = task.input_columns
+
+    def encode(batch):
+        texts = [batch[c] for c in columns]
+        return tok(*texts, truncation=True, max_length=task.max_length)
+
+    ds = train.map(encode, batched=True).rename_column(task.label_column, "labels")
+    ds = ds.remove_columns(
+        [c for c in ds.column_names if c not in ("labels", *tok.model_input_names)]
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(base)
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"), report_to=[], save_strategy="no", logging_strategy="no",
+        disable_tqdm=True, **hp,
+    )  # fmt: skip
+    Trainer(
+        model=model, args=args, train_dataset=ds, data_collator=DataCollatorWithPadding(tok)
+    ).train()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def ingredient_card(recipe: SweepRecipe, hp: dict[str, Any], scores: dict, index: int) -> str:
+    """README.md of one sweep ingredient: metadata, hyperparameters, scores."""
+    import yaml
+
+    meta = {"library_name": "transformers", "pipeline_tag": "text-classification",
+            "tags": ["hfsoup", "hfsoup-sweep"]}  # fmt: skip
+    if not Path(recipe.base).exists():  # a Hub ID, not a local folder
+        meta |= {"base_model": recipe.base, "base_model_relation": "finetune"}
+    rows = "\n".join(
+        f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |"
+        for k, v in hp.items()
+    )
+    score_rows = "\n".join(
+        f"| {s} | {m} | {v:.4f} |" for s, ms in scores.items() for m, v in ms.items()
+    )
+    return (
+        f"---\n{yaml.safe_dump(meta, sort_keys=False).rstrip()}\n---\n\n"
+        f"# Sweep ingredient {index + 1} of {recipe.n}\n\n"
+        f"A fine-tune of `{recipe.base}` made by `hfsoup sweep` (seed {recipe.seed}), with one "
+        "classification head initialisation shared by every ingredient of the sweep, so that "
+        "the ingredients can be souped.\n\n"
+        f"## Hyperparameters\n\n| name | value |\n|---|---|\n{rows}\n\n"
+        f"## Scores\n\n| split | metric | value |\n|---|---|---|\n{score_rows}\n"
+    )
+
+
+def sweep(recipe: SweepRecipe, *, progress: bool = True, token: str | None = None) -> list[str]:
+    """Fine-tune ``recipe.n`` ingredients; returns their repo IDs (or local folders).
+
+    Resumable: finished ingredients are recorded in ``output_dir`` and skipped on a rerun, and
+    the hyperparameters are drawn for all ``n`` up front from ``seed``, so ingredient ``i`` gets
+    the same ones however often the sweep was interrupted.
+
+    Example:
+        >>> hfsoup.sweep(SweepRecipe(base="org/minilm", task="glue/sst2", n=4,
+        ...                          push_prefix="me/minilm-sst2"))  # doctest: +SKIP
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from hfsoup.evaluation.scorer import Scorer
+    from hfsoup.hub import push_folder
+
+    out = Path(recipe.output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(recipe.seed)
+    points = [recipe.space.draw(rng) for _ in range(recipe.n)]
+    train = train_rows(recipe)
+    labels = _labels(train, recipe.task.label_column)
+    base = base_with_head(recipe, out / "base-with-head", labels)
+    scorer = Scorer.from_pretrained(recipe.task, str(base), progress=progress)
+    made: list[str] = []
+    for i, hp in enumerate(points):
+        folder = out / f"ingredient-{i + 1:03d}"
+        done = folder / _DONE
+        if done.is_file():
+            made.append(json.loads(done.read_text())["ingredient"])
+            _log(f"sweep: ingredient {i + 1}/{recipe.n} already done, skipped", progress)
+            continue
+        _log(f"sweep: fine-tuning ingredient {i + 1}/{recipe.n}: {_short(hp)}", progress)
+        t0 = time.perf_counter()
+        fine_tune(base, folder, train, recipe.task, hp)
+        seconds = time.perf_counter() - t0
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        scores = {s: scorer.scores(scorer.logits(model, s), s) for s in recipe.task.splits}
+        (folder / HPARAMS_FILE).write_text(
+            json.dumps({**hp, "train_seconds": round(seconds, 1)}, indent=2)
+        )
+        (folder / "README.md").write_text(ingredient_card(recipe, hp, scores, i))
+        shutil.rmtree(folder / "trainer", ignore_errors=True)
+        ingredient = str(folder)
+        if recipe.push_prefix:
+            ingredient = f"{recipe.push_prefix}-{i + 1}"
+            push_folder(folder, ingredient, private=recipe.private, token=token,
+                        message=f"hfsoup sweep ingredient {i + 1}")  # fmt: skip
+        done.write_text(json.dumps({"ingredient": ingredient, "scores": scores}))
+        made.append(ingredient)
+    return made
+
+
+def _short(hp: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())

@@ -17,7 +17,12 @@ from typing import Any
 import torch
 
 from hfsoup.combine import fetch_plan_bytes, normalise_weights, stream_average
-from hfsoup.errors import HfsoupError, IncompatibleIngredientsError, RecipeError
+from hfsoup.errors import (
+    HfsoupError,
+    IncompatibleIngredientsError,
+    NothingToResumeError,
+    RecipeError,
+)
 from hfsoup.hub import IngredientSpec, parse_ingredient, push_folder, resolve
 from hfsoup.outputs import pin_recipe, results_base, write_card
 from hfsoup.recipe import IngredientEntry, OutputConfig, Recipe, build_recipe, load_recipe
@@ -151,7 +156,8 @@ def soup(
         dtype: output dtype for float tensors; default: the ingredients' own.
         max_shard_size: bytes per output shard (``"5GB"``, ``"500MiB"`` or an int).
         push_to: a Hub repo ID to upload the soup to, in one commit.
-        options: ``overwrite``, ``device``, ``token``, ``allow_pickle``, ``accumulate``,
+        options: ``overwrite``, ``device``, ``token``, ``allow_pickle``, ``allow_nonfinite``,
+            ``resume``, ``accumulate``,
             ``progress`` (see :func:`run`).
 
     Returns:
@@ -202,6 +208,8 @@ def run(
     device: str = "auto",
     token: str | None = None,
     allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+    resume: bool = False,
     accumulate: str = "float32",
     progress: bool = True,
     max_in_flight: int | None = None,
@@ -214,6 +222,10 @@ def run(
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         token: Hub token; default ``HF_TOKEN`` or the stored login.
         allow_pickle: accept ``pytorch_model.bin`` ingredients (``weights_only=True``).
+        allow_nonfinite: average weights holding NaN/Inf instead of refusing them (recorded in
+            the recipe, like the recipe key of the same name).
+        resume: continue an interrupted greedy run of this recipe; an error if there is none
+            (an identical rerun resumes anyway; this makes it explicit).
         accumulate: ``float32`` (default) or ``float64`` running sums.
         progress: show progress bars.
         max_in_flight: bytes of reads allowed ahead of the arithmetic (default 256 MiB); peak
@@ -225,6 +237,10 @@ def run(
         update={k: v for k, v in {"dir": output and str(output), "push_to": push_to}.items() if v}
     )
     recipe = recipe.model_copy(update={"output": out})
+    if allow_nonfinite:
+        recipe = recipe.model_copy(update={"allow_nonfinite": True})
+    if resume and recipe.method != "greedy":
+        raise NothingToResumeError(f"only greedy runs can be resumed, not {recipe.method!r} ones")
     if not out.dir:
         raise RecipeError("no output folder: set output.dir in the recipe or pass --output")
     if recipe.method == "learned":
@@ -260,7 +276,7 @@ def run(
         results = run_greedy_soup(
             recipe, indexes, shards, target=target, overwrite=overwrite, dtype=dtype,
             device=target_device, accumulate=_DTYPES[accumulate], progress=progress,
-            timings=timings, token=token,
+            timings=timings, token=token, resume=resume,
         )  # fmt: skip
         return _finish(recipe, target, weights_of(results), results, timings, token)
     with staged_output(target, overwrite=overwrite) as tmp:
@@ -270,7 +286,7 @@ def run(
             stream_average(
                 indexes, weights, shards, on_shard=writer.write, dtype=dtype,
                 device=target_device, accumulate=_DTYPES[accumulate], on_bytes=bar.update,
-                max_in_flight=max_in_flight,
+                max_in_flight=max_in_flight, allow_nonfinite=recipe.allow_nonfinite,
             )  # fmt: skip
         writer.finish()
         timings["stream"] = time.perf_counter() - t0

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hfsoup.errors import HfsoupError
+from hfsoup.errors import HfsoupError, IncompatibleIngredientsError
 
 EXIT_USER_ERROR = 2
 
@@ -35,6 +37,10 @@ def _soup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accumulate", choices=["float32", "float64"], default="float32",
                    help="dtype of the running sums (default float32)")  # fmt: skip
     p.add_argument("--private", action="store_true", help="create the pushed repo as private")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="average weights holding NaN/Inf instead of refusing them")  # fmt: skip
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted greedy run (an error if there is none)")  # fmt: skip
 
 
 def _task_options(p: argparse.ArgumentParser) -> None:
@@ -262,11 +268,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         report = api.inspect(args.ingredients, allow_pickle=args.allow_pickle)
         _print_inspection(report, args.json)
         if not report.compatible:
-            raise HfsoupError(report.problem)
+            raise IncompatibleIngredientsError(report.problem)
         return 0
     run_options = {}
     if args.command in ("soup", "run"):
         run_options = dict(overwrite=args.overwrite, device=args.device, allow_pickle=args.allow_pickle,
+                           allow_nonfinite=args.allow_nonfinite, resume=args.resume,
                            accumulate=args.accumulate, progress=progress)  # fmt: skip
     if args.command == "soup":
         result = api.soup(
@@ -333,19 +340,44 @@ def _sweep(args: argparse.Namespace, progress: bool) -> list[str]:
     return sweep(recipe, progress=progress)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the staged output is cleaned up the same way."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hfsoup`` console script."""
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return _dispatch(args)
     except HfsoupError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"hfsoup: error: {exc}", file=sys.stderr)
+        # One line, whatever a message quoted (a server's answer, a library's advice).
+        print(f"hfsoup: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("hfsoup: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"hfsoup: interrupted; {_left_behind(args)}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _left_behind(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves: nothing, or a greedy run's state to resume from."""
+    from hfsoup.writer import partial_dir
+
+    # Only resumable (greedy) runs keep their partial folder after an interruption.
+    output = getattr(args, "output", None)
+    if output and partial_dir(Path(output).expanduser().resolve()).exists():
+        return "no output was written; the greedy run's progress is kept (rerun with --resume)"
+    return "no output was written"
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from hfsoup.errors import RecipeError
-from hfsoup.streaming import Fetch, plan_fetches, prefetch
+from hfsoup.streaming import Fetch, check_finite, plan_fetches, prefetch
 from hfsoup.tensors import FLOAT_DTYPES, IngredientIndex, output_dtype
 
 
@@ -42,6 +42,7 @@ def stream_average(
     accumulate: torch.dtype = torch.float32,
     on_bytes: Callable[[int], None] | None = None,
     max_in_flight: int | None = None,
+    allow_nonfinite: bool = False,
 ) -> None:
     """Average the ingredients shard by shard and pass each finished shard to ``on_shard``.
 
@@ -58,6 +59,11 @@ def stream_average(
         device: where the arithmetic runs.
         accumulate: accumulator dtype (float32, or float64 on request).
         on_bytes: progress callback, called with the size of each completed read.
+        allow_nonfinite: average tensors holding NaN/Inf instead of refusing them.
+
+    Raises:
+        NonFiniteWeightsError: an ingredient's float tensor holds NaN or Inf (checked as it
+            streams in, before it is added; the staged writer removes any shard already written).
     """
     first = indexes[0].tensors
     kwargs = {} if max_in_flight is None else {"max_in_flight": max_in_flight}
@@ -72,6 +78,8 @@ def stream_average(
             if first[name].dtype not in FLOAT_DTYPES:
                 acc[name] = t.clone()
                 continue
+            if not allow_nonfinite:
+                check_finite(fetch.index, name, t)
             if name not in acc:
                 acc[name] = torch.zeros(t.shape, dtype=accumulate, device=device)
             acc[name].add_(t.to(device=device, dtype=accumulate, non_blocking=True), alpha=w)

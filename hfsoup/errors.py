@@ -39,6 +39,14 @@ class CorruptWeightsError(HfsoupError):
     """A safetensors header or payload is malformed, or bytes fail their checksum."""
 
 
+class NonFiniteWeightsError(HfsoupError):
+    """An ingredient's weights hold NaN or Inf and ``allow_nonfinite`` was not given."""
+
+
+class NothingToResumeError(HfsoupError):
+    """``resume`` was asked for, but no interrupted run of the same recipe was found."""
+
+
 class RecipeError(HfsoupError):
     """A recipe file or the equivalent options are invalid."""
 

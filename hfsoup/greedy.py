@@ -39,6 +39,7 @@ class SoupSession:
         *,
         device: torch.device | str = "cpu",
         accumulate: torch.dtype = torch.float32,
+        allow_nonfinite: bool = False,
     ) -> None:
         # Greedy reads each ingredient several times: whole files once, then ranges from disk.
         self.indexes = [
@@ -51,13 +52,18 @@ class SoupSession:
         self.device, self.accumulate = torch.device(device), accumulate
         self.sum: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.allow_nonfinite = allow_nonfinite
+        self._checked: set[int] = set()
 
     @property
     def model(self) -> torch.nn.Module:
         return self.live.model
 
     def _stream(self, i: int):
-        return iter_tensors(self.indexes[i])
+        # Refuse NaN/Inf (unless allowed) the first time each ingredient is read in full.
+        check = not self.allow_nonfinite and i not in self._checked
+        yield from iter_tensors(self.indexes[i], check=check)
+        self._checked.add(i)
 
     def show(self, i: int) -> None:
         """Set the live model to ingredient ``i`` alone (the running sum is untouched)."""
@@ -142,6 +148,14 @@ class _State:
 
     def load_logits(self, i: int) -> dict[str, torch.Tensor]:
         return torch.load(self.logits_dir / f"{i}.pt", weights_only=True)
+
+
+def saved_fingerprint(folder: Path) -> str | None:
+    """The fingerprint of the interrupted run whose decisions ``folder`` holds, or None."""
+    try:
+        return json.loads((folder / STATE_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return None
 
 
 def run_greedy(

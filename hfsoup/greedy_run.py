@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
+from hfsoup.errors import NothingToResumeError
 from hfsoup.evaluation.scorer import Scorer
-from hfsoup.greedy import STATE_FILE, GreedyResult, SoupSession, run_greedy
+from hfsoup.greedy import STATE_FILE, GreedyResult, SoupSession, run_greedy, saved_fingerprint
 from hfsoup.outputs import pin_recipe, results_base, write_card
 from hfsoup.recipe import Recipe
 from hfsoup.report import TRAJECTORY_PNG, markdown_table, model_index, plot_trajectory
 from hfsoup.tensors import IngredientIndex, output_dtype
-from hfsoup.writer import ShardWriter, copy_aux_files, staged_output, write_config
+from hfsoup.writer import ShardWriter, copy_aux_files, partial_dir, staged_output, write_config
 
 
 def make_scorer(
@@ -68,8 +69,18 @@ def run_greedy_soup(
     progress: bool,
     timings: dict[str, float],
     token: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run a greedy soup and write it to ``target``; returns the results.json content."""
+    """Run a greedy soup and write it to ``target``; returns the results.json content.
+
+    An interrupted run of the same recipe continues from the state in the output's partial
+    folder; ``resume=True`` insists on it.
+
+    Raises:
+        NothingToResumeError: ``resume`` and no interrupted run of this recipe was found.
+    """
+    if resume:
+        _check_resumable(recipe, indexes, target)
     log = (lambda msg: print(f"hfsoup: {msg}", file=sys.stderr)) if progress else (lambda _: None)
     labels = [ix.ingredient.label for ix in indexes]
     task = recipe.task
@@ -77,7 +88,9 @@ def run_greedy_soup(
     scorer = make_scorer(task, indexes[0], device=device, progress=progress)
     timings["load_task"] = time.perf_counter() - t0
     with staged_output(target, overwrite=overwrite, keep_partial=True) as tmp:
-        session = SoupSession(indexes, device=device, accumulate=accumulate)
+        session = SoupSession(
+            indexes, device=device, accumulate=accumulate, allow_nonfinite=recipe.allow_nonfinite
+        )
         result = run_greedy(
             session, scorer, labels=labels, state_dir=tmp, fingerprint=fingerprint(recipe, indexes),
             strict=recipe.accept == ">", order=recipe.order, seed=recipe.seed, log=log,
@@ -139,6 +152,20 @@ def _task_type(config: dict) -> str | None:
     from hfsoup.card import pipeline_tag
 
     return pipeline_tag(config)
+
+
+def _check_resumable(recipe: Recipe, indexes: Sequence[IngredientIndex], target: Path) -> None:
+    folder = partial_dir(target.expanduser().resolve())
+    saved = saved_fingerprint(folder)
+    if saved is None:
+        raise NothingToResumeError(
+            f"nothing to resume: no interrupted greedy run of {target} (looked in {folder})"
+        )
+    if saved != fingerprint(recipe, indexes):
+        raise NothingToResumeError(
+            f"cannot resume: the run interrupted in {folder} had other ingredients, task or "
+            "rules; run without --resume to start afresh"
+        )
 
 
 def _card_section(results: dict[str, Any], sel: str, metric: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -17,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hfsoup import checksums
 from hfsoup.errors import (
     AccessDeniedError,
+    CorruptWeightsError,
     HubConnectionError,
     IngredientNotFoundError,
     IngredientSpecError,
@@ -31,6 +34,8 @@ T = TypeVar("T")
 _REPO_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 _RETRIES = 5
 _BACKOFF_S = 0.5
+# A server may ask for any Retry-After; past this we retry anyway rather than hang for an hour.
+_MAX_RETRY_AFTER_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,7 @@ class _DiskCached(Source):
         with open(self.local_file(filename), "rb") as f:
             f.seek(start)
             if f.readinto(buf) != len(buf):
-                raise IngredientNotFoundError(f"{filename}: cached file shorter than expected")
+                raise CorruptWeightsError(f"{filename}: cached file shorter than its header says")
         return buf
 
     def local_file(self, filename: str) -> Path:
@@ -156,10 +161,26 @@ class LocalSource(Source):
 
 
 class HubSource(Source):
-    """An ingredient on the Hub, pinned to one commit SHA; reads are HTTP range requests."""
+    """An ingredient on the Hub, pinned to one commit SHA; reads are HTTP range requests.
 
-    def __init__(self, repo: str, sha: str, files: dict[str, int | None], token: str | None):
+    Whole files (configs, tokenizers, the weights of greedy runs) are downloaded into the HF
+    cache and checked against the digest the Hub lists for them (``digests``: filename ->
+    ``("sha256", hex)`` for LFS files, ``("git-sha1", hex)`` for the others).
+    """
+
+    def __init__(
+        self,
+        repo: str,
+        sha: str,
+        files: dict[str, int | None],
+        token: str | None,
+        digests: dict[str, checksums.Digest] | None = None,
+    ):
         self.repo, self.sha, self.files, self._token = repo, sha, files, token
+        self.digests = digests or {}
+        self._verified: dict[str, Path] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
 
     def _url(self, filename: str) -> str:
         from huggingface_hub import constants, hf_hub_url
@@ -167,19 +188,23 @@ class HubSource(Source):
         return hf_hub_url(self.repo, filename, revision=self.sha, endpoint=constants.ENDPOINT)
 
     def read_range(self, filename: str, start: int, end: int) -> bytearray:
-        from huggingface_hub import get_session
+        from huggingface_hub import constants, get_session
         from huggingface_hub.utils import build_hf_headers
 
         buf = bytearray(end - start)
         got = 0
         headers = build_hf_headers(token=self._token, library_name="hfsoup")
+        # HF_HUB_DOWNLOAD_TIMEOUT, as for huggingface_hub's own downloads: the longest wait for
+        # the next byte before a stalled read is abandoned and retried.
+        timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
         for attempt in range(_RETRIES + 1):
             # Resume from the last byte received, so a dropped connection costs only a retry.
             headers["Range"] = f"bytes={start + got}-{end - 1}"
             try:
                 with get_session().stream(
-                    "GET", self._url(filename), headers=headers, follow_redirects=True, timeout=60
-                ) as response:
+                    "GET", self._url(filename), headers=headers, follow_redirects=True,
+                    timeout=timeout,
+                ) as response:  # fmt: skip
                     _raise_for_status(response, f"{self.repo}/{filename}")
                     if response.status_code != 206 and start + got != 0:
                         raise HubConnectionError(
@@ -205,20 +230,52 @@ class HubSource(Source):
                     raise
                 if attempt == _RETRIES:
                     raise HubConnectionError(
-                        f"{self.repo}/{filename}: cannot reach the Hub at {_endpoint()} ({type(exc).__name__})"
+                        f"{self.repo}/{filename}: {_network_problem(exc, timeout)} "
+                        f"(gave up after {_RETRIES} retries)"
                     ) from exc
                 time.sleep(_BACKOFF_S * 2**attempt)
         raise AssertionError("unreachable")
 
     def local_file(self, filename: str) -> Path:
+        """Download ``filename`` whole (once) and check it against the Hub's digest.
+
+        Raises:
+            CorruptWeightsError: the bytes fail the digest twice (a second download is tried in
+                case the first was damaged in transit); the bad copy is removed from the cache.
+        """
+        with self._locks_guard:
+            lock = self._locks.setdefault(filename, threading.Lock())
+        with lock:
+            if filename not in self._verified:
+                self._verified[filename] = self._download_verified(filename)
+            return self._verified[filename]
+
+    def _download_verified(self, filename: str) -> Path:
+        path = self._download(filename, force=False)
+        if checksums.matches(path, self.digests.get(filename)):
+            return path
+        path = self._download(filename, force=True)
+        if checksums.matches(path, self.digests.get(filename)):
+            return path
+        checksums.discard(path)
+        kind, expected = self.digests[filename]
+        raise CorruptWeightsError(
+            f"{self.repo}/{filename}: the downloaded bytes do not match the Hub's {kind} "
+            f"{expected[:12]}... (twice); refused and removed from the cache"
+        )
+
+    def _download(self, filename: str, *, force: bool) -> Path:
         from huggingface_hub import hf_hub_download
 
         return Path(
             _call_hub(
-                lambda: hf_hub_download(self.repo, filename, revision=self.sha, token=self._token),
+                lambda: hf_hub_download(
+                    self.repo, filename, revision=self.sha, token=self._token,
+                    force_download=force,
+                ),
                 what=f"{self.repo}/{filename}",
             )
-        )
+        )  # fmt: skip
 
 
 class _Retryable(Exception):
@@ -239,14 +296,26 @@ def _is_network_error(exc: BaseException) -> bool:
     return isinstance(exc, httpx2.TransportError | ConnectionError | TimeoutError)
 
 
+def _network_problem(exc: BaseException, timeout: float) -> str:
+    import httpx2
+
+    if isinstance(exc, httpx2.TimeoutException | TimeoutError):
+        return f"no answer from the Hub at {_endpoint()} within {timeout:g}s"
+    return f"cannot reach the Hub at {_endpoint()} ({type(exc).__name__})"
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds the server asked us to wait (``Retry-After: N``), bounded; None if not said."""
+    value = (headers.get("Retry-After") or "").strip() if headers is not None else ""
+    return min(float(value), _MAX_RETRY_AFTER_S) if value.isdigit() else None
+
+
 def _raise_for_status(response: Any, what: str) -> None:
     status = response.status_code
     if status < 400:
         return
     if status == 429 or status >= 500:
-        retry_after = response.headers.get("Retry-After")
-        wait = float(retry_after) if retry_after and retry_after.isdigit() else None
-        raise _Retryable(f"the Hub answered {status}", retry_after=wait)
+        raise _Retryable(f"the Hub answered {status}", retry_after=_retry_after(response.headers))
     if status in (401, 403):
         raise AccessDeniedError(f"{what}: access denied ({status}); {_LOGIN_HINT}")
     raise IngredientNotFoundError(f"{what}: the Hub answered {status}")
@@ -273,21 +342,28 @@ def _call_hub(fn: Callable[[], T], *, what: str) -> T:
         except errors.EntryNotFoundError as exc:
             raise IngredientNotFoundError(f"{what}: file not found") from exc
         except errors.HfHubHTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else None
+            response = exc.response
+            status = response.status_code if response is not None else None
             if status in (401, 403):
                 raise AccessDeniedError(f"{what}: access denied; {_LOGIN_HINT}") from exc
             transient = status is None or status == 429 or status >= 500
             if transient and attempt < _RETRIES:
-                time.sleep(_BACKOFF_S * 2**attempt)
+                wait = _retry_after(response.headers) if response is not None else None
+                time.sleep(wait or _BACKOFF_S * 2**attempt)
                 continue
-            raise HubConnectionError(f"{what}: the Hub answered {status}") from exc
+            raise HubConnectionError(
+                f"{what}: the Hub answered {status}"
+                + (f" (gave up after {_RETRIES} retries)" if transient else "")
+            ) from exc
         except Exception as exc:
             if not _is_network_error(exc) and not isinstance(exc, errors.LocalEntryNotFoundError):
                 raise
             if attempt < _RETRIES:
                 time.sleep(_BACKOFF_S * 2**attempt)
                 continue
-            raise HubConnectionError(f"{what}: cannot reach the Hub at {_endpoint()}") from exc
+            raise HubConnectionError(
+                f"{what}: cannot reach the Hub at {_endpoint()} (gave up after {_RETRIES} retries)"
+            ) from exc
     raise AssertionError("unreachable")
 
 
@@ -338,7 +414,9 @@ def resolve(spec: IngredientSpec, *, token: str | None = None) -> Ingredient:
         what=spec.label,
     )
     files = {s.rfilename: s.size for s in info.siblings or []}
-    source = HubSource(spec.repo, info.sha, files, token)
+    source = HubSource(
+        spec.repo, info.sha, files, token, digests=checksums.from_siblings(info.siblings or [])
+    )
     card = dict(info.card_data.to_dict()) if info.card_data else {}
     if not card and "README.md" in files:
         card = _front_matter(source.local_file("README.md"))

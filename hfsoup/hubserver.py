@@ -12,6 +12,8 @@ Faults for resilience tests are rules in :attr:`LocalHub.faults`, applied before
 
     hub.add_fault(path=r"/resolve/", status=500, times=2)             # two 500s, then normal
     hub.add_fault(path=r"model\\.safetensors$", drop_after_bytes=1024)  # cut the body short
+    hub.add_fault(path=r"model\\.safetensors$", stall_seconds=30)       # hang before answering
+    hub.add_fault(path=r"config\\.json$", corrupt=True)                 # bytes fail their sha256
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import re
 import socket
 import struct
 import threading
+import time
 import traceback
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -50,19 +53,31 @@ class Fault:
         method: HTTP method to match, or ``"*"``.
         path: regular expression searched in the request path (without the query).
         times: how many matching requests it applies to; ``None`` for all of them.
+        skip: let this many matching requests through untouched first (e.g. a file's header
+            probe), then misbehave.
         status: answer this status (with a JSON error body) instead of serving the request.
         retry_after: seconds sent in ``Retry-After`` with ``status``.
+        error_code: sent in ``X-Error-Code`` with ``status`` (``"GatedRepo"``, ``"RepoNotFound"``).
         drop_after_bytes: serve normally but close the connection after this many body bytes.
+        stall_seconds: wait this long before answering (a server or network that hangs).
+        corrupt: serve the body with its first byte flipped: same length, wrong sha256.
         hits: how many requests it has been applied to so far.
+        ranges: the ``Range`` header (or ``None``) of each request it was applied to; a rule
+            with no misbehaviour only records what it sees.
     """
 
     method: str = "*"
     path: str = ".*"
     times: int | None = 1
+    skip: int = 0
     status: int | None = None
     retry_after: int | None = None
+    error_code: str | None = None
     drop_after_bytes: int | None = None
+    stall_seconds: float | None = None
+    corrupt: bool = False
     hits: int = 0
+    ranges: list[str | None] = field(default_factory=list)
 
     def matches(self, method: str, path: str) -> bool:
         """Whether the rule applies to this request and still has uses left."""
@@ -147,13 +162,17 @@ class LocalHub:
             self.faults.append(fault)
         return fault
 
-    def _take_fault(self, method: str, path: str) -> Fault | None:
+    def _take_fault(self, method: str, path: str, range_header: str | None) -> Fault | None:
         with self._lock:
             for fault in self.faults:
                 if fault.matches(method, path):
+                    if fault.skip > 0:
+                        fault.skip -= 1
+                        return None
                     if fault.times is not None:
                         fault.times -= 1
                     fault.hits += 1
+                    fault.ranges.append(range_header)
                     return fault
         return None
 
@@ -262,12 +281,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_done = False
         self._budget: int | None = None
         self._headers_sent = False
+        self._corrupt = False
         try:
-            fault = self.hub._take_fault(method, url.path)
+            fault = self.hub._take_fault(method, url.path, self.headers.get("Range"))
+            if fault is not None and fault.stall_seconds:
+                time.sleep(fault.stall_seconds)
             if fault is not None and fault.drop_after_bytes is not None:
                 self._budget = fault.drop_after_bytes
+            if fault is not None:
+                self._corrupt = fault.corrupt
             if fault is not None and fault.status is not None:
                 extra = {"Retry-After": str(fault.retry_after)} if fault.retry_after else {}
+                if fault.error_code:
+                    extra.update({"X-Error-Code": fault.error_code, "X-Error-Message": "Injected"})
                 self._send_json(fault.status, {"error": "Injected fault"}, extra)
             else:
                 self._route(method, url.path)
@@ -369,6 +395,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._write(chunk)
 
     def _write(self, data: bytes) -> None:
+        if self._corrupt and data:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+            self._corrupt = False
         if self._budget is not None and len(data) > self._budget:
             self.wfile.write(data[: self._budget])
             raise _DropConnection

@@ -6,6 +6,7 @@ Pickle can run arbitrary code when loaded, so hfsoup refuses these files unless 
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 import torch
@@ -17,20 +18,32 @@ from hfsoup.tensors import DTYPE_NAMES, TensorRef
 
 @lru_cache(maxsize=2)
 def _load(path: str) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise CorruptWeightsError(
-            f"{path}: cannot be loaded with weights_only=True ({exc})"
-        ) from exc
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(state, dict):
         raise CorruptWeightsError(f"{path}: not a state dict")
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def load_pickled(ingredient: Ingredient, file: str) -> dict[str, torch.Tensor]:
-    """The tensors of one pickle weight file (downloaded whole, memory-mapped)."""
-    return _load(str(ingredient.source.local_file(file)))
+    """The tensors of one pickle weight file (downloaded whole, memory-mapped).
+
+    Raises:
+        CorruptWeightsError: the file holds more than tensors (e.g. a pickle that would call a
+            function when loaded) or is not a torch checkpoint; it is never loaded unrestricted.
+    """
+    try:
+        return _load(str(ingredient.source.local_file(file)))
+    except CorruptWeightsError:
+        raise
+    except Exception as exc:
+        # torch's message is a page of advice ending in "use weights_only=False": keep only
+        # what the file tried to do.
+        found = re.search(r"Unsupported [^\n.]*", str(exc))
+        reason = found.group(0).strip() if found else type(exc).__name__
+        raise CorruptWeightsError(
+            f"{ingredient.label}: {file} cannot be loaded with torch.load(weights_only=True) "
+            f"({reason}); refused: a pickle that holds more than tensors can run code"
+        ) from exc
 
 
 def pickle_refs(ingredient: Ingredient, files: list[str]) -> dict[str, TensorRef]:

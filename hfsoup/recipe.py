@@ -53,6 +53,8 @@ class Recipe(_Strict):
     accept: Literal[">=", ">"] = ">="
     order: Literal["score", "random"] = "score"
     seed: int = 0
+    # Average ingredients whose weights hold NaN/Inf instead of refusing them.
+    allow_nonfinite: bool = False
     ingredients: list[IngredientEntry] = Field(min_length=1)
     task: Any = None
     output: OutputConfig = Field(default_factory=OutputConfig)

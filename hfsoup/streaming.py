@@ -8,14 +8,18 @@ is being averaged and memory stays bounded whatever the number of ingredients.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from hfsoup.tensors import DTYPES, IngredientIndex, TensorRef
+from hfsoup.errors import NonFiniteWeightsError
+from hfsoup.tensors import DTYPES, FLOAT_DTYPES, IngredientIndex, TensorRef
 
 # Tensors closer than this in a file are read together: a few wasted bytes beat a round trip.
 _GAP = 256 * 1024
@@ -101,13 +105,36 @@ def _aligned(index: IngredientIndex, tensors: dict[str, torch.Tensor]) -> dict[s
     return {n: t[perm] if n in index.head_tensors else t for n, t in tensors.items()}
 
 
+def check_finite(index: IngredientIndex, name: str, tensor: torch.Tensor) -> None:
+    """Refuse a float tensor holding NaN or Inf: averaging would spread it through the soup.
+
+    Raises:
+        NonFiniteWeightsError: naming the ingredient and the tensor.
+    """
+    if index.tensors[name].dtype in FLOAT_DTYPES and not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteWeightsError(
+            f"{index.ingredient.label}: tensor {name!r} holds NaN or Inf values; "
+            "pass --allow-nonfinite (allow_nonfinite=True) to soup it anyway"
+        )
+
+
 def iter_tensors(
-    index: IngredientIndex, names: Iterable[str] | None = None, **kwargs: int
+    index: IngredientIndex,
+    names: Iterable[str] | None = None,
+    *,
+    check: bool = False,
+    **kwargs: int,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream one ingredient's tensors (all, or ``names``) as ``(name, tensor)`` pairs."""
+    """Stream one ingredient's tensors (all, or ``names``) as ``(name, tensor)`` pairs.
+
+    With ``check``, each float tensor is first passed through :func:`check_finite`.
+    """
     fetches = plan_fetches(index, index.tensors if names is None else names, slot=0)
     for _, tensors in prefetch(fetches, **kwargs):
-        yield from tensors.items()
+        for name, t in tensors.items():
+            if check:
+                check_finite(index, name, t)
+            yield name, t
 
 
 def prefetch(
@@ -121,23 +148,62 @@ def prefetch(
     pending: deque[tuple[Fetch, Future]] = deque()
     source = iter(fetches)
     in_flight = 0
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hfsoup-fetch") as pool:
-        try:
-            exhausted = False
-            while True:
-                while not exhausted and (not pending or in_flight < max_in_flight):
-                    nxt = next(source, None)
-                    if nxt is None:
-                        exhausted = True
-                        break
-                    pending.append((nxt, pool.submit(read_fetch, nxt)))
-                    in_flight += nxt.nbytes
-                if not pending:
-                    return
-                fetch, future = pending.popleft()
-                tensors = future.result()
-                in_flight -= fetch.nbytes
-                yield fetch, tensors
-        finally:
-            for _, future in pending:
-                future.cancel()
+    pool = _Workers(workers)
+    try:
+        exhausted = False
+        while True:
+            while not exhausted and (not pending or in_flight < max_in_flight):
+                nxt = next(source, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                pending.append((nxt, pool.submit(read_fetch, nxt)))
+                in_flight += nxt.nbytes
+            if not pending:
+                return
+            fetch, future = pending.popleft()
+            tensors = future.result()
+            in_flight -= fetch.nbytes
+            yield fetch, tensors
+    finally:
+        for _, future in pending:
+            future.cancel()
+        pool.close()
+
+
+class _Workers:
+    """A few daemon threads running submitted calls, like a ``ThreadPoolExecutor`` whose
+    threads never hold up the exit of the process.
+
+    After Ctrl-C or SIGTERM the soup must stop at once and clean up; a read stalled on the
+    network would keep a ``ThreadPoolExecutor`` (joined at exit) alive until it timed out.
+    """
+
+    def __init__(self, n: int) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"hfsoup-fetch-{i}", daemon=True)
+            for i in range(n)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def close(self) -> None:
+        """Let the threads end once the calls already running return (without waiting)."""
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the consumer, who re-raises it
+                future.set_exception(exc)

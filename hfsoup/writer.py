@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import torch
 from safetensors.torch import save_file
@@ -73,30 +74,21 @@ def staged_output(
     target = target.expanduser().resolve()
     if is_nonempty(target) and not overwrite:
         raise OutputExistsError(f"output folder {target} exists and is not empty (use --overwrite)")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(target.parent / f".{target.name}.hfsoup-lock", "w")  # noqa: SIM115
-    except OSError as exc:
-        raise OutputWriteError(f"cannot write to {target.parent}: {exc.strerror}") from exc
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        lock.close()
-        raise OutputExistsError(f"another hfsoup process is writing {target}") from exc
+    lock = _lock(target)
     tmp = partial_dir(target)
     try:
-        if tmp.exists() and not keep_partial:
-            shutil.rmtree(tmp)
-        tmp.mkdir(exist_ok=True)
         try:
+            if tmp.exists() and not keep_partial:
+                shutil.rmtree(tmp)
+            tmp.mkdir(exist_ok=True)
             yield tmp
+            _swap_into_place(tmp, target)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise OutputWriteError(
-                    f"disk full while writing {target}; nothing was written"
-                ) from exc
-            raise
-        _swap_into_place(tmp, target)
+            if not _is_write_error(exc, target.parent):
+                raise
+            kept = f"; resume state kept in {tmp}" if keep_partial else "; nothing was written"
+            what = "disk full" if exc.errno in _FULL_ERRNOS else exc.strerror
+            raise OutputWriteError(f"{what} while writing {target}{kept}") from exc
     except BaseException:
         if not keep_partial:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -106,12 +98,48 @@ def staged_output(
         lock.close()
 
 
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DENIED_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _is_write_error(exc: OSError, parent: Path) -> bool:
+    """Whether ``exc`` means "the output cannot be written here" (a user's problem to fix)
+    rather than a bug or a fault elsewhere (a local ingredient that cannot be read)."""
+    if exc.errno in _FULL_ERRNOS:
+        return True
+    return exc.errno in _DENIED_ERRNOS and str(exc.filename or "").startswith(str(parent))
+
+
+def _lock(target: Path) -> IO[str]:
+    """Hold an exclusive lock on ``.NAME.hfsoup-lock`` beside ``target`` (no waiting)."""
+    path = target.parent / f".{target.name}.hfsoup-lock"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path, "w")  # noqa: SIM115  (held until staged_output ends)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write to {target.parent}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # The holder unlinks the file when done; a lock on an unlinked file guards nothing.
+        if not path.exists() or os.stat(path).st_ino != os.fstat(lock.fileno()).st_ino:
+            raise BlockingIOError
+    except BlockingIOError as exc:
+        lock.close()
+        raise OutputExistsError(f"another hfsoup process is writing {target}") from exc
+    return lock
+
+
 def _swap_into_place(tmp: Path, target: Path) -> None:
     old = target.parent / f".{target.name}.hfsoup-old"
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if old.exists():  # put the previous output back rather than leave it hidden
+            os.replace(old, target)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

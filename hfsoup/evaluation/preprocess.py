@@ -62,7 +62,9 @@ def load_preprocessor(
 
     loader = AutoImageProcessor if image else AutoTokenizer
     try:
-        return loader.from_pretrained(source, revision=revision)
+        # Never run code from a repo: an auto_map entry must not make transformers prompt or
+        # import it; a custom tokenizer class then fails here, as a TaskError.
+        return loader.from_pretrained(source, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as err:
         kind = "image processor" if image else "tokenizer"
         raise TaskError(f"cannot load the {kind} of {source!r}: {err}".splitlines()[0]) from err

@@ -129,7 +129,7 @@ class Scorer:
         first = next(iter(loaded.values()))
         image = is_image_column(first, task.input_columns[0])
         preprocessor = load_preprocessor(source, image=image, revision=revision)
-        config = AutoConfig.from_pretrained(source, revision=revision)
+        config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
         return cls(
             task,
             preprocessor,

@@ -1,0 +1,49 @@
+"""Checking whole downloaded files against the digests the Hub lists for them.
+
+The Hub lists a sha256 for every LFS file and a git blob id (sha1) for every other file
+(``model_info(files_metadata=True)``); ``huggingface_hub`` itself does not compare a download
+with either, so a damaged or tampered file would otherwise be used as it came.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+Digest = tuple[str, str]  # ("sha256" | "git-sha1", hex digest)
+
+
+def from_siblings(siblings: list[Any]) -> dict[str, Digest]:
+    """What the Hub says each file hashes to: sha256 for LFS files, the git blob id for others."""
+    out: dict[str, Digest] = {}
+    for s in siblings:
+        lfs = getattr(s.lfs, "sha256", None)
+        if lfs:
+            out[s.rfilename] = ("sha256", lfs)
+        elif s.blob_id:
+            out[s.rfilename] = ("git-sha1", s.blob_id)
+    return out
+
+
+def matches(path: Path, digest: Digest | None) -> bool:
+    """Whether ``path`` hashes to ``digest``; ``True`` when the Hub listed none."""
+    if digest is None:
+        return True
+    kind, expected = digest
+    if kind == "sha256":
+        h = hashlib.sha256()
+    else:  # a git blob id: sha1 over "blob <size>\0" and the content
+        h = hashlib.sha1(usedforsecurity=False)
+        h.update(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest() == expected
+
+
+def discard(path: Path) -> None:
+    """Remove a cached download: the snapshot link and the blob it points to."""
+    blob = path.resolve()
+    for p in (path, blob):
+        p.unlink(missing_ok=True)

@@ -8,6 +8,8 @@ its base model and its scores. An interrupted sweep continues at the next ingred
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import random
@@ -150,7 +152,9 @@ def _labels(train, column: str) -> list[str]:
     return [str(v) for v in sorted(set(train[column]))]
 
 
-def fine_tune(base: Path, out: Path, train, task: Task, hp: dict[str, Any]) -> None:
+def fine_tune(
+    base: Path, out: Path, train, task: Task, hp: dict[str, Any], *, progress: bool = True
+) -> None:
     """Fine-tune ``base`` on ``train`` with transformers' Trainer; save model and tokenizer."""
     from transformers import (
         AutoModelForSequenceClassification,
@@ -176,9 +180,11 @@ def fine_tune(base: Path, out: Path, train, task: Task, hp: dict[str, Any]) -> N
         output_dir=str(out / "trainer"), report_to=[], save_strategy="no", logging_strategy="no",
         disable_tqdm=True, **hp,
     )  # fmt: skip
-    Trainer(
-        model=model, args=args, train_dataset=ds, data_collator=DataCollatorWithPadding(tok)
-    ).train()
+    collator = DataCollatorWithPadding(tok)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
+    # Trainer prints its metrics to stdout, which belongs to the command's own output.
+    with contextlib.redirect_stdout(sys.stderr if progress else io.StringIO()):
+        trainer.train()
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
@@ -243,7 +249,7 @@ def sweep(recipe: SweepRecipe, *, progress: bool = True, token: str | None = Non
             continue
         _log(f"sweep: fine-tuning ingredient {i + 1}/{recipe.n}: {_short(hp)}", progress)
         t0 = time.perf_counter()
-        fine_tune(base, folder, train, recipe.task, hp)
+        fine_tune(base, folder, train, recipe.task, hp, progress=progress)
         seconds = time.perf_counter() - t0
         model = AutoModelForSequenceClassification.from_pretrained(folder)
         scores = {s: scorer.scores(scorer.logits(model, s), s) for s in recipe.task.splits}

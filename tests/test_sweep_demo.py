@@ -1,0 +1,144 @@
+"""`hfsoup sweep` makes ingredients with one shared head init; `hfsoup demo` runs the loop;
+`hfsoup hub serve` serves a folder as a Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from conftest import run_cli
+from factories import load_state_dict, make_model, tiny_bert_config
+from greedy_fixtures import publish_dataset, sentences, tokenizer
+
+
+@pytest.fixture(scope="module")
+def sweep_setup(tmp_path_factory, hub):
+    """A tiny 'pretrained' BERT with a tokenizer and a dataset, both on the test Hub."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url)
+    tmp = tmp_path_factory.mktemp("sweep")
+    base = tmp / "base"
+    model = make_model(tiny_bert_config(), seed=0)
+    model.save_pretrained(base)
+    tokenizer(tmp).save_pretrained(base)
+    api.create_repo("test-org/tiny-pretrained", exist_ok=True)
+    api.upload_folder(repo_id="test-org/tiny-pretrained", folder_path=str(base))
+    splits = {"train": sentences(64, 1), "validation": sentences(40, 2), "test": sentences(40, 3)}
+    publish_dataset(api, "test-org/sweep-sentiment", splits, tmp)
+    task = {"dataset": "test-org/sweep-sentiment", "selection_split": "validation",
+            "report_splits": ["test"], "input_columns": ["text"], "metrics": ["accuracy"]}  # fmt: skip
+    task_file = tmp / "task.yaml"
+    task_file.write_text(yaml.safe_dump(task))
+    return {"tmp": tmp, "task": task_file}
+
+
+def sweep_cli(setup, out, prefix, *extra):
+    return run_cli("sweep", "test-org/tiny-pretrained", "--task", str(setup["task"]), "--n", "2",
+                   "--push-prefix", prefix, "--output-dir", str(out), "--train-limit", "32", *extra)  # fmt: skip
+
+
+def test_sweep_pushes_ingredients_with_cards_and_resumes(hub, sweep_setup, tmp_path, api):
+    proc = sweep_cli(sweep_setup, tmp_path / "sw", "test-org/sw-ft")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["test-org/sw-ft-1", "test-org/sw-ft-2"]
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load("test-org/sw-ft-1")
+    assert card.data.base_model == "test-org/tiny-pretrained"
+    assert card.data.base_model_relation == "finetune"
+    assert "learning_rate" in card.text and "| test | accuracy |" in card.text
+    hp = json.loads(open(api.hf_hub_download("test-org/sw-ft-2", "hfsoup_hparams.json")).read())
+    assert {"learning_rate", "num_train_epochs", "weight_decay", "seed", "data_seed"} <= hp.keys()
+    again = sweep_cli(sweep_setup, tmp_path / "sw", "test-org/sw-ft")
+    assert again.returncode == 0 and again.stdout == proc.stdout
+    assert again.stderr.count("already done") == 2
+    # The soup of the sweep lists each ingredient's hyperparameters.
+    soup = run_cli(
+        "soup", "test-org/sw-ft-1", "test-org/sw-ft-2", "--output", str(tmp_path / "soup"), "-q"
+    )
+    assert soup.returncode == 0, soup.stderr
+    assert "| lr |" in (tmp_path / "soup" / "README.md").read_text().replace(" lr ", " lr |", 0)
+
+
+def test_sweep_ingredients_share_one_head_initialisation(hub, sweep_setup, tmp_path):
+    space = json.dumps({"learning_rate": [1e-12, 1e-12], "epochs": [1]})  # (almost) no training
+    proc = sweep_cli(sweep_setup, tmp_path / "frozen", "test-org/frozen-ft", "--space", space)
+    assert proc.returncode == 0, proc.stderr
+    a = load_state_dict(tmp_path / "frozen" / "ingredient-001")
+    b = load_state_dict(tmp_path / "frozen" / "ingredient-002")
+    init = load_state_dict(tmp_path / "frozen" / "base-with-head")
+    for name in ("classifier.weight", "classifier.bias"):
+        assert torch.allclose(a[name], init[name], atol=1e-6)
+        assert torch.allclose(b[name], init[name], atol=1e-6)
+
+
+def test_sweep_without_a_task_is_a_clear_error(hub, tmp_path):
+    proc = run_cli("sweep", "test-org/tiny-pretrained", "--n", "2", "--output-dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "hfsoup: error: sweep needs a task: --task glue/sst2, or --dataset ... options"
+    ]
+
+
+def test_demo_runs_the_whole_loop_offline(tmp_path):
+    """The real demo (real MiniLM, real tweets) at a toy size, with its own local Hub."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_ENDPOINT", "HF_TOKEN")}
+    env["HF_HOME"] = str(tmp_path / "hf_home")
+    proc = subprocess.run(
+        [sys.executable, "-m", "hfsoup", "demo", "--workdir", str(tmp_path / "demo"),
+         "--k", "2", "--train", "64", "--eval", "32", "-q"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "greedy soup" in proc.stdout and "pushed:" in proc.stdout
+    results = json.loads((tmp_path / "demo" / "soup" / "results.json").read_text())
+    assert [r["repo"] for r in results["ingredients"]] == [
+        "demo-org/minilm-tweets-ft-1", "demo-org/minilm-tweets-ft-2"]  # fmt: skip
+    assert all(len(r["sha"]) == 40 for r in results["ingredients"])
+    card = (tmp_path / "demo" / "soup" / "README.md").read_text()
+    assert "sentence" not in results["task"]["input_columns"] and "| lr |" in card.replace(
+        " lr ", " lr |", 0
+    )
+
+
+def test_hub_serve_command_serves_a_folder(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hfsoup",
+            "hub",
+            "serve",
+            "--data",
+            str(tmp_path / "hub"),
+            "--port",
+            str(port),
+        ]
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        code = ("import sys; from huggingface_hub import HfApi; api = HfApi(endpoint=sys.argv[1]);"
+                "api.create_repo('team/x'); print(api.model_info('team/x').sha)")  # fmt: skip
+        for _ in range(50):
+            proc = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True,
+                                  env={**os.environ, "HF_ENDPOINT": url})  # fmt: skip
+            if proc.returncode == 0:
+                break
+            time.sleep(0.2)
+        assert proc.returncode == 0, proc.stderr
+        assert len(proc.stdout.strip()) == 40
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert any((tmp_path / "hub").rglob("*.json"))  # persisted on disk

@@ -55,7 +55,8 @@ def test_sweep_pushes_ingredients_with_cards_and_resumes(hub, sweep_setup, tmp_p
     assert card.data.base_model == "test-org/tiny-pretrained"
     assert card.data.base_model_relation == "finetune"
     assert "learning_rate" in card.text and "| test | accuracy |" in card.text
-    hp = json.loads(open(api.hf_hub_download("test-org/sw-ft-2", "hfsoup_hparams.json")).read())
+    with open(api.hf_hub_download("test-org/sw-ft-2", "hfsoup_hparams.json")) as f:
+        hp = json.load(f)
     assert {"learning_rate", "num_train_epochs", "weight_decay", "seed", "data_seed"} <= hp.keys()
     again = sweep_cli(sweep_setup, tmp_path / "sw", "test-org/sw-ft")
     assert again.returncode == 0 and again.stdout == proc.stdout
@@ -65,7 +66,10 @@ def test_sweep_pushes_ingredients_with_cards_and_resumes(hub, sweep_setup, tmp_p
         "soup", "test-org/sw-ft-1", "test-org/sw-ft-2", "--output", str(tmp_path / "soup"), "-q"
     )
     assert soup.returncode == 0, soup.stderr
-    assert "| lr |" in (tmp_path / "soup" / "README.md").read_text().replace(" lr ", " lr |", 0)
+    header = (
+        (tmp_path / "soup" / "README.md").read_text().split("## Ingredients")[1].splitlines()[2]
+    )
+    assert "| lr |" in header and "| epochs |" in header
 
 
 def test_sweep_ingredients_share_one_head_initialisation(hub, sweep_setup, tmp_path):

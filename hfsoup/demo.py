@@ -92,9 +92,14 @@ def demo(
     evaluation: int = 300,
     max_length: int = 48,
     seed: int = 0,
+    space: Any = None,
     progress: bool = True,
 ) -> Any:
-    """Run the demo; returns the greedy soup's :class:`~hfsoup.api.SoupResult`."""
+    """Run the demo; returns the greedy soup's :class:`~hfsoup.api.SoupResult`.
+
+    ``space`` (a :class:`~hfsoup.sweep.SearchSpace`) overrides the demo's one-epoch search space;
+    ``benchmarks/minilm_greedy.py`` runs the same loop at a larger size.
+    """
     work = Path(workdir).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     hub = None
@@ -106,14 +111,14 @@ def demo(
         os.environ.setdefault("HF_TOKEN", "hf_local_demo")  # the local Hub accepts any token
     _point_clients_at(hub_endpoint)
     try:
-        return _run(work, namespace, k, train, evaluation, max_length, seed, progress)
+        return _run(work, namespace, k, train, evaluation, max_length, seed, space, progress)
     finally:
         if hub is not None:
             hub.stop()
 
 
 def _run(work: Path, ns: str, k: int, train: int, evaluation: int, max_length: int,
-         seed: int, progress: bool) -> Any:  # fmt: skip
+         seed: int, space: Any, progress: bool) -> Any:  # fmt: skip
     from huggingface_hub import HfApi
 
     from hfsoup.api import soup
@@ -134,7 +139,7 @@ def _run(work: Path, ns: str, k: int, train: int, evaluation: int, max_length: i
     task = {"dataset": dataset, "selection_split": "validation", "report_splits": ["test"],
             "input_columns": ["text"], "label_column": "label", "metrics": ["accuracy", "f1"],
             "batch_size": 64, "max_length": max_length}  # fmt: skip
-    space = SearchSpace(learning_rate=(3e-5, 3e-4), epochs=[1], batch_size=[32])
+    space = space or SearchSpace(learning_rate=(3e-5, 3e-4), epochs=[1], batch_size=[32])
     recipe = SweepRecipe(base=BASE_REPO, task=task, n=k, space=space, seed=seed,
                          push_prefix=f"{ns}/minilm-tweets-ft", output_dir=str(work / "sweep"))  # fmt: skip
     say(f"fine-tuning {k} ingredients from one head initialisation (resumable)")

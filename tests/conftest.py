@@ -110,3 +110,58 @@ def run_cli(*args: str, cwd=None, env: dict[str, str] | None = None):
         timeout=300,
         env={**os.environ, **(env or {})},
     )
+
+
+@pytest.fixture
+def faulty_hub(hub):
+    """The test Hub, with every fault rule a test adds removed when the test ends."""
+    yield hub
+    hub.faults.clear()
+
+
+@pytest.fixture
+def cli(capfd):
+    """Run the ``hfsoup`` command in this process (no interpreter start-up): returns an object
+    with ``returncode``, ``stdout`` and ``stderr`` of that call alone, like ``run_cli``."""
+    from types import SimpleNamespace
+
+    from hfsoup.cli import main
+
+    def call(*args: str):
+        capfd.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return call
+
+
+@pytest.fixture(scope="session")
+def tiny_greedy(tmp_path_factory, hub):
+    """Three tiny BERT ingredients with a tokenizer, and a 24-row labelled dataset, on the Hub.
+
+    Untrained perturbations of one init: enough for a greedy run in seconds, where what is
+    tested is plumbing (faults, resume, secrets), not which ingredient wins.
+    """
+    from factories import save_ingredient, tiny_bert_config
+    from greedy_fixtures import publish_dataset, sentences, tokenizer
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url)
+    tmp = tmp_path_factory.mktemp("tiny-greedy")
+    tag = uuid.uuid4().hex[:8]
+    dataset = f"test-org/tiny-sentiment-{tag}"
+    publish_dataset(api, dataset, {"validation": sentences(24, 1), "test": sentences(24, 2)}, tmp)
+    tok = tokenizer(tmp)
+    repos, dirs = [], []
+    for i in range(3):
+        folder = save_ingredient(tmp / f"ing{i}", tiny_bert_config(), seed=i + 1)
+        tok.save_pretrained(folder)
+        repo = f"test-org/tiny-greedy-{i}-{tag}"
+        api.create_repo(repo)
+        api.upload_folder(repo_id=repo, folder_path=str(folder))
+        repos.append(repo)
+        dirs.append(folder)
+    task = {"dataset": dataset, "selection_split": "validation", "report_splits": ["test"],
+            "input_columns": ["text"], "label_column": "label", "metrics": ["accuracy"]}  # fmt: skip
+    return {"repos": repos, "dirs": dirs, "task": task, "dataset": dataset, "tok": tok}

@@ -210,7 +210,9 @@ class HubSource(Source):
                         raise HubConnectionError(
                             f"{self.repo}/{filename}: the server ignored a range request"
                         )
-                    for chunk in response.iter_bytes(1 << 20):
+                    # As the bytes arrive (no re-chunking): a fixed chunk size would buffer,
+                    # and lose on a drop, up to a chunk of bytes already received.
+                    for chunk in response.iter_bytes():
                         take = min(len(chunk), len(buf) - got)
                         buf[got : got + take] = chunk[:take]
                         got += take
@@ -301,7 +303,9 @@ def _network_problem(exc: BaseException, timeout: float) -> str:
 
     if isinstance(exc, httpx2.TimeoutException | TimeoutError):
         return f"no answer from the Hub at {_endpoint()} within {timeout:g}s"
-    return f"cannot reach the Hub at {_endpoint()} ({type(exc).__name__})"
+    if isinstance(exc, httpx2.ConnectError | ConnectionRefusedError):
+        return f"cannot reach the Hub at {_endpoint()}"
+    return f"the connection to the Hub at {_endpoint()} broke ({type(exc).__name__})"
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -461,6 +465,9 @@ def push_folder(
 def _push_reason(exc: BaseException) -> str:
     from huggingface_hub import errors
 
+    # huggingface_hub wraps a failed LFS upload in a RuntimeError: the HTTP answer is its cause.
+    while isinstance(exc, RuntimeError) and exc.__cause__ is not None:
+        exc = exc.__cause__
     if isinstance(exc, errors.HfHubHTTPError) and exc.response is not None:
         status = exc.response.status_code
         if status in (401, 403):

@@ -26,6 +26,7 @@ import json
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 import traceback
@@ -181,6 +182,14 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True  # idle keep-alive connections must not keep the process alive
     request_queue_size = 128  # clients open several connections at once (thread pools)
     hub: LocalHub
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up (a reset while a keep-alive connection idles, a timed-out
+        # read) is ordinary; printing a traceback for it would only interleave with the output
+        # of whatever runs beside the server.
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            return
+        super().handle_error(request, client_address)
 
 
 def _shutdown(conn: socket.socket) -> None:

@@ -143,6 +143,7 @@ def soup(
     name: str | None = None,
     push_to: str | None = None,
     private: bool = False,
+    learned: dict[str, Any] | None = None,
     **options: Any,
 ) -> SoupResult:
     """Make a soup of ``ingredients`` and write it to ``output`` (optionally push it).
@@ -156,9 +157,11 @@ def soup(
         dtype: output dtype for float tensors; default: the ingredients' own.
         max_shard_size: bytes per output shard (``"5GB"``, ``"500MiB"`` or an int).
         push_to: a Hub repo ID to upload the soup to, in one commit.
+        learned: for ``method="learned"``: ``by_layer``, ``path`` (``auto``, ``memory``,
+            ``stream``), ``epochs``, ``lr``, ``batch_size``, ``param`` (``softmax``, ``free``).
         options: ``overwrite``, ``device``, ``token``, ``allow_pickle``, ``allow_nonfinite``,
             ``resume``, ``accumulate``,
-            ``progress`` (see :func:`run`).
+            ``progress``, ``memory_budget`` (see :func:`run`).
 
     Returns:
         A :class:`SoupResult`.
@@ -180,6 +183,7 @@ def soup(
             "seed": seed,
             "ingredients": entries,
             "task": task,
+            **({"learned": learned} if learned is not None else {}),
             "output": {
                 "dir": str(output),
                 "dtype": dtype,
@@ -213,6 +217,7 @@ def run(
     accumulate: str = "float32",
     progress: bool = True,
     max_in_flight: int | None = None,
+    memory_budget: str | int | None = None,
 ) -> SoupResult:
     """Run a recipe (a YAML file, a soup's README.md, or a :class:`Recipe`).
 
@@ -230,6 +235,8 @@ def run(
         progress: show progress bars.
         max_in_flight: bytes of reads allowed ahead of the arithmetic (default 256 MiB); peak
             memory is about one output shard plus this, whatever the number of ingredients.
+        memory_budget: learned soups: plan against this many bytes (``"8GB"``) instead of the
+            memory available on the device.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -243,12 +250,14 @@ def run(
         raise NothingToResumeError(f"only greedy runs can be resumed, not {recipe.method!r} ones")
     if not out.dir:
         raise RecipeError("no output folder: set output.dir in the recipe or pass --output")
-    if recipe.method == "learned":
-        raise RecipeError("method 'learned' is not available yet; use 'uniform' or 'greedy'")
-    if recipe.method == "greedy" and recipe.task is None:
+    if recipe.method in ("greedy", "learned") and recipe.task is None:
         raise RecipeError(
-            "a greedy soup needs a task to score on (--task glue/sst2, or a task: block)"
+            f"a {recipe.method} soup needs a task to score on (--task glue/sst2, or a task: block)"
         )
+    if recipe.learned is not None and recipe.method != "learned":
+        raise RecipeError(f"learned options apply to method 'learned', not {recipe.method!r}")
+    if recipe.method == "learned" and any(e.weight is not None for e in recipe.ingredients):
+        raise RecipeError("method 'learned' learns the weights; give none")
     if accumulate not in ("float32", "float64"):
         raise RecipeError(f"accumulate must be float32 or float64, got {accumulate!r}")
     try:
@@ -277,6 +286,14 @@ def run(
             recipe, indexes, shards, target=target, overwrite=overwrite, dtype=dtype,
             device=target_device, accumulate=_DTYPES[accumulate], progress=progress,
             timings=timings, token=token, resume=resume,
+        )  # fmt: skip
+        return _finish(recipe, target, weights_of(results), results, timings, token)
+    if recipe.method == "learned":
+        from hfsoup.learned_run import run_learned_soup
+
+        results = run_learned_soup(
+            recipe, indexes, shards, target=target, overwrite=overwrite, dtype=dtype,
+            device=target_device, progress=progress, timings=timings, memory_budget=memory_budget,
         )  # fmt: skip
         return _finish(recipe, target, weights_of(results), results, timings, token)
     with staged_output(target, overwrite=overwrite) as tmp:

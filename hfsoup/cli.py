@@ -41,6 +41,31 @@ def _soup_options(p: argparse.ArgumentParser) -> None:
                    help="average weights holding NaN/Inf instead of refusing them")  # fmt: skip
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted greedy run (an error if there is none)")  # fmt: skip
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="learned soups: plan against SIZE bytes (e.g. 8GB), not the free memory")  # fmt: skip
+
+
+def _learned_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("learned soups (--method learned)")
+    g.add_argument("--by-layer", action="store_true", help="one α per ingredient and layer")
+    g.add_argument("--learned-path", choices=["auto", "memory", "stream"],
+                   help="all ingredients resident, or streamed (memory flat in k); default auto")  # fmt: skip
+    g.add_argument("--learned-epochs", type=int, help="epochs over the selection split (default 3)")
+    g.add_argument("--learned-lr", type=float, help="Adam learning rate for α and β (default 0.05)")
+    g.add_argument("--learned-batch-size", type=int, help="examples per step (default 32)")
+    g.add_argument("--alpha-param", choices=["softmax", "free"],
+                   help="α as a softmax over ingredients (default) or free weights")  # fmt: skip
+
+
+_LEARNED_FLAGS = {"by_layer": "by_layer", "learned_path": "path", "learned_epochs": "epochs",
+                  "learned_lr": "lr", "learned_batch_size": "batch_size", "alpha_param": "param"}  # fmt: skip
+
+
+def learned_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``learned:`` options the flags give, or None when none is given."""
+    given = {key: getattr(args, flag) for flag, key in _LEARNED_FLAGS.items()}
+    given = {key: value for key, value in given.items() if value is not None and value is not False}
+    return given or None
 
 
 def _task_options(p: argparse.ArgumentParser) -> None:
@@ -150,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="greedy order: best first (default) or seeded random")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed for --order random")
     _task_options(p)
+    _learned_options(p)
     p.add_argument("--name", help="a name for the soup (card title)")
     p.add_argument("--push-to", metavar="REPO_ID", help="upload the soup to this Hub repo")
     _soup_options(p)
@@ -274,14 +300,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("soup", "run"):
         run_options = dict(overwrite=args.overwrite, device=args.device, allow_pickle=args.allow_pickle,
                            allow_nonfinite=args.allow_nonfinite, resume=args.resume,
-                           accumulate=args.accumulate, progress=progress)  # fmt: skip
+                           accumulate=args.accumulate, progress=progress,
+                           memory_budget=args.memory_budget)  # fmt: skip
     if args.command == "soup":
         result = api.soup(
             args.ingredients, output=args.output, method=args.method, weights=args.weights,
             dtype=args.dtype, max_shard_size=args.max_shard_size,
             task=task_from_args(args), accept=args.accept, order=args.order, seed=args.seed,
             name=args.name, push_to=args.push_to, private=args.private,
-            **run_options,
+            learned=learned_from_args(args), **run_options,
         )  # fmt: skip
         _print_soup(result, args.json)
     elif args.command == "evaluate":

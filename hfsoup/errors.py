@@ -65,3 +65,7 @@ class PushError(HfsoupError):
 
 class TaskError(HfsoupError):
     """A task (dataset, split, columns, metric) cannot be used as asked."""
+
+
+class InsufficientMemoryError(HfsoupError):
+    """A learned soup fits in the memory available on neither of its execution paths."""

@@ -100,6 +100,10 @@ class SoupSession:
         for name, s in self.sum.items():
             self.live.set(name, s / self.count if name in self.floats else s)
 
+    def drop_sum(self) -> None:
+        """Free the running sum; the live model keeps showing what it shows."""
+        self.sum, self.count = {}, 0
+
     def soup_tensors(self, names: Sequence[str], dtype_of: Callable[[str], torch.dtype]) -> dict:
         """The current soup's tensors ``names`` in their output dtypes, on the CPU."""
         out = {}
@@ -195,11 +199,7 @@ def run_greedy(
 
     t0 = time.perf_counter()
     log("scoring the uniform soup")
-    session.restart(0)
-    for i in range(1, k):
-        session.add(i)
-    session.show_sum()
-    uniform = _score_live(session, scorer, splits)
+    uniform = score_uniform(session, scorer)
     timings["uniform_soup"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -231,16 +231,13 @@ def run_greedy(
     greedy = _score_live(session, scorer, splits)
     timings["greedy_soup"] = time.perf_counter() - t0
 
-    outputs = {s: [scorer.cache[(str(i), s)] for i in range(k)] for s in splits}
-    members = scorer.greedy_ensemble(outputs[sel], strict=strict)
+    ensemble, greedy_ensemble, members = score_ensembles(scorer, k, strict=strict)
     return GreedyResult(
         individual=individual,
         uniform=uniform,
         greedy=greedy,
-        ensemble={s: scorer.scores(scorer.ensemble(outputs[s]), s) for s in splits},
-        greedy_ensemble={
-            s: scorer.scores(scorer.ensemble([outputs[s][i] for i in members]), s) for s in splits
-        },
+        ensemble=ensemble,
+        greedy_ensemble=greedy_ensemble,
         trace=trace,
         accepted=[ranking[p] for p, step in enumerate(trace) if step["accepted"]],
         ensemble_members=members,
@@ -276,6 +273,33 @@ def score_ingredients(
             state.data["individual"][str(i)] = individual[-1]
             state.save()
     return individual
+
+
+def score_uniform(session: SoupSession, scorer: Scorer) -> Scores:
+    """Form the uniform soup in the running sum, show it, and score it on every split."""
+    session.restart(0)
+    for i in range(1, len(session.indexes)):
+        session.add(i)
+    session.show_sum()
+    return _score_live(session, scorer, scorer.task.splits)
+
+
+def score_ensembles(
+    scorer: Scorer, k: int, *, strict: bool = False
+) -> tuple[Scores, Scores, list[int]]:
+    """The ensemble and greedy ensemble of the ``k`` cached ingredients' outputs, on every split.
+
+    Returns:
+        ``(ensemble scores, greedy ensemble scores, greedy ensemble members)``.
+    """
+    splits = scorer.task.splits
+    outputs = {s: [scorer.cache[(str(i), s)] for i in range(k)] for s in splits}
+    members = scorer.greedy_ensemble(outputs[scorer.selection_split], strict=strict)
+    ensemble = {s: scorer.scores(scorer.ensemble(outputs[s]), s) for s in splits}
+    greedy = {
+        s: scorer.scores(scorer.ensemble([outputs[s][i] for i in members]), s) for s in splits
+    }
+    return ensemble, greedy, members
 
 
 def _score_live(session: SoupSession, scorer: Scorer, splits: Sequence[str]) -> Scores:

@@ -136,22 +136,25 @@ def run_greedy_soup(
             uniform=table["uniform_soup"][sel][metric],
         )  # fmt: skip
         section = _card_section(results, sel, metric)
-        index = model_index(
-            recipe.name or target.name, table, "greedy_soup",
-            dataset=task.dataset if isinstance(task.dataset, str) else task.dataset.get("path", "local"),
-            config=task.config, report_splits=task.report_splits,
-            task_type=_task_type(indexes[0].config),
-        )  # fmt: skip
+        index = task_model_index(recipe, target, table, "greedy_soup", indexes[0].config)
         write_card(tmp, pinned, indexes, weights, sections=[section], model_index=index or None)
         (tmp / "hfsoup_recipe.yaml").write_text(pinned.to_yaml())
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
-def _task_type(config: dict) -> str | None:
+def task_model_index(
+    recipe: Recipe, target: Path, table: dict[str, Any], method: str, config: dict
+) -> list[dict[str, Any]]:
+    """``model-index`` results of ``method``'s row of ``table`` on the task's report splits."""
     from hfsoup.card import pipeline_tag
 
-    return pipeline_tag(config)
+    task = recipe.task
+    dataset = task.dataset if isinstance(task.dataset, str) else task.dataset.get("path", "local")
+    return model_index(
+        recipe.name or target.name, table, method, dataset=dataset, config=task.config,
+        report_splits=task.report_splits, task_type=pipeline_tag(config),
+    )  # fmt: skip
 
 
 def _check_resumable(recipe: Recipe, indexes: Sequence[IngredientIndex], target: Path) -> None:

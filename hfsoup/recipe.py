@@ -45,6 +45,17 @@ class OutputConfig(_Strict):
     private: bool = False
 
 
+class LearnedConfig(_Strict):
+    """How a learned soup learns its mixing weights α and temperature β (see hfsoup.learned)."""
+
+    by_layer: bool = False
+    path: Literal["auto", "memory", "stream"] = "auto"
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(0.05, gt=0)
+    batch_size: int = Field(32, ge=1)
+    param: Literal["softmax", "free"] = "softmax"
+
+
 class Recipe(_Strict):
     """A whole soup: what goes in, how it is combined, scored and written."""
 
@@ -57,6 +68,7 @@ class Recipe(_Strict):
     allow_nonfinite: bool = False
     ingredients: list[IngredientEntry] = Field(min_length=1)
     task: Any = None
+    learned: LearnedConfig | None = None
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @field_validator("task", mode="before")

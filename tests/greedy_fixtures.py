@@ -57,6 +57,21 @@ def fine_tune(
     return folder
 
 
+def publish_fine_tunes(
+    api, tmp: Path, tok, train: list[dict], runs: list[dict], *, prefix: str
+) -> tuple[list[str], list[Path]]:
+    """One :func:`fine_tune` per ``runs`` entry (its keywords; seed = position), each uploaded
+    to ``{prefix}-{i}``. Returns ``(repo IDs, local folders)``."""
+    repos, dirs = [], []
+    for i, run in enumerate(runs):
+        folder = fine_tune(tmp / f"ft{i}", tok, train, seed=i, **run)
+        repos.append(f"{prefix}-{i}")
+        api.create_repo(repos[-1], exist_ok=True)
+        api.upload_folder(repo_id=repos[-1], folder_path=str(folder))
+        dirs.append(folder)
+    return repos, dirs
+
+
 def publish_dataset(api, repo: str, splits: dict[str, list[dict]], tmp: Path) -> None:
     import pandas as pd
 
@@ -66,3 +81,15 @@ def publish_dataset(api, repo: str, splits: dict[str, list[dict]], tmp: Path) ->
     for name, rows in splits.items():
         pd.DataFrame(rows).to_parquet(data / f"{name}-00000-of-00001.parquet")
     api.upload_folder(repo_id=repo, repo_type="dataset", folder_path=str(data.parent))
+
+
+def accuracy(state: dict[str, torch.Tensor], folder, rows, tok) -> float:
+    """Independent scoring: a fresh from_pretrained model with ``state`` loaded, full split."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        batch = tok([r["text"] for r in rows], padding=True, return_tensors="pt")
+        pred = model(**batch).logits.argmax(-1)
+    return (pred == torch.tensor([r["label"] for r in rows])).sum().item() / len(rows)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_cli
 from factories import load_state_dict
-from greedy_fixtures import fine_tune, publish_dataset, sentences, tokenizer
+from greedy_fixtures import accuracy, publish_dataset, publish_fine_tunes, sentences, tokenizer
 
 import hfsoup
 
@@ -31,30 +31,14 @@ def sentiment(tmp_path_factory, hub):
     }
     dataset = "test-org/keyword-sentiment"
     publish_dataset(api, dataset, splits, tmp)
-    repos, dirs = [], []
-    for i, lr in enumerate(LRS):
-        folder = fine_tune(tmp / f"ft{i}", tok, splits["train"], lr=lr, seed=i)
-        repo = f"test-org/sentiment-ft-{i}"
-        api.create_repo(repo, exist_ok=True)
-        api.upload_folder(repo_id=repo, folder_path=str(folder))
-        repos.append(repo)
-        dirs.append(folder)
+    runs = [{"lr": lr} for lr in LRS]
+    repos, dirs = publish_fine_tunes(
+        api, tmp, tok, splits["train"], runs, prefix="test-org/sentiment-ft"
+    )
     task = {"dataset": dataset, "selection_split": "validation", "report_splits": ["test"],
             "input_columns": ["text"], "label_column": "label", "metrics": ["accuracy"],
             "batch_size": 32}  # fmt: skip
     return {"repos": repos, "dirs": dirs, "task": task, "splits": splits, "tok": tok}
-
-
-def accuracy(state: dict[str, torch.Tensor], folder, rows, tok) -> float:
-    """Independent scoring: a fresh from_pretrained model with ``state`` loaded, full split."""
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    model.load_state_dict(state, strict=False)
-    with torch.no_grad():
-        batch = tok([r["text"] for r in rows], padding=True, return_tensors="pt")
-        pred = model(**batch).logits.argmax(-1)
-    return (pred == torch.tensor([r["label"] for r in rows])).sum().item() / len(rows)
 
 
 def reference_greedy(s, strict=False):

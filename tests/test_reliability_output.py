@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -119,9 +120,9 @@ def _terminate(proc: subprocess.Popen) -> tuple[str, str]:
     return out, last
 
 
-def _stall(hub, repo: str, *, skip: int):
+def _stall(hub, repo: str, *, skip: int, seconds: float = 30):
     path = rf"/{re.escape(repo)}/resolve/[^/]+/model\.safetensors$"
-    return hub.add_fault(method="GET", path=path, skip=skip, stall_seconds=30)
+    return hub.add_fault(method="GET", path=path, skip=skip, stall_seconds=seconds)
 
 
 @reliability(
@@ -154,11 +155,22 @@ def test_sigterm_mid_greedy_keeps_progress_and_resume_continues(
     args = ("soup", *repos, "--method", "greedy", "--task", task, "--output", tmp_path / "soup")
     # Each ingredient's file is read twice: its header, then whole for scoring. Stall the third
     # ingredient's whole-file download, after two ingredients are scored and saved.
-    stall = _stall(faulty_hub, repos[2], skip=1)
-    proc = _start(*map(str, args), "-q")
-    _wait_for(lambda: stall.hits == 1, proc)
-    _, err = _terminate(proc)
-    assert "--resume" in err
+    stall = _stall(faulty_hub, repos[2], skip=1, seconds=3)
+
+    def send_sigterm() -> None:  # to this process: the CLI's handler is the one under test
+        while stall.hits == 0:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    # In this process, not a subprocess: the greedy imports (evaluate, scipy) cost seconds.
+    killer = threading.Thread(target=send_sigterm, daemon=True)
+    killer.start()
+    proc = cli(*args, "-q")
+    killer.join()
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("hfsoup: interrupted; no output was written"), proc.stderr
+    assert "rerun with --resume" in last
     assert not (tmp_path / "soup").exists()
     state = json.loads((tmp_path / ".soup.hfsoup-partial" / "greedy_state.json").read_text())
     assert sorted(state["individual"]) == ["0", "1"]

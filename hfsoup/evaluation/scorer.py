@@ -129,7 +129,10 @@ class Scorer:
         first = next(iter(loaded.values()))
         image = is_image_column(first, task.input_columns[0])
         preprocessor = load_preprocessor(source, image=image, revision=revision)
-        config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
+        try:
+            config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
+        except (OSError, ValueError) as err:  # e.g. a config that needs the repo's own code
+            raise TaskError(f"cannot load the config of {source!r}: {err}".splitlines()[0]) from err
         return cls(
             task,
             preprocessor,

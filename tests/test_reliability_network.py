@@ -69,7 +69,8 @@ def test_dropped_range_read_resumes_from_the_last_byte(faulty_hub, pair, tmp_pat
 
 @reliability(
     "Connection dropped on every retry",
-    "one line: '<repo>/<file>: the connection to the Hub at URL broke (RemoteProtocolError) (gave up after 5 retries)'",
+    "one line: '<repo>/<file>: the connection to the Hub at URL broke (RemoteProtocolError) "
+    "(gave up after 5 retries)'",
 )
 def test_connection_dropped_every_time_ends_with_one_line(
     faulty_hub, pair, tmp_path, cli, fast_retries

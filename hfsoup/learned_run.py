@@ -268,11 +268,14 @@ def plot_alpha(
     image = ax.imshow(weights.numpy(), aspect="auto", cmap="viridis")
     ax.set_xticks(range(g), groups, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(k), ingredients, fontsize=8)
+    middle = float(weights.min() + weights.max()) / 2  # viridis is dark below, light above
     if k * g <= 200:
         for i in range(k):
             for j in range(g):
-                ax.text(j, i, f"{weights[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white")  # fmt: skip
+                value = float(weights[i, j])
+                dark = value < middle
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if dark else "black")  # fmt: skip
     fig.colorbar(image, ax=ax, label="α")
     ax.set_title("learned α by layer", fontsize=9)
     fig.tight_layout()

@@ -10,6 +10,8 @@ from conftest import run_cli
 from factories import save_ingredient, tiny_bert_config
 from safetensors.torch import load_file, save_file
 
+reliability = pytest.mark.reliability
+
 
 def assert_one_line_error(proc, *fragments: str) -> None:
     assert proc.returncode == 2, proc.stderr
@@ -35,24 +37,42 @@ def soup_cli(tmp_path, *ingredients: str, extra: tuple[str, ...] = ()):
     return run_cli("soup", *ingredients, "--output", str(tmp_path / "soup"), "-q", *extra)
 
 
+@reliability(
+    "Repo that does not exist",
+    "one line: '<repo>: repository not found (or private: set HF_TOKEN or run `hf auth login` "
+    "...)' (IngredientNotFoundError); nothing written",
+)
 def test_missing_repo(hub, tmp_path, good_repo):
     proc = soup_cli(tmp_path, good_repo, "test-org/does-not-exist")
     assert_one_line_error(proc, "test-org/does-not-exist", "repository not found")
     assert_nothing_written(tmp_path)
 
 
+@reliability(
+    "Revision that does not exist",
+    "one line: '<repo>@<rev>: revision not found' (IngredientNotFoundError); nothing written",
+)
 def test_missing_revision(hub, tmp_path, good_repo):
     proc = soup_cli(tmp_path, good_repo, f"{good_repo}@no-such-branch")
     assert_one_line_error(proc, "no-such-branch", "revision not found")
     assert_nothing_written(tmp_path)
 
 
+@reliability(
+    "Malformed ingredient string",
+    "one line: 'ingredient 'X' is not 'org/name', 'org/name@revision' or a local directory' "
+    "(IngredientSpecError)",
+)
 def test_malformed_ingredient_string(hub, tmp_path, good_repo):
     proc = soup_cli(tmp_path, good_repo, "not a repo!")
     assert_one_line_error(proc, "'not a repo!'", "org/name")
     assert_nothing_written(tmp_path)
 
 
+@reliability(
+    "Local ingredient directory that does not exist",
+    "one line: 'ingredient './x': no such local directory' (IngredientNotFoundError)",
+)
 def test_missing_local_directory(hub, tmp_path, good_repo):
     proc = soup_cli(tmp_path, good_repo, "./no/such/dir")
     assert_one_line_error(proc, "no such local directory")
@@ -63,6 +83,11 @@ def _variant(tmp_path, publish, name, **config_overrides):
     return publish(save_ingredient(tmp_path / name, config, seed=2))[0]
 
 
+@reliability(
+    "Ingredients with different tensor shapes",
+    "one line: '<ing> differs from <first>: tensor 'X' has shape [48], expected [32]' "
+    "(IncompatibleIngredientsError), before any weight byte is fetched",
+)
 def test_different_shapes_name_the_tensor(hub, tmp_path, publish, good_repo):
     bad = _variant(tmp_path, publish, "wide", intermediate_size=48)
     proc = soup_cli(tmp_path, good_repo, bad)
@@ -70,12 +95,22 @@ def test_different_shapes_name_the_tensor(hub, tmp_path, publish, good_repo):
     assert_nothing_written(tmp_path)
 
 
+@reliability(
+    "Ingredients with different tensor names",
+    "one line: '<ing> differs from <first>: tensor names: extra 'X', ...' "
+    "(IncompatibleIngredientsError)",
+)
 def test_different_tensor_names_are_listed(hub, tmp_path, publish, good_repo):
     bad = _variant(tmp_path, publish, "deep", num_hidden_layers=3)
     proc = soup_cli(tmp_path, good_repo, bad)
     assert_one_line_error(proc, bad, "tensor names", "extra", "layer.2")
 
 
+@reliability(
+    "Ingredients with different label sets",
+    "one line: '<ing> differs from <first>: id2label {...} != {...}' "
+    "(IncompatibleIngredientsError)",
+)
 def test_different_labels_are_refused(hub, tmp_path, publish, good_repo):
     bad = _variant(
         tmp_path, publish, "labels", id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1}
@@ -84,6 +119,11 @@ def test_different_labels_are_refused(hub, tmp_path, publish, good_repo):
     assert_one_line_error(proc, bad, "id2label")
 
 
+@reliability(
+    "Ingredients with different model_type",
+    "one line: '<ing> differs from <first>: model_type 'roberta' != 'bert'' "
+    "(IncompatibleIngredientsError)",
+)
 def test_different_model_type_is_refused(hub, tmp_path, publish, good_repo):
     folder = save_ingredient(tmp_path / "other", tiny_bert_config(), seed=2)
     config = json.loads((folder / "config.json").read_text())
@@ -94,6 +134,11 @@ def test_different_model_type_is_refused(hub, tmp_path, publish, good_repo):
     assert_one_line_error(proc, bad, "model_type", "roberta")
 
 
+@reliability(
+    "Only pickle weights (pytorch_model.bin)",
+    "one line: '<repo> has only pickle weights ...; Pass --allow-pickle to load it with "
+    "torch.load(weights_only=True)' (UnsafeWeightsError)",
+)
 def test_pickle_only_ingredient_names_the_opt_in(hub, tmp_path, publish, good_repo):
     folder = save_ingredient(tmp_path / "pkl", tiny_bert_config(), seed=2)
     state = load_file(folder / "model.safetensors")
@@ -107,6 +152,11 @@ def test_pickle_only_ingredient_names_the_opt_in(hub, tmp_path, publish, good_re
     assert proc.returncode == 0, proc.stderr
 
 
+@reliability(
+    "Output folder exists and is not empty",
+    "one line: 'output folder DIR exists and is not empty (use --overwrite)' "
+    "(OutputExistsError); the folder is untouched",
+)
 def test_existing_output_is_refused_without_overwrite(hub, tmp_path, good_repo):
     (tmp_path / "soup").mkdir()
     (tmp_path / "soup" / "keep.txt").write_text("mine")
@@ -118,17 +168,30 @@ def test_existing_output_is_refused_without_overwrite(hub, tmp_path, good_repo):
     assert not (tmp_path / "soup" / "keep.txt").exists()
 
 
+@reliability(
+    "Weights that do not match the ingredient count",
+    "one line: 'got 3 weights for 2 ingredients' (RecipeError)",
+)
 def test_weights_must_match_ingredient_count(hub, tmp_path, good_repo):
     proc = soup_cli(tmp_path, good_repo, good_repo, extra=("--weights", "1", "2", "3"))
     assert_one_line_error(proc, "3 weights for 2 ingredients")
     assert_nothing_written(tmp_path)
 
 
+@reliability(
+    "Unreadable --max-shard-size",
+    "one line: 'output.max_shard_size: cannot read 'lots' as a size in bytes (e.g. 5GB, "
+    "500MiB)' (RecipeError)",
+)
 def test_bad_max_shard_size(hub, tmp_path, good_repo):
     proc = soup_cli(tmp_path, good_repo, extra=("--max-shard-size", "lots"))
     assert_one_line_error(proc, "max_shard_size", "'lots'")
 
 
+@reliability(
+    "safetensors header with overlapping offsets",
+    "one line: '<ing>: model.safetensors: tensors 'a' and 'b' overlap' (CorruptWeightsError)",
+)
 def test_overlapping_offsets_in_a_header_are_refused(hub, tmp_path, publish, good_repo):
     folder = tmp_path / "evil"
     folder.mkdir()
@@ -151,6 +214,11 @@ def test_debug_shows_the_traceback(hub, tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("hfsoup: error:")
 
 
+@reliability(
+    "Truncated safetensors header",
+    "one line: '<ing>: model.safetensors: safetensors header claims N bytes, file is shorter' "
+    "(CorruptWeightsError)",
+)
 def test_truncated_header_is_refused(tmp_path):
     folder = save_ingredient(tmp_path / "t", tiny_bert_config(), seed=1)
     raw = (folder / "model.safetensors").read_bytes()
@@ -159,6 +227,11 @@ def test_truncated_header_is_refused(tmp_path):
     assert_one_line_error(proc, "header")
 
 
+@reliability(
+    "Weight index naming paths outside the repo (../)",
+    "one line: '<ing>: weight index names '../../etc/passwd', which is not a file of the "
+    "repo' (CorruptWeightsError)",
+)
 def test_index_pointing_outside_the_repo_is_refused(tmp_path):
     folder = save_ingredient(tmp_path / "i", tiny_bert_config(), seed=1)
     state = load_file(folder / "model.safetensors")

@@ -70,7 +70,7 @@ def test_dropped_range_read_resumes_from_the_last_byte(faulty_hub, pair, tmp_pat
 @reliability(
     "Connection dropped on every retry",
     "one line: '<repo>/<file>: the connection to the Hub at URL broke (RemoteProtocolError) "
-    "(gave up after 5 retries)'",
+    "(gave up after 5 retries)' (HubConnectionError)",
 )
 def test_connection_dropped_every_time_ends_with_one_line(
     faulty_hub, pair, tmp_path, cli, fast_retries
@@ -106,7 +106,8 @@ def test_retry_after_is_waited_out(faulty_hub, pair, tmp_path):
 
 @reliability(
     "5xx that does not go away",
-    "one line: '<repo>/<file>: the Hub answered 503 (gave up after 5 retries)'",
+    "one line: '<repo>/<file>: the Hub answered 503 (gave up after 5 retries)' "
+    "(HubConnectionError)",
 )
 def test_persistent_server_error_ends_with_one_line(faulty_hub, pair, tmp_path, cli, fast_retries):
     repos, _ = pair
@@ -141,7 +142,8 @@ def test_a_stalled_read_times_out_and_is_retried(
 
 @reliability(
     "Server stalls on every retry",
-    "one line: '<repo>/<file>: no answer from the Hub at URL within 10s (gave up after 5 retries)'",
+    "one line: '<repo>/<file>: no answer from the Hub at URL within 10s (gave up after 5 retries)' "
+    "(HubConnectionError)",
 )
 def test_a_server_that_keeps_stalling_ends_with_one_line(
     faulty_hub, pair, tmp_path, cli, short_timeout, fast_retries
@@ -174,7 +176,8 @@ def test_weights_that_fail_their_sha256_are_refused(faulty_hub, pair):
 
 @reliability(
     "Config file fails the Hub's git blob id",
-    "one line: '<repo>/config.json: the downloaded bytes do not match the Hub's git-sha1 ...'",
+    "one line: '<repo>/config.json: the downloaded bytes do not match the Hub's git-sha1 ...' "
+    "(CorruptWeightsError)",
 )
 def test_a_config_that_fails_its_git_oid_is_refused(faulty_hub, pair, cli):
     repos, _ = pair
@@ -199,7 +202,7 @@ def test_a_download_damaged_once_is_fetched_again(faulty_hub, pair):
 @reliability(
     "Private repo without a token",
     "one line: '<repo>: repository not found (or private: set HF_TOKEN or run `hf auth login` "
-    "with an account that can read it)'",
+    "with an account that can read it)' (IngredientNotFoundError)",
 )
 def test_private_repo_without_a_token_says_how_to_log_in(hub, api, pair, repo_id, tmp_path, cli):
     repos, dirs = pair
@@ -213,7 +216,8 @@ def test_private_repo_without_a_token_says_how_to_log_in(hub, api, pair, repo_id
 
 @reliability(
     "Gated repo without access",
-    "one line: '<repo> is gated or private; set HF_TOKEN or run `hf auth login` ...'",
+    "one line: '<repo> is gated or private; set HF_TOKEN or run `hf auth login` ...' "
+    "(AccessDeniedError)",
 )
 def test_gated_repo_says_how_to_log_in(faulty_hub, pair, tmp_path, cli):
     repos, _ = pair

@@ -71,7 +71,8 @@ def test_disk_full_on_overwrite_keeps_the_previous_output(local_pair, tmp_path, 
 
 @reliability(
     "Two hfsoup processes write the same output folder",
-    "the second: one line 'another hfsoup process is writing DIR'; the first's work is untouched",
+    "the second: one line 'another hfsoup process is writing DIR' (OutputExistsError); the "
+    "first's work is untouched",
 )
 def test_a_second_writer_is_refused(local_pair, tmp_path, cli):
     partial = tmp_path / ".soup.hfsoup-partial"
@@ -201,7 +202,7 @@ def test_resume_without_an_interrupted_run_is_refused(tiny_greedy, tmp_path, cli
 @reliability(
     "Push fails midway (LFS upload refused)",
     "one line: 'push to REPO failed (the Hub answered 400); the soup is intact in DIR; retry "
-    "with: hfsoup push DIR REPO'",
+    "with: hfsoup push DIR REPO' (PushError)",
 )
 def test_failed_lfs_upload_keeps_the_soup_and_prints_the_retry(
     faulty_hub, local_pair, tmp_path, repo_id, cli

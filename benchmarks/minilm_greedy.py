@@ -7,7 +7,8 @@ The same loop as ``hfsoup demo`` (hfsoup/demo.py) at a larger size:
   seed into train / validation (selection) / test (report);
 - k fine-tunes by ``hfsoup sweep`` (transformers' Trainer) with random learning rate, epochs,
   weight decay, label smoothing, warm-up and seeds;
-- a greedy soup by repo ID with the paper's baselines beside it.
+- a greedy soup by repo ID with the paper's baselines beside it, then learned soups (one weight
+  per ingredient, and per ingredient and layer) on the same ingredients.
 
     pip install -e ".[demo]"
     python benchmarks/minilm_greedy.py --k 6 --train 2000 --eval 1000
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -32,26 +34,49 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=".bench/minilm-greedy")
+    parser.add_argument(
+        "--skip-learned", action="store_true", help="greedy soup and baselines only"
+    )
     args = parser.parse_args()
 
+    from hfsoup.hubserver import LocalHub
+
+    work = Path(args.workdir).resolve()
+    # The Hub persists in the work folder, so a rerun finds the sweep's ingredients there.
+    hub = LocalHub(work / "hub").start()
+    os.environ.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1")
+    os.environ.setdefault("HF_TOKEN", "hf_local_demo")
+    import hfsoup
     from hfsoup.demo import demo
     from hfsoup.report import markdown_table
     from hfsoup.sweep import SearchSpace
 
     space = SearchSpace(learning_rate=(2e-5, 2e-4), epochs=[1, 2], batch_size=[32])
     t0 = time.perf_counter()
-    result = demo(workdir=args.workdir, k=args.k, train=args.train, evaluation=args.eval,
-                  max_length=args.max_length, seed=args.seed, space=space)  # fmt: skip
-    wall = time.perf_counter() - t0
+    result = demo(workdir=work, hub_endpoint=hub.url, k=args.k, train=args.train,
+                  evaluation=args.eval, max_length=args.max_length, seed=args.seed, space=space)  # fmt: skip
+    timings = {"sweep_and_greedy": time.perf_counter() - t0}
     results = result.results
-    table = markdown_table(results["table"], selection_split="validation")
+    repos = [row["repo"] for row in results["ingredients"]]
+    task = results["task"]
+    table = dict(results["table"])
+    if not args.skip_learned:
+        for name, options in (("learned_soup", {}), ("learned_soup_by_layer", {"by_layer": True})):
+            t0 = time.perf_counter()
+            learned = hfsoup.soup(repos, output=work / name, method="learned", task=task,
+                                  name=f"minilm-tweets-{name}", overwrite=True, learned=options)  # fmt: skip
+            timings[name] = time.perf_counter() - t0
+            table[name] = learned.results["table"][name]
+            results[name] = learned.results["learned"]
+    hub.stop()
+    results["table"] = table
+    table = markdown_table(table, selection_split="validation")
     greedy = results["greedy"]
     print(table)
     print(f"accepted: {greedy['accepted']}")
     print(f"early rejection scored {greedy['examples_scored']} of "
           f"{greedy['examples_full_evaluation']} candidate examples")  # fmt: skip
-    report = {"args": vars(args), "wall_seconds": round(wall, 1), "results": results,
-              "markdown_table": table}  # fmt: skip
+    report = {"args": vars(args), "timings": timings, "results": results, "markdown_table": table}
     Path(args.workdir, "report.json").write_text(json.dumps(report, indent=2))
 
 

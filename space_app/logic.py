@@ -20,7 +20,7 @@ TASK_KINDS = (NO_TASK, GLUE, IMAGE, CUSTOM)
 DEFAULT_DTYPE = "as the ingredients"
 DTYPES = (DEFAULT_DTYPE, "float32", "float16", "bfloat16")
 INSPECT_HEADERS = ["ingredient", "SHA", "parameters", "size", "dtypes", "model type", "format"]
-TRAJECTORY_ALT = "![greedy trajectory](greedy_trajectory.png)"
+FILE_ROUTE = "gradio_api/file="
 
 
 def parse_ingredients(text: str) -> list[str]:
@@ -245,16 +245,21 @@ def comparison_markdown(results: dict[str, Any]) -> str:
     return markdown_table(table, selection_split=selection) + "\n\n" + note
 
 
-def card_markdown(card: str) -> str:
+def card_markdown(card: str, folder: str) -> str:
     """The model card for display: body first, its YAML metadata after it as a code block.
 
-    The card's relative image link cannot resolve in the page; the plot is shown beside it.
+    Relative images (the greedy trajectory, ...) point into the soup ``folder``, served by the
+    page's file route, so the card shows what it will show on the Hub.
     """
     meta, body = "", card
     match = re.match(r"^---\n(.*?)\n---\n?", card, flags=re.S)
     if match:
         meta, body = match.group(1), card[match.end() :]
-    body = body.replace(TRAJECTORY_ALT, "*(the greedy trajectory is plotted above)*")
+    body = re.sub(
+        r"!\[([^\]]*)\]\((?![a-zA-Z][\w+.-]*:|/)([^)\s]+)\)",  # relative links only
+        lambda m: f"![{m.group(1)}]({FILE_ROUTE}{folder.rstrip('/')}/{m.group(2)})",
+        body,
+    )
     if meta:
         body += f"\n\n#### Card metadata\n\n```yaml\n{meta}\n```\n"
     return body.strip() + "\n"

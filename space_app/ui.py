@@ -35,11 +35,12 @@ from logic import (
     parse_repo_id,
     score_table,
 )
-from worker import Busy, JobRequest, WorkerPool
+from worker import Event, JobRequest, WorkerPool
 
 from hfsoup.evaluation.task import PRESETS
 from hfsoup.report import METHOD_NAMES
 
+CANCELLED = "⛔ Cancelled: the worker was stopped; nothing was kept."
 BUSY = (
     "⏳ **Busy**: another job is running on this Space (one at a time); yours starts when it ends."
 )
@@ -82,6 +83,21 @@ def _failed(message: str) -> str:
     return f"❌ **Error**: {message}"
 
 
+def _ending(event: str, value: Any) -> str:
+    """The status line of a job that did not produce a result."""
+    if event == "busy":
+        return BUSY
+    return CANCELLED if event == "cancelled" else _failed(value)
+
+
+def _last(events: Iterator[Event]) -> Event:
+    """A short job's outcome: its last event, the log lines skipped."""
+    for event in events:
+        if event[0] != "line":
+            return event
+    return ("error", "the worker ended without an answer")
+
+
 def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "local"
 
@@ -102,19 +118,10 @@ def build(pool: WorkerPool, outputs: Outputs, *, learned: bool, login: bool) -> 
             names = parse_ingredients(text)
         except Exception as exc:
             return _failed(error_text(exc)), empty
-        try:
-            for kind, value in pool.run(
-                JobRequest("inspect", tuple(names)), owner=_session(request)
-            ):
-                if kind == "result":
-                    return inspection_status(value), _frame(INSPECT_HEADERS, inspection_rows(value))
-                if kind == "error":
-                    return _failed(value), empty
-                if kind == "cancelled":
-                    return "⛔ Cancelled.", empty
-        except Busy:
-            return BUSY, empty
-        return _failed("the worker ended without an answer"), empty
+        event, value = _last(pool.run(JobRequest("inspect", tuple(names)), owner=_session(request)))
+        if event != "result":
+            return _ending(event, value), empty
+        return inspection_status(value), _frame(INSPECT_HEADERS, inspection_rows(value))
 
     def run_soup(
         text: str, method: str, accept: str, dtype: str, name: str, kind: str, preset: str,
@@ -138,7 +145,7 @@ def build(pool: WorkerPool, outputs: Outputs, *, learned: bool, login: bool) -> 
             "soup", tuple(names), method=method, task=task, dtype=dtype_value(dtype),
             accept=accept, name=(name or "").strip() or None, output=str(folder / "soup"),
         )  # fmt: skip
-        tracker = ProgressTracker()
+        tracker, kept = ProgressTracker(), False
         try:
             for event, value in pool.run(job, owner=_session(request)):
                 if event == "line":
@@ -146,17 +153,14 @@ def build(pool: WorkerPool, outputs: Outputs, *, learned: bool, login: bool) -> 
                     progress(tracker.fraction, desc=tracker.status)
                     yield (f"⏳ {tracker.status}", tracker.log, *blank)
                 elif event == "result":
+                    kept = True
                     outputs.prune()
                     yield _finished(value, tracker)
-                    return
                 else:
-                    outputs.discard(folder)
-                    status = "⛔ Cancelled: the worker was stopped; nothing was kept."
-                    yield (_failed(value) if event == "error" else status, tracker.log, *blank)
-                    return
-        except Busy:
-            outputs.discard(folder)
-            yield (BUSY, "", *blank)
+                    yield (_ending(event, value), tracker.log, *blank)
+        finally:  # also when the page cancels the event and closes this generator
+            if not kept:
+                outputs.discard(folder)
 
     def _finished(value: dict[str, Any], tracker: ProgressTracker) -> tuple:
         results = value["results"]
@@ -173,13 +177,13 @@ def build(pool: WorkerPool, outputs: Outputs, *, learned: bool, login: bool) -> 
             _frame(headers, rows),
             comparison_markdown(results),
             value["plot"],
-            card_markdown(value["card"]),
+            card_markdown(value["card"], value["output"]),
             value["output"],
         )
 
     def cancel_job(request: gr.Request) -> str:
         if pool.cancel(_session(request)):
-            return "⛔ Cancelled: the worker was stopped; nothing was kept."
+            return CANCELLED
         return "Nothing of yours is running."
 
     def push_soup(
@@ -196,86 +200,87 @@ def build(pool: WorkerPool, outputs: Outputs, *, learned: bool, login: bool) -> 
         if token is None and login:
             return _failed("sign in with Hugging Face, or paste a token with write access")
         job = JobRequest("push", output=soup, repo_id=repo_id, private=private, token=token)
-        try:
-            for kind, value in pool.run(job, owner=_session(request)):
-                if kind == "result":
-                    return f"✅ Pushed to **{value['repo_id']}**: {value['url']}"
-                if kind == "error":
-                    return _failed(value)
-                if kind == "cancelled":
-                    return "⛔ Cancelled."
-        except Busy:
-            return BUSY
-        return _failed("the worker ended without an answer")
+        event, value = _last(pool.run(job, owner=_session(request)))
+        if event != "result":
+            return _ending(event, value)
+        return f"✅ Pushed to **{value['repo_id']}**: {value['url']}"
 
     with gr.Blocks(title="hfsoup: model soups") as demo:
         gr.Markdown(INTRO)
         soup_folder = gr.State(None)
-        with gr.Row():
-            with gr.Column(scale=3):
-                ingredients = gr.Textbox(
-                    label="Ingredients: one Hub repo per line, optionally @revision",
-                    placeholder=PLACEHOLDER, lines=5, elem_id="ingredients",
-                )  # fmt: skip
-                inspect_btn = gr.Button("Inspect", elem_id="inspect-btn")
+        with gr.Row(equal_height=False):
+            ingredients = gr.Textbox(
+                label="Ingredients: one Hub repo per line, optionally @revision",
+                placeholder=PLACEHOLDER, lines=5, elem_id="ingredients", scale=3,
+            )  # fmt: skip
             with gr.Column(scale=2):
+                inspect_btn = gr.Button("Inspect", elem_id="inspect-btn")
                 inspect_status = gr.Markdown(
                     "Inspect resolves each ingredient to a commit SHA and checks, from headers "
                     "alone, that they can be averaged.",
                     elem_id="inspect-status",
                 )  # fmt: skip
         inspect_table = gr.Dataframe(
-            headers=INSPECT_HEADERS, label="Ingredients", interactive=False, elem_id="inspect-table"
-        )
-        with gr.Row():
-            method = gr.Radio(methods, value="uniform", label="Method", elem_id="method")
-            accept = gr.Radio(
-                [">=", ">"], value=">=", label="Greedy: keep a candidate if the score is",
-                visible=False,
-            )  # fmt: skip
-            dtype = gr.Dropdown(list(DTYPES), value=DTYPES[0], label="Output dtype")
-            name = gr.Textbox(label="Soup name (card title, optional)")
-        with gr.Row():
-            task_kind = gr.Radio(
-                list(TASK_KINDS), value=NO_TASK, label="Score on (greedy needs a task)",
-                elem_id="task-kind",
-            )  # fmt: skip
-            limit = gr.Number(
-                label="Limit: examples per split (0 = all)", value=0, precision=0, minimum=0
-            )
-        preset = gr.Dropdown(list(PRESETS), value="glue/sst2", label="GLUE task", visible=False)
-        with gr.Group(visible=False) as custom:
+            headers=INSPECT_HEADERS, label="Ingredients", interactive=False,
+            elem_id="inspect-table", max_height=240,
+        )  # fmt: skip
+        with gr.Group():
             with gr.Row():
-                dataset = gr.Textbox(label="Dataset (Hub ID)", elem_id="dataset")
-                config = gr.Textbox(label="Config (optional)")
+                method = gr.Radio(methods, value="uniform", label="Method", elem_id="method")
+                accept = gr.Radio(
+                    [">=", ">"], value=">=", label="Greedy: keep a candidate if its score is",
+                    visible=False,
+                )  # fmt: skip
+                dtype = gr.Dropdown(list(DTYPES), value=DTYPES[0], label="Output dtype")
+                name = gr.Textbox(label="Soup name (card title, optional)")
+            with gr.Row():
+                task_kind = gr.Radio(
+                    list(TASK_KINDS), value=NO_TASK, label=f"Score on ({' and '.join(methods[1:])} need a task)",
+                    elem_id="task-kind", scale=3,
+                )  # fmt: skip
+                preset = gr.Dropdown(
+                    list(PRESETS), value="glue/sst2", label="GLUE task", visible=False
+                )
+                limit = gr.Number(
+                    label="Limit: examples per split (0 = all)", value=0, precision=0,
+                    minimum=0, scale=1,
+                )  # fmt: skip
+            with gr.Row(visible=False) as custom:
+                dataset = gr.Textbox(label="Dataset (Hub ID)", elem_id="dataset", min_width=200)
+                config = gr.Textbox(label="Config", min_width=100)
                 selection = gr.Textbox(value="validation", label="Selection split (held out)")
                 report = gr.Textbox(value="test", label="Report split(s)")
-            with gr.Row():
-                columns = gr.Textbox(value="text", label="Input column(s): one, or two for pairs")
+                columns = gr.Textbox(value="text", label="Input column(s)")
                 label = gr.Textbox(value="label", label="Label column")
-                metrics = gr.Textbox(value="accuracy", label="Metric(s): the first one selects")
+                metrics = gr.Textbox(value="accuracy", label="Metric(s), first selects")
         with gr.Row():
-            run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
-            cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+            run_btn = gr.Button("Run", variant="primary", elem_id="run-btn", scale=3)
+            cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn", scale=1)
         status = gr.Markdown("Ready.", elem_id="status")
-        log = gr.Textbox(label="Log", lines=6, max_lines=12, autoscroll=True, elem_id="log")
-        gr.Markdown("## Results")
-        scores = gr.Dataframe(label="Per-ingredient scores", interactive=False, elem_id="scores")
-        comparison = gr.Markdown(elem_id="comparison")
-        plot = gr.Image(label="Greedy trajectory", type="filepath", elem_id="plot", height=360)
-        with gr.Accordion("Model card (README.md of the soup)", open=True):
-            card = gr.Markdown(elem_id="card")
-        gr.Markdown("## Push to the Hub")
-        with gr.Row():
-            repo = gr.Textbox(label="Repo name (org/name)", elem_id="push-repo")
-            private = gr.Checkbox(label="Private", value=False)
+        log = gr.Textbox(
+            label="Log", lines=4, max_lines=8, autoscroll=True, elem_id="log", show_label=True
+        )
+        with gr.Tabs():
+            with gr.Tab("Scores", id="scores-tab"):
+                scores = gr.Dataframe(
+                    label="Per-ingredient scores", interactive=False, elem_id="scores"
+                )
+                with gr.Row(equal_height=False):
+                    comparison = gr.Markdown(elem_id="comparison")
+                    plot = gr.Image(label="Greedy trajectory", type="filepath", elem_id="plot")
+            with gr.Tab("Model card", id="card-tab", elem_id="card-tab"):
+                card = gr.Markdown(elem_id="card")
+        gr.Markdown("### Push the soup to the Hub")
+        with gr.Row(equal_height=True):
+            repo = gr.Textbox(label="Repo (org/name)", elem_id="push-repo", scale=2)
+            private = gr.Checkbox(label="Private", value=False, scale=0, min_width=100)
             if login:
-                gr.LoginButton()
+                gr.LoginButton(scale=1)
             token = gr.Textbox(
-                label="…or a token with write access (never shown, logged or stored)",
-                type="password", elem_id="push-token",
+                label="…or a write token (never shown, logged or stored)",
+                type="password", elem_id="push-token", scale=2,
             )  # fmt: skip
-        push_btn = gr.Button("Push", elem_id="push-btn")
+            push_btn = gr.Button("Push", elem_id="push-btn", scale=1)
         push_status = gr.Markdown(elem_id="push-status")
 
         hidden = {"api_visibility": "private"}

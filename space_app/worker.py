@@ -64,10 +64,6 @@ class JobRequest:
     token: str | None = field(default=None, repr=False)
 
 
-class Busy(Exception):
-    """Another job holds the worker."""
-
-
 class WorkerPool:
     """One job at a time, each in a fresh spawned process, with a standby spawned ahead.
 
@@ -101,15 +97,13 @@ class WorkerPool:
         return self._active is not None and self._owner == owner
 
     def run(self, request: JobRequest, *, owner: str) -> Iterator[Event]:
-        """Run ``request`` in a worker; yields its events, ending with one of ``result``,
-        ``error`` or ``cancelled``. Closing the iterator early kills the worker.
-
-        Raises:
-            Busy: another job is running.
-        """
+        """Run ``request`` in a worker; yields its ``line`` events, then one of ``result``,
+        ``error``, ``cancelled``, or only ``busy`` when another job holds the worker.
+        Closing the iterator early kills the worker."""
         with self._lock:
             if self._active is not None:
-                raise Busy("another job is running")
+                yield ("busy", None)
+                return
             worker, self._standby = self._standby or _Worker(self._ctx), None
             self._active, self._owner = worker, owner
         if self._prewarm:
@@ -179,7 +173,7 @@ class _Worker:
             if wait([self.conn], timeout) and self.conn.poll():
                 try:
                     event = self.conn.recv()
-                except EOFError:
+                except (EOFError, OSError):
                     return None
                 self._pending.append(event)
                 return event[1] if event[0] == "ready" else None
@@ -204,7 +198,7 @@ class _Worker:
                 if self.conn.poll():  # a message beats the exit: the result precedes the end
                     try:
                         return self.conn.recv()
-                    except EOFError:
+                    except (EOFError, OSError):  # closed, or reset by a killed worker
                         break
                 if not self.process.is_alive():
                     break

@@ -173,10 +173,9 @@ def test_greedy_soup_is_shown_then_pushed_and_loads(client, models, ready, tmp_p
     assert "scoring ingredient 3/3" in log
     assert "| greedy soup |" in comparison and "| uniform soup |" in comparison
     assert Path(plot).stat().st_size > 1000
-    results = json.loads(
-        (soup_folder(ready.workdir, models.repos, "greedy") / "results.json").read_text()
-    )
-    assert "greedy trajectory is plotted above" in card and "model-index" in card
+    folder = soup_folder(ready.workdir, models.repos, "greedy")
+    results = json.loads((folder / "results.json").read_text())
+    assert f"(gradio_api/file={folder}/greedy_trajectory.png)" in card and "model-index" in card
     for row, ingredient in zip(scores["data"], results["ingredients"], strict=True):
         assert row[-2] == round(ingredient["scores"]["validation"]["accuracy"], 4)
 
@@ -184,7 +183,7 @@ def test_greedy_soup_is_shown_then_pushed_and_loads(client, models, ready, tmp_p
     pushed = client.call(repo, False, TOKEN, api_name="/push")
     assert pushed.startswith("✅") and repo in pushed, pushed
     model = AutoModelForSequenceClassification.from_pretrained(repo)
-    expected = load_state_dict(soup_folder(ready.workdir, models.repos, "greedy"))
+    expected = load_state_dict(folder)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
 
 
@@ -274,7 +273,8 @@ def test_a_browser_runs_a_uniform_soup(ready, models, tmp_path):
         box.send_keys("\n".join(models.repos))
         driver.find_element(By.ID, "run-btn").click()
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "Done"))
-        card = driver.find_element(By.ID, "card").text
+        driver.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Model card')]").click()
+        card = wait.until(ec.visibility_of_element_located((By.ID, "card"))).text
         assert all(repo in card for repo in models.repos)
         shot = tmp_path / "space_uniform.png"
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000

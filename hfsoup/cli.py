@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -378,6 +379,13 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hfsoup`` console script."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        # Read when datasets / transformers are first imported (later, in _dispatch): with -q
+        # their progress bars and warnings stay off stderr too, which keeps errors one line.
+        for name, value in (("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+                            ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                            ("TRANSFORMERS_VERBOSITY", "error")):  # fmt: skip
+            os.environ.setdefault(name, value)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:

@@ -49,6 +49,18 @@ def test_the_token_appears_nowhere(
         assert CANARY.encode() not in path.read_bytes(), path
 
 
+@pytest.fixture
+def quiet_transformers():
+    """What -q does in a fresh process (TRANSFORMERS_VERBOSITY=error), here where transformers
+    is already imported: its warning about the unknown model type stays off stderr."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    yield
+    logging.set_verbosity(level)
+
+
 def _with_remote_code(folder, marker, model_type: str = "bert") -> None:
     """Give ``folder`` an ``auto_map`` to code that, if ever imported, writes ``marker``."""
     payload = f"open({str(marker)!r}, 'w').write('the repo code ran')\n"
@@ -71,7 +83,7 @@ def _with_remote_code(folder, marker, model_type: str = "bert") -> None:
     "the code never runs (trust_remote_code is never set): a known architecture is souped with "
     "transformers' own classes; an unknown one fails with one line (TaskError) when scored",
 )
-def test_repo_code_is_never_run(tiny_greedy, tmp_path, publish, cli):
+def test_repo_code_is_never_run(tiny_greedy, tmp_path, publish, cli, quiet_transformers):
     marker = tmp_path / "code-ran"
     repos = []
     for model_type in ("bert", "evil"):

@@ -124,7 +124,8 @@ def build(pool: WorkerPool, outputs: Outputs, *, learned: bool, login: bool) -> 
         return inspection_status(value), _frame(INSPECT_HEADERS, inspection_rows(value))
 
     def run_soup(
-        text: str, method: str, accept: str, dtype: str, name: str, kind: str, preset: str,
+        text: str, method: str, accept: str, by_layer: bool, dtype: str, name: str, kind: str,
+        preset: str,
         dataset: str, config: str, selection: str, report: str, columns: str, label: str,
         metrics: str, limit: float | None, request: gr.Request,
         progress=gr.Progress(),  # noqa: B008  (Gradio's way to ask for a progress bar)
@@ -144,6 +145,7 @@ def build(pool: WorkerPool, outputs: Outputs, *, learned: bool, login: bool) -> 
         job = JobRequest(
             "soup", tuple(names), method=method, task=task, dtype=dtype_value(dtype),
             accept=accept, name=(name or "").strip() or None, output=str(folder / "soup"),
+            learned={"by_layer": True} if method == "learned" and by_layer else None,
         )  # fmt: skip
         tracker, kept = ProgressTracker(), False
         try:
@@ -231,6 +233,9 @@ def build(pool: WorkerPool, outputs: Outputs, *, learned: bool, login: bool) -> 
                     [">=", ">"], value=">=", label="Greedy: keep a candidate if its score is",
                     visible=False,
                 )  # fmt: skip
+                by_layer = gr.Checkbox(
+                    label="Learned: one weight per ingredient and layer", visible=False
+                )
                 dtype = gr.Dropdown(list(DTYPES), value=DTYPES[0], label="Output dtype")
                 name = gr.Textbox(label="Soup name (card title, optional)")
             with gr.Row():
@@ -267,7 +272,10 @@ def build(pool: WorkerPool, outputs: Outputs, *, learned: bool, login: bool) -> 
                 )
                 with gr.Row(equal_height=False):
                     comparison = gr.Markdown(elem_id="comparison")
-                    plot = gr.Image(label="Greedy trajectory", type="filepath", elem_id="plot")
+                    plot = gr.Image(
+                        label="Greedy trajectory (learned: the weights)", type="filepath",
+                        elem_id="plot",
+                    )  # fmt: skip
             with gr.Tab("Model card", id="card-tab", elem_id="card-tab"):
                 card = gr.Markdown(elem_id="card")
         gr.Markdown("### Push the soup to the Hub")
@@ -284,7 +292,12 @@ def build(pool: WorkerPool, outputs: Outputs, *, learned: bool, login: bool) -> 
         push_status = gr.Markdown(elem_id="push-status")
 
         hidden = {"api_visibility": "private"}
-        method.change(lambda m: gr.update(visible=m == "greedy"), method, accept, **hidden)
+        method.change(
+            lambda m: (gr.update(visible=m == "greedy"), gr.update(visible=m == "learned")),
+            method,
+            [accept, by_layer],
+            **hidden,
+        )
         task_kind.change(
             lambda k: (
                 gr.update(visible=k == GLUE),
@@ -302,8 +315,8 @@ def build(pool: WorkerPool, outputs: Outputs, *, learned: bool, login: bool) -> 
         )  # fmt: skip
         run_event = run_btn.click(busy_note, None, status, queue=False, api_name="busy").then(
             run_soup,
-            [ingredients, method, accept, dtype, name, task_kind, preset, dataset, config,
-             selection, report, columns, label, metrics, limit],
+            [ingredients, method, accept, by_layer, dtype, name, task_kind, preset, dataset,
+             config, selection, report, columns, label, metrics, limit],
             [status, log, scores, comparison, plot, card, soup_folder],
             api_name="run", show_progress_on=[status], **worker,
         )  # fmt: skip

@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ class JobRequest:
     Attributes:
         action: ``"inspect"``, ``"soup"`` or ``"push"``.
         ingredients: repo IDs, optionally ``@revision`` (inspect, soup).
-        method / task / dtype / accept / name: as :func:`hfsoup.soup` takes them (soup).
+        method / task / dtype / accept / name / learned: as :func:`hfsoup.soup` takes them
+            (soup); ``learned`` is passed only when given, as older releases lack it.
         output: the soup folder: written by ``soup``, uploaded by ``push``.
         repo_id / private: where to push.
         token: the user's Hub token, or ``None`` for the process's default credentials.
@@ -58,6 +60,7 @@ class JobRequest:
     dtype: str | None = None
     accept: str = ">="
     name: str | None = None
+    learned: dict[str, Any] | None = None
     output: str | None = None
     repo_id: str | None = None
     private: bool = False
@@ -168,15 +171,18 @@ class _Worker:
         self.conn.send(request)
 
     def wait_ready(self, timeout: float) -> dict[str, Any] | None:
-        """Read up to the ``ready`` event (kept for :meth:`events`); its value or ``None``."""
+        """Read up to the ``ready`` event (what is read is kept for :meth:`events`); its value,
+        or ``None`` if the worker did not get ready in ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
         with self._lock:
-            if wait([self.conn], timeout) and self.conn.poll():
+            while wait([self.conn], max(0.0, deadline - time.monotonic())):
                 try:
                     event = self.conn.recv()
                 except (EOFError, OSError):
                     return None
                 self._pending.append(event)
-                return event[1] if event[0] == "ready" else None
+                if event[0] == "ready":
+                    return event[1]
         return None
 
     def events(self) -> Iterator[Event]:
@@ -339,17 +345,19 @@ def _soup(request: JobRequest, log: Callable[[str], None]) -> dict[str, Any]:
         list(request.ingredients), output=request.output, method=request.method,
         task=request.task if scored else None, dtype=request.dtype, accept=request.accept,
         name=request.name, token=request.token, progress=True,
+        **({"learned": request.learned} if request.learned else {}),
     )  # fmt: skip
     results = result.results
     if not scored and request.task is not None:
         results = {**results, **_score_uniform(request, result.output, log)}
-    plot = result.output / TRAJECTORY_PNG
+    # The greedy trajectory first, then any other figure the card shows (learned soups' α).
+    figures = sorted(result.output.glob("*.png"), key=lambda p: (p.name != TRAJECTORY_PNG, p.name))
     log("done")
     return {
         "output": str(result.output),
         "results": results,
         "card": (result.output / "README.md").read_text(encoding="utf-8"),
-        "plot": str(plot) if plot.is_file() else None,
+        "plot": str(figures[0]) if figures else None,
     }
 
 

@@ -119,7 +119,7 @@ def client(ready):
 
 def run_args(repos, *, method="uniform", kind="none", dataset="", limit=0):
     """The /run endpoint's inputs, in the page's order."""
-    return ("\n".join(repos), method, ">=", "as the ingredients", "", kind, "glue/sst2",
+    return ("\n".join(repos), method, ">=", False, "as the ingredients", "", kind, "glue/sst2",
             dataset, "", "validation", "test", "text", "label", "accuracy", limit)  # fmt: skip
 
 
@@ -185,6 +185,19 @@ def test_greedy_soup_is_shown_then_pushed_and_loads(client, models, ready, tmp_p
     model = AutoModelForSequenceClassification.from_pretrained(repo)
     expected = load_state_dict(folder)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_learned_is_offered_when_hfsoup_makes_learned_soups(client, models):
+    methods = client.raw.view_api(print_info=False, return_format="dict")["named_endpoints"][
+        "/run"
+    ]["parameters"][1]["type"]["enum"]
+    if "learned" not in methods:
+        pytest.skip("the installed hfsoup has no learned soups: the page offers uniform, greedy")
+    out = client.call(*run_args(models.repos, method="learned", kind="custom dataset",
+                                dataset=models.dataset, limit=60), api_name="/run")  # fmt: skip
+    status, log, scores, comparison, plot, card = out
+    assert "Done" in status and "learned soup" in status, status
+    assert "| learned soup |" in comparison
 
 
 def test_a_missing_repo_is_one_readable_line(client):

@@ -93,8 +93,10 @@ class Source(ABC):
     files: dict[str, int | None]
 
     @abstractmethod
-    def read_range(self, filename: str, start: int, end: int) -> bytearray:
-        """Bytes ``[start, end)`` of ``filename``."""
+    def read_range(
+        self, filename: str, start: int, end: int, out: bytearray | None = None
+    ) -> bytearray:
+        """Bytes ``[start, end)`` of ``filename``, into ``out`` when given (of that length)."""
 
     @abstractmethod
     def local_file(self, filename: str) -> Path:
@@ -111,12 +113,22 @@ class Source(ABC):
         return _DiskCached(self)
 
 
+def _buffer(out: bytearray | None, start: int, end: int) -> bytearray:
+    if out is None:
+        return bytearray(end - start)
+    if len(out) != end - start:
+        raise ValueError(f"buffer of {len(out)} bytes for a read of {end - start}")
+    return out
+
+
 class _DiskCached(Source):
     def __init__(self, inner: Source) -> None:
         self.inner, self.files = inner, inner.files
 
-    def read_range(self, filename: str, start: int, end: int) -> bytearray:
-        buf = bytearray(end - start)
+    def read_range(
+        self, filename: str, start: int, end: int, out: bytearray | None = None
+    ) -> bytearray:
+        buf = _buffer(out, start, end)
         with open(self.local_file(filename), "rb") as f:
             f.seek(start)
             if f.readinto(buf) != len(buf):
@@ -141,8 +153,10 @@ class LocalSource(Source):
             if p.is_file() and ".cache" not in p.relative_to(root).parts
         }
 
-    def read_range(self, filename: str, start: int, end: int) -> bytearray:
-        buf = bytearray(end - start)
+    def read_range(
+        self, filename: str, start: int, end: int, out: bytearray | None = None
+    ) -> bytearray:
+        buf = _buffer(out, start, end)
         with open(self.local_file(filename), "rb") as f:
             f.seek(start)
             got = f.readinto(buf)
@@ -187,11 +201,13 @@ class HubSource(Source):
 
         return hf_hub_url(self.repo, filename, revision=self.sha, endpoint=constants.ENDPOINT)
 
-    def read_range(self, filename: str, start: int, end: int) -> bytearray:
+    def read_range(
+        self, filename: str, start: int, end: int, out: bytearray | None = None
+    ) -> bytearray:
         from huggingface_hub import constants, get_session
         from huggingface_hub.utils import build_hf_headers
 
-        buf = bytearray(end - start)
+        buf = _buffer(out, start, end)
         got = 0
         headers = build_hf_headers(token=self._token, library_name="hfsoup")
         # HF_HUB_DOWNLOAD_TIMEOUT, as for huggingface_hub's own downloads: the longest wait for

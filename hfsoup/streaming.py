@@ -78,14 +78,17 @@ def _fetch(index: IngredientIndex, group: list[TensorRef], slot: int, tag: int) 
     return Fetch(slot, index, group[0].file, group[0].start, group[-1].end, tuple(group), tag)
 
 
-def read_fetch(fetch: Fetch) -> dict[str, torch.Tensor]:
-    """Perform one fetch and view its bytes as tensors (CPU, the file's dtype, no copy)."""
+def read_fetch(fetch: Fetch, buf: bytearray | None = None) -> dict[str, torch.Tensor]:
+    """Perform one fetch and view its bytes as tensors (CPU, the file's dtype, no copy).
+
+    ``buf`` (``fetch.nbytes`` long) receives the bytes when given.
+    """
     if fetch.index.pickle:
         from hfsoup.pickled import load_pickled
 
         state = load_pickled(fetch.index.ingredient, fetch.file)
         return _aligned(fetch.index, {r.name: state[r.name] for r in fetch.refs})
-    buf = fetch.index.ingredient.source.read_range(fetch.file, fetch.start, fetch.end)
+    buf = fetch.index.ingredient.source.read_range(fetch.file, fetch.start, fetch.end, buf)
     out: dict[str, torch.Tensor] = {}
     for ref in fetch.refs:
         dtype = DTYPES[ref.dtype]
@@ -157,7 +160,11 @@ def prefetch(
                 if nxt is None:
                     exhausted = True
                     break
-                pending.append((nxt, pool.submit(read_fetch, nxt)))
+                # The buffer is allocated here, on the consuming thread, not by the worker: glibc
+                # keeps memory freed on other threads in per-thread arenas, so buffers made by
+                # workers would pile up there instead of being reused.
+                buf = None if nxt.index.pickle else bytearray(nxt.nbytes)
+                pending.append((nxt, pool.submit(read_fetch, nxt, buf)))
                 in_flight += nxt.nbytes
             if not pending:
                 return

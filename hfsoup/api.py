@@ -18,9 +18,9 @@ import torch
 
 from hfsoup.combine import fetch_plan_bytes, normalise_weights, stream_average
 from hfsoup.errors import (
-    HfsoupError,
     IncompatibleIngredientsError,
     NothingToResumeError,
+    PushError,
     RecipeError,
 )
 from hfsoup.hub import IngredientSpec, parse_ingredient, push_folder, resolve
@@ -413,7 +413,7 @@ def push(
     """
     folder = Path(folder).expanduser().resolve()
     if not (folder / "config.json").is_file():
-        raise HfsoupError(f"{folder} is not a soup folder (no config.json)")
+        raise PushError(f"{folder} is not a soup folder (no config.json)")
     return push_folder(
         folder, repo_id, private=private, token=token, message="Upload model soup made with hfsoup"
     )

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hfsoup.errors import HfsoupError, IncompatibleIngredientsError
+from hfsoup.errors import HfsoupError, IncompatibleIngredientsError, RecipeError
 
 EXIT_USER_ERROR = 2
 
@@ -108,7 +108,7 @@ def task_from_args(args: argparse.Namespace) -> Any:
     if args.allow_overlap:
         overrides["allow_overlap"] = True
     if args.task and args.dataset:
-        raise HfsoupError("give --task or --dataset, not both")
+        raise RecipeError("give --task or --dataset, not both")
     if args.task:
         if args.task.endswith((".yaml", ".yml")):
             import yaml
@@ -123,7 +123,7 @@ def task_from_args(args: argparse.Namespace) -> Any:
     if args.dataset:
         return {"dataset": args.dataset, **overrides}
     if overrides:
-        raise HfsoupError("task options given without --task or --dataset")
+        raise RecipeError("task options given without --task or --dataset")
     return None
 
 
@@ -315,7 +315,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "evaluate":
         task = task_from_args(args)
         if task is None:
-            raise HfsoupError("evaluate needs a task: --task glue/sst2, or --dataset ... options")
+            raise RecipeError("evaluate needs a task: --task glue/sst2, or --dataset ... options")
         report = api.evaluate(args.ingredients, task=task, device=args.device,
                               allow_pickle=args.allow_pickle, progress=progress)  # fmt: skip
         _print_evaluation(report, args.json)
@@ -348,10 +348,10 @@ def _sweep(args: argparse.Namespace, progress: bool) -> list[str]:
         recipe = load_sweep_recipe(args.recipe)
     else:
         if not (args.base and args.n):
-            raise HfsoupError("sweep needs BASE and --n (or --recipe FILE)")
+            raise RecipeError("sweep needs BASE and --n (or --recipe FILE)")
         task = task_from_args(args)
         if task is None:
-            raise HfsoupError("sweep needs a task: --task glue/sst2, or --dataset ... options")
+            raise RecipeError("sweep needs a task: --task glue/sst2, or --dataset ... options")
         fields = {"base": args.base, "task": task, "n": args.n, "push_prefix": args.push_prefix,
                   "output_dir": args.output_dir, "seed": args.seed, "train_split": args.train_split,
                   "train_limit": args.train_limit}  # fmt: skip
@@ -364,7 +364,7 @@ def _sweep(args: argparse.Namespace, progress: bool) -> list[str]:
         try:
             recipe = SweepRecipe.model_validate(fields)
         except ValueError as exc:  # pydantic's ValidationError
-            raise HfsoupError(f"sweep options: {str(exc).splitlines()[2].strip()}") from exc
+            raise RecipeError(f"sweep options: {str(exc).splitlines()[2].strip()}") from exc
     return sweep(recipe, progress=progress)
 
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hfsoup.errors import HfsoupError
+from hfsoup.errors import MissingDependencyError, RecipeError
 
 LABELS = ["negative", "neutral", "positive"]
 BASE_REPO = "sentence-transformers/all-MiniLM-L6-v2"
@@ -27,7 +27,9 @@ BASE_REPO = "sentence-transformers/all-MiniLM-L6-v2"
 def _package_dir(name: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
-        raise HfsoupError(f"the demo needs the package {pip_name}: pip install -e '.[demo]'")
+        raise MissingDependencyError(
+            f"the demo needs the package {pip_name}: pip install -e '.[demo]'"
+        )
     return Path(spec.origin).parent
 
 
@@ -74,7 +76,7 @@ def _point_clients_at(endpoint: str) -> None:
         from huggingface_hub import constants
 
         if constants.ENDPOINT.rstrip("/") != endpoint.rstrip("/"):
-            raise HfsoupError(
+            raise RecipeError(
                 "hfsoup.demo must run before huggingface_hub is imported (it points HF_ENDPOINT "
                 "at its own Hub); run `hfsoup demo` from the command line"
             )

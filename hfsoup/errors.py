@@ -69,3 +69,7 @@ class TaskError(HfsoupError):
 
 class InsufficientMemoryError(HfsoupError):
     """A learned soup fits in the memory available on neither of its execution paths."""
+
+
+class MissingDependencyError(HfsoupError):
+    """An optional package a feature needs is not installed (the message names the extra)."""

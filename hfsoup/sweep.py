@@ -132,13 +132,14 @@ def base_with_head(recipe: SweepRecipe, folder: Path, labels: list[str]) -> Path
     if (folder / "config.json").is_file():
         return folder
     torch.manual_seed(recipe.head_seed)
+    # Repo code is never run: trust_remote_code stays off even if a base's config asks for it.
     model = AutoModelForSequenceClassification.from_pretrained(
-        recipe.base, num_labels=len(labels),
+        recipe.base, num_labels=len(labels), trust_remote_code=False,
         id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
     )  # fmt: skip
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(recipe.base).save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(recipe.base, trust_remote_code=False).save_pretrained(tmp)
     tmp.rename(folder)
     return folder
 
@@ -164,7 +165,7 @@ def fine_tune(
         TrainingArguments,
     )  # fmt: skip
 
-    tok = AutoTokenizer.from_pretrained(base)
+    tok = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
     columns = task.input_columns
 
     def encode(batch):
@@ -175,7 +176,7 @@ def fine_tune(
     ds = ds.remove_columns(
         [c for c in ds.column_names if c not in ("labels", *tok.model_input_names)]
     )
-    model = AutoModelForSequenceClassification.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base, trust_remote_code=False)
     args = TrainingArguments(
         output_dir=str(out / "trainer"), report_to=[], save_strategy="no", logging_strategy="no",
         disable_tqdm=True, **hp,
@@ -251,7 +252,7 @@ def sweep(recipe: SweepRecipe, *, progress: bool = True, token: str | None = Non
         t0 = time.perf_counter()
         fine_tune(base, folder, train, recipe.task, hp, progress=progress)
         seconds = time.perf_counter() - t0
-        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=False)
         scores = {s: scorer.scores(scorer.logits(model, s), s) for s in recipe.task.splits}
         (folder / HPARAMS_FILE).write_text(
             json.dumps({**hp, "train_seconds": round(seconds, 1)}, indent=2)

@@ -54,5 +54,5 @@ def test_failed_push_keeps_the_output_and_says_how_to_retry(
 
 
 def test_push_refuses_a_folder_that_is_not_a_soup(tmp_path):
-    with pytest.raises(hfsoup.api.HfsoupError, match="not a soup folder"):
+    with pytest.raises(PushError, match="not a soup folder"):
         hfsoup.push(tmp_path, "test-org/x")

@@ -273,7 +273,7 @@ def build(pool: WorkerPool, outputs: Outputs, *, learned: bool, login: bool) -> 
                 with gr.Row(equal_height=False):
                     comparison = gr.Markdown(elem_id="comparison")
                     plot = gr.Image(
-                        label="Greedy trajectory (learned: the weights)", type="filepath",
+                        label="Greedy trajectory", show_label=False, type="filepath",
                         elem_id="plot",
                     )  # fmt: skip
             with gr.Tab("Model card", id="card-tab", elem_id="card-tab"):

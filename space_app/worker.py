@@ -19,6 +19,7 @@ and is masked in everything the worker sends back.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing as mp
 import os
@@ -107,7 +108,9 @@ class WorkerPool:
             if self._active is not None:
                 yield ("busy", None)
                 return
-            worker, self._standby = self._standby or _Worker(self._ctx), None
+            worker, self._standby = self._standby, None
+            if worker is None or not worker.process.is_alive():
+                worker = _Worker(self._ctx)
             self._active, self._owner = worker, owner
         if self._prewarm:
             self.warm()  # spawned now, so it is ready when this job ends
@@ -168,7 +171,9 @@ class _Worker:
         self._lock = threading.Lock()
 
     def send(self, request: JobRequest) -> None:
-        self.conn.send(request)
+        # If the worker died meanwhile, events() reports how it ended.
+        with contextlib.suppress(OSError):
+            self.conn.send(request)
 
     def wait_ready(self, timeout: float) -> dict[str, Any] | None:
         """Read up to the ``ready`` event (what is read is kept for :meth:`events`); its value,
@@ -270,6 +275,7 @@ def worker_main(conn: Connection) -> None:
     workdir = tempfile.mkdtemp(prefix="hfsoup-worker-")
     # Relative names never resolve to a local folder: the working directory is empty.
     os.chdir(workdir)
+    request: JobRequest | None = None
     try:
         from huggingface_hub.utils import enable_progress_bars
 
@@ -277,20 +283,16 @@ def worker_main(conn: Connection) -> None:
 
         enable_progress_bars()  # they become the page's progress, not terminal output
         conn.send(("ready", {"learned": supports_learned()}))
-        try:
-            request: JobRequest = conn.recv()
-        except EOFError:  # the server went away before giving a job
-            return
+        request = conn.recv()
         sink.secrets.append(request.token)
-        try:
-            result = _ACTIONS[request.action](request, sink.log)
-        except Exception as exc:
-            if not _is_user_error(exc):
-                text = redact(traceback.format_exc(), [request.token])
-                print(text, file=sys.__stderr__)  # for the server log, never for the page
-            conn.send(("error", error_text(exc, secrets=[request.token])))
-        else:
-            conn.send(("result", result))
+        conn.send(("result", _ACTIONS[request.action](request, sink.log)))
+    except EOFError:  # the server went away before giving a job
+        pass
+    except Exception as exc:
+        secrets = [request.token if request else None]
+        if not _is_user_error(exc):  # a bug: its traceback is for the server log, not the page
+            print(redact(traceback.format_exc(), secrets), file=sys.__stderr__)
+        conn.send(("error", error_text(exc, secrets=secrets)))
     finally:
         os.chdir(tempfile.gettempdir())
         shutil.rmtree(workdir, ignore_errors=True)

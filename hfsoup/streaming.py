@@ -152,6 +152,7 @@ def prefetch(
     source = iter(fetches)
     in_flight = 0
     pool = _Workers(workers)
+    finished = False
     try:
         exhausted = False
         while True:
@@ -167,6 +168,7 @@ def prefetch(
                 pending.append((nxt, pool.submit(read_fetch, nxt, buf)))
                 in_flight += nxt.nbytes
             if not pending:
+                finished = True
                 return
             fetch, future = pending.popleft()
             tensors = future.result()
@@ -175,7 +177,7 @@ def prefetch(
     finally:
         for _, future in pending:
             future.cancel()
-        pool.close()
+        pool.close(wait=finished)
 
 
 class _Workers:
@@ -200,10 +202,19 @@ class _Workers:
         self._queue.put((future, fn, args))
         return future
 
-    def close(self) -> None:
-        """Let the threads end once the calls already running return (without waiting)."""
+    def close(self, *, wait: bool) -> None:
+        """Let the threads end once the calls already running return.
+
+        ``wait``: join them (a normal end: they are idle). After an interruption they are left
+        to finish on their own, so a stalled read cannot hold up the exit.
+        """
         for _ in self._threads:
             self._queue.put(None)
+        if wait:
+            # Daemon threads still inside native code while the interpreter shuts down can abort
+            # the process ("terminate called without an active exception").
+            for t in self._threads:
+                t.join(timeout=10)
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:

@@ -37,6 +37,11 @@ def main() -> None:
     parser.add_argument(
         "--skip-learned", action="store_true", help="greedy soup and baselines only"
     )
+    parser.add_argument(
+        "--only-learned",
+        action="store_true",
+        help="add learned rows to a finished run in --workdir",
+    )
     args = parser.parse_args()
 
     from hfsoup.hubserver import LocalHub
@@ -52,11 +57,16 @@ def main() -> None:
     from hfsoup.sweep import SearchSpace
 
     space = SearchSpace(learning_rate=(2e-5, 2e-4), epochs=[1, 2], batch_size=[32])
-    t0 = time.perf_counter()
-    result = demo(workdir=work, hub_endpoint=hub.url, k=args.k, train=args.train,
-                  evaluation=args.eval, max_length=args.max_length, seed=args.seed, space=space)  # fmt: skip
-    timings = {"sweep_and_greedy": time.perf_counter() - t0}
-    results = result.results
+    timings: dict[str, float] = {}
+    if args.only_learned:  # reuse a finished sweep + greedy run in this work folder
+        results = json.loads((work / "soup" / "results.json").read_text())
+    else:
+        t0 = time.perf_counter()
+        result = demo(workdir=work, hub_endpoint=hub.url, k=args.k, train=args.train,
+                      evaluation=args.eval, max_length=args.max_length, seed=args.seed,
+                      space=space)  # fmt: skip
+        timings["sweep_and_greedy"] = time.perf_counter() - t0
+        results = result.results
     repos = [row["repo"] for row in results["ingredients"]]
     task = results["task"]
     table = dict(results["table"])
@@ -77,7 +87,8 @@ def main() -> None:
     print(f"early rejection scored {greedy['examples_scored']} of "
           f"{greedy['examples_full_evaluation']} candidate examples")  # fmt: skip
     report = {"args": vars(args), "timings": timings, "results": results, "markdown_table": table}
-    Path(args.workdir, "report.json").write_text(json.dumps(report, indent=2))
+    name = "report-learned.json" if args.only_learned else "report.json"
+    (work / name).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ is being averaged and memory stays bounded whatever the number of ingredients.
 
 from __future__ import annotations
 
+import mmap
 import queue
 import threading
 from collections import deque
@@ -76,6 +77,21 @@ def plan_fetches(
 
 def _fetch(index: IngredientIndex, group: list[TensorRef], slot: int, tag: int) -> Fetch:
     return Fetch(slot, index, group[0].file, group[0].start, group[-1].end, tuple(group), tag)
+
+
+def read_buffer(nbytes: int) -> bytearray | mmap.mmap:
+    """A writable buffer for one read.
+
+    Large buffers are anonymous memory maps: they go back to the operating system the moment
+    the last tensor viewing them is dropped. Heap buffers of this size would be recycled by
+    malloc and fragment, so peak memory would creep up with the number of reads.
+    """
+    if nbytes < _MMAP_MIN:
+        return bytearray(nbytes)
+    return mmap.mmap(-1, nbytes)
+
+
+_MMAP_MIN = 1 << 20
 
 
 def read_fetch(fetch: Fetch, buf: bytearray | None = None) -> dict[str, torch.Tensor]:
@@ -164,7 +180,7 @@ def prefetch(
                 # The buffer is allocated here, on the consuming thread, not by the worker: glibc
                 # keeps memory freed on other threads in per-thread arenas, so buffers made by
                 # workers would pile up there instead of being reused.
-                buf = None if nxt.index.pickle else bytearray(nxt.nbytes)
+                buf = None if nxt.index.pickle else read_buffer(nxt.nbytes)
                 pending.append((nxt, pool.submit(read_fetch, nxt, buf)))
                 in_flight += nxt.nbytes
             if not pending:

@@ -6,7 +6,8 @@ each streamed tensor is added into its accumulator and each finished output shar
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -67,25 +68,46 @@ def stream_average(
     """
     first = indexes[0].tensors
     kwargs = {} if max_in_flight is None else {"max_in_flight": max_in_flight}
-    stream = prefetch(_fetches(indexes, shards), **kwargs)
-    current, acc = 0, {}
-    for fetch, tensors in stream:
-        if fetch.tag != current:
-            on_shard(current, _finish(acc, first, dtype))
-            current, acc = fetch.tag, {}
-        w = weights[fetch.slot]
-        for name, t in tensors.items():
-            if first[name].dtype not in FLOAT_DTYPES:
-                acc[name] = t.clone()
-                continue
-            if not allow_nonfinite:
-                check_finite(fetch.index, name, t)
-            if name not in acc:
-                acc[name] = torch.zeros(t.shape, dtype=accumulate, device=device)
-            acc[name].add_(t.to(device=device, dtype=accumulate, non_blocking=True), alpha=w)
-        if on_bytes:
-            on_bytes(fetch.nbytes)
-    on_shard(current, _finish(acc, first, dtype))
+    with _one_cpu_thread(device):
+        stream = prefetch(_fetches(indexes, shards), **kwargs)
+        current, acc = 0, {}
+        for fetch, tensors in stream:
+            if fetch.tag != current:
+                on_shard(current, _finish(acc, first, dtype))
+                current, acc = fetch.tag, {}
+            w = weights[fetch.slot]
+            for name, t in tensors.items():
+                if first[name].dtype not in FLOAT_DTYPES:
+                    acc[name] = t.clone()
+                    continue
+                if not allow_nonfinite:
+                    check_finite(fetch.index, name, t)
+                if name not in acc:
+                    acc[name] = torch.zeros(t.shape, dtype=accumulate, device=device)
+                acc[name].add_(t.to(device=device, dtype=accumulate, non_blocking=True), alpha=w)
+            if on_bytes:
+                on_bytes(fetch.nbytes)
+        on_shard(current, _finish(acc, first, dtype))
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device | str) -> Iterator[None]:
+    """Run the CPU arithmetic on one torch thread, restoring the setting afterwards.
+
+    The sum is memory-bound, so more threads gain little; and between the many small ``add_``
+    calls torch's OpenMP threads spin-wait, taking the CPU the fetch threads need to receive
+    bytes (BENCHMARKS.md: beside 3 busy processes, removing the spin-wait took hfsoup's core
+    time at k=8 from 5.65 s to 3.46 s).
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _fetches(indexes: Sequence[IngredientIndex], shards: Sequence[Sequence[str]]):

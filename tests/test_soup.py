@@ -139,3 +139,15 @@ def test_tokenizer_files_of_the_first_ingredient_are_copied(hub, tmp_path, publi
     assert ours("good bad")["input_ids"] == theirs("good bad")["input_ids"] == [2, 5, 6, 3]
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "soup" / name).read_bytes() == (dirs[0] / name).read_bytes()
+
+
+def test_soup_leaves_the_torch_thread_count_as_it_found_it(tmp_path):
+    config = tiny_bert_config()
+    dirs = [save_ingredient(tmp_path / f"d{i}", config, seed=i + 1) for i in range(2)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        hfsoup.soup([str(d) for d in dirs], output=tmp_path / "soup", progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

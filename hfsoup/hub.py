@@ -122,6 +122,13 @@ def _buffer(out: bytearray | None, start: int, end: int) -> bytearray:
     return out
 
 
+def _read_file_range(path: Path, start: int, buf: bytearray) -> bool:
+    """Fill ``buf`` from ``path`` at ``start``; False when the file ends first."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.readinto(buf) == len(buf)
+
+
 class _DiskCached(Source):
     def __init__(self, inner: Source) -> None:
         self.inner, self.files = inner, inner.files
@@ -130,10 +137,8 @@ class _DiskCached(Source):
         self, filename: str, start: int, end: int, out: bytearray | None = None
     ) -> bytearray:
         buf = _buffer(out, start, end)
-        with open(self.local_file(filename), "rb") as f:
-            f.seek(start)
-            if f.readinto(buf) != len(buf):
-                raise CorruptWeightsError(f"{filename}: cached file shorter than its header says")
+        if not _read_file_range(self.local_file(filename), start, buf):
+            raise CorruptWeightsError(f"{filename}: cached file shorter than its header says")
         return buf
 
     def local_file(self, filename: str) -> Path:
@@ -158,10 +163,7 @@ class LocalSource(Source):
         self, filename: str, start: int, end: int, out: bytearray | None = None
     ) -> bytearray:
         buf = _buffer(out, start, end)
-        with open(self.local_file(filename), "rb") as f:
-            f.seek(start)
-            got = f.readinto(buf)
-        if got != len(buf):
+        if not _read_file_range(self.local_file(filename), start, buf):
             raise IngredientNotFoundError(f"{self.root}/{filename}: file shorter than expected")
         return buf
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from hfsoup.combine import fetch_plan_bytes, normalise_weights, stream_average
+from hfsoup.distributed import Processes, processes
 from hfsoup.errors import (
     IncompatibleIngredientsError,
     NothingToResumeError,
@@ -24,7 +25,8 @@ from hfsoup.errors import (
     RecipeError,
 )
 from hfsoup.hub import IngredientSpec, parse_ingredient, push_folder, resolve
-from hfsoup.outputs import pin_recipe, results_base, write_card
+from hfsoup.outputs import hardware_record, hardware_section, pin_recipe, results_base, write_card
+from hfsoup.placement import SCORE_DTYPES, parse_max_memory, plan_placement
 from hfsoup.recipe import IngredientEntry, OutputConfig, Recipe, build_recipe, load_recipe
 from hfsoup.tensors import (
     IngredientIndex,
@@ -35,7 +37,7 @@ from hfsoup.tensors import (
 )
 from hfsoup.writer import ShardWriter, copy_aux_files, staged_output, write_config
 
-IngredientLike = str | IngredientSpec | IngredientEntry | dict
+IngredientLike = str | Path | IngredientSpec | IngredientEntry | dict
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -90,7 +92,7 @@ def _spec(item: IngredientLike) -> IngredientSpec:
         item = IngredientEntry.model_validate(item)
     if isinstance(item, IngredientEntry):
         return parse_ingredient(item.text, weight=item.weight)
-    return parse_ingredient(item)
+    return parse_ingredient(str(item))  # a string, or a local folder as a Path
 
 
 def load_ingredients(
@@ -218,13 +220,24 @@ def run(
     progress: bool = True,
     max_in_flight: int | None = None,
     memory_budget: str | int | None = None,
+    device_map: str | None = None,
+    max_memory: str | list[str] | dict | None = None,
+    score_dtype: str = "float32",
 ) -> SoupResult:
     """Run a recipe (a YAML file, a soup's README.md, or a :class:`Recipe`).
 
     Args:
         output / push_to: override the recipe's ``output.dir`` / ``output.push_to``.
         overwrite: replace a non-empty output folder.
-        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``. Under
+            ``accelerate launch``, ``auto`` is each process's own GPU.
+        device_map: ``auto``, ``balanced`` or ``sequential``: spread the scored model and its
+            running sum over the visible GPUs with accelerate, spilling to the CPU (see
+            :mod:`hfsoup.placement`); the uniform soup's accumulators follow the same map.
+        max_memory: per-device budgets for ``device_map``, accelerate's syntax
+            (``"0=20GiB,cpu=64GiB"``, a list of such items, or ``{0: "20GiB"}``).
+        score_dtype: ``float32`` (default), ``bfloat16`` or ``float16`` for the scored model;
+            the running sums stay float32.
         token: Hub token; default ``HF_TOKEN`` or the stored login.
         allow_pickle: accept ``pytorch_model.bin`` ingredients (``weights_only=True``).
         allow_nonfinite: average weights holding NaN/Inf instead of refusing them (recorded in
@@ -260,17 +273,37 @@ def run(
         raise RecipeError("method 'learned' learns the weights; give none")
     if accumulate not in ("float32", "float64"):
         raise RecipeError(f"accumulate must be float32 or float64, got {accumulate!r}")
+    if score_dtype not in SCORE_DTYPES:
+        raise RecipeError(
+            f"score_dtype must be one of {', '.join(SCORE_DTYPES)}, got {score_dtype!r}"
+        )
+    procs = processes()
+    if recipe.method == "learned" and (procs.distributed or device_map or score_dtype != "float32"):
+        raise RecipeError(
+            "learned soups run in one process on one device in float32: drop accelerate launch, "
+            "--device-map and --score-dtype"
+        )
+    budgets = parse_max_memory(max_memory)
     try:
         shard_bytes = parse_size(out.max_shard_size)
     except ValueError as exc:
         raise RecipeError(f"output.max_shard_size: {exc}") from exc
-    target_device = resolve_device(device)
+    target_device = resolve_device(device, procs)
     timings: dict[str, float] = {}
+    target = Path(out.dir)
+    if procs.distributed and recipe.method == "uniform" and not procs.is_main:
+        # Nothing to score: the main process streams and writes the soup alone.
+        return SoupResult(target, recipe.method, [], {}, timings=timings)
 
     t0 = time.perf_counter()
     indexes = load_ingredients(recipe.ingredients, token=token, allow_pickle=allow_pickle)
     check_compatible(indexes)
     timings["resolve"] = time.perf_counter() - t0
+    placement = plan_placement(
+        indexes[0].config, device=target_device, device_map=device_map, max_memory=budgets,
+        score_dtype=SCORE_DTYPES[score_dtype], accumulate=_DTYPES[accumulate],
+        all_gpus=device == "auto" and not procs.distributed,
+    )  # fmt: skip
     given = [e.weight for e in recipe.ingredients]
     if any(w is not None for w in given) and any(w is None for w in given):
         raise RecipeError("give a weight for every ingredient, or for none")
@@ -278,15 +311,16 @@ def run(
     dtype = _DTYPES[out.dtype] if out.dtype else None
     shards = plan_shards(indexes[0], max_shard_size=shard_bytes, dtype=dtype)
 
-    target = Path(out.dir)
     if recipe.method == "greedy":
         from hfsoup.greedy_run import run_greedy_soup
 
         results = run_greedy_soup(
             recipe, indexes, shards, target=target, overwrite=overwrite, dtype=dtype,
-            device=target_device, accumulate=_DTYPES[accumulate], progress=progress,
-            timings=timings, token=token, resume=resume,
+            placement=placement, accumulate=_DTYPES[accumulate], progress=progress,
+            timings=timings, token=token, resume=resume, processes=procs,
         )  # fmt: skip
+        if not procs.is_main:
+            return SoupResult(target, recipe.method, weights_of(results), results, timings=timings)
         return _finish(recipe, target, weights_of(results), results, timings, token)
     if recipe.method == "learned":
         from hfsoup.learned_run import run_learned_soup
@@ -302,7 +336,7 @@ def run(
         with _bar(fetch_plan_bytes(indexes, shards), "Fetching + averaging", progress) as bar:
             stream_average(
                 indexes, weights, shards, on_shard=writer.write, dtype=dtype,
-                device=target_device, accumulate=_DTYPES[accumulate], on_bytes=bar.update,
+                placement=placement, accumulate=_DTYPES[accumulate], on_bytes=bar.update,
                 max_in_flight=max_in_flight, allow_nonfinite=recipe.allow_nonfinite,
             )  # fmt: skip
         writer.finish()
@@ -310,8 +344,9 @@ def run(
         write_config(tmp, indexes[0].config, dtype)
         copy_aux_files(tmp, indexes[0].ingredient)
         pinned = pin_recipe(recipe, indexes)
-        results = results_base(pinned, indexes, weights, timings, shards)
-        write_card(tmp, pinned, indexes, weights)
+        hardware = hardware_record(Processes(), placement)
+        results = results_base(pinned, indexes, weights, timings, shards, hardware)
+        write_card(tmp, pinned, indexes, weights, sections=[hardware_section(results)])
         (tmp / "hfsoup_recipe.yaml").write_text(pinned.to_yaml())
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return _finish(recipe, target, weights, results, timings, token)
@@ -331,16 +366,30 @@ def _finish(recipe, target, weights, results, timings, token) -> SoupResult:
     return SoupResult(target, recipe.method, weights, results, url=url, timings=timings)
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; validate explicit choices."""
+def resolve_device(device: str, procs: Processes | None = None) -> torch.device:
+    """``auto`` -> this process's GPU when there is one, else the CPU; check explicit choices.
+
+    Under ``accelerate launch`` each process's ``auto`` (and plain ``cuda``) is its own
+    node-local GPU.
+    """
+    procs = procs or Processes()
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return procs.device()
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
         raise RecipeError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"device {device!r} asked for, but no CUDA GPU is visible")
+    if dev.type not in ("cpu", "cuda"):
+        raise RecipeError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RecipeError(f"device {device!r} asked for, but no CUDA GPU is visible")
+        if dev.index is None:
+            return procs.device() if procs.device().type == "cuda" else torch.device("cuda", 0)
+        if dev.index >= torch.cuda.device_count():
+            raise RecipeError(
+                f"device {device!r} asked for, but {torch.cuda.device_count()} GPU(s) are visible"
+            )
     return dev
 
 
@@ -352,12 +401,19 @@ def evaluate(
     token: str | None = None,
     allow_pickle: bool = False,
     progress: bool = True,
+    device_map: str | None = None,
+    max_memory: str | list[str] | dict | None = None,
+    score_dtype: str = "float32",
 ) -> dict[str, Any]:
     """Score each ingredient on a task, with the ensemble and greedy ensemble beside them.
+
+    Under ``accelerate launch`` every process scores its share of each split (see
+    :mod:`hfsoup.distributed`) and every process returns the whole report.
 
     Args:
         ingredients: as for :func:`soup`.
         task: a preset (``"glue/sst2"``), a task mapping (recipe keys) or a ``Task``.
+        device, device_map, max_memory, score_dtype: as for :func:`run`.
 
     Returns:
         ``{"ingredients": [{repo, revision, sha, scores}], "table": {method: {split: {metric:
@@ -370,14 +426,26 @@ def evaluate(
     from hfsoup.greedy import SoupSession, score_ingredients
     from hfsoup.greedy_run import make_scorer
 
+    if score_dtype not in SCORE_DTYPES:
+        raise RecipeError(
+            f"score_dtype must be one of {', '.join(SCORE_DTYPES)}, got {score_dtype!r}"
+        )
     task = resolve_task(task)
-    target_device = resolve_device(device)
+    procs = processes()
+    target_device = resolve_device(device, procs)
+    budgets = parse_max_memory(max_memory)
+    t0 = time.perf_counter()
     indexes = load_ingredients(ingredients, token=token, allow_pickle=allow_pickle)
     check_compatible(indexes)
-    scorer = make_scorer(task, indexes[0], device=target_device, progress=progress)
-    session = SoupSession(indexes, device=target_device)
+    placement = plan_placement(
+        indexes[0].config, device=target_device, device_map=device_map, max_memory=budgets,
+        score_dtype=SCORE_DTYPES[score_dtype], all_gpus=device == "auto" and not procs.distributed,
+    )  # fmt: skip
+    scorer = make_scorer(task, indexes[0], progress=progress, processes=procs)
+    session = SoupSession(indexes, placement=placement)
     labels = [ix.ingredient.label for ix in indexes]
     individual = score_ingredients(session, scorer, labels=labels)
+    seconds = time.perf_counter() - t0
     splits, sel = task.splits, scorer.selection_split
     outputs = {s: [scorer.cache[(str(i), s)] for i in range(len(indexes))] for s in splits}
     members = scorer.greedy_ensemble(outputs[sel])
@@ -397,6 +465,8 @@ def evaluate(
         },
         "greedy_ensemble": {"members": [labels[i] for i in members]},
         "selection": {"split": sel, "metric": scorer.selection_metric},
+        "hardware": hardware_record(procs, placement),
+        "timings": {"evaluate": round(seconds, 4)},
     }
 
 

@@ -30,9 +30,27 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+def _device_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("devices (accelerate)")
+    g.add_argument("--device", default="auto",
+                   help="auto (default: this process's GPU, else the CPU), cpu, cuda or cuda:N")  # fmt: skip
+    g.add_argument("--device-map", choices=["auto", "balanced", "sequential"],
+                   help="spread the model and its float32 running sum over the visible GPUs, "
+                        "spilling to the CPU (accelerate device map)")  # fmt: skip
+    g.add_argument("--max-memory", nargs="+", metavar="DEV=SIZE",
+                   help="budgets for --device-map, accelerate's syntax: 0=20GiB 1=20GiB cpu=64GiB")  # fmt: skip
+    g.add_argument("--score-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the model while scoring (the running sum stays float32)")  # fmt: skip
+
+
+def _device_args(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(device=args.device, device_map=args.device_map, max_memory=args.max_memory,
+                score_dtype=args.score_dtype)  # fmt: skip
+
+
 def _soup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    _device_options(p)
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pytorch_model.bin weights (loaded with weights_only=True)")  # fmt: skip
     p.add_argument("--accumulate", choices=["float32", "float64"], default="float32",
@@ -185,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", parents=[common], help="score ingredients (and their ensembles) on a task"
     )
     p.add_argument("ingredients", nargs="+", metavar="INGREDIENT")
-    p.add_argument("--device", default="auto")
+    _device_options(p)
     p.add_argument("--allow-pickle", action="store_true")
     _task_options(p)
 
@@ -299,10 +317,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     run_options = {}
     if args.command in ("soup", "run"):
-        run_options = dict(overwrite=args.overwrite, device=args.device, allow_pickle=args.allow_pickle,
+        run_options = dict(overwrite=args.overwrite, allow_pickle=args.allow_pickle,
                            allow_nonfinite=args.allow_nonfinite, resume=args.resume,
                            accumulate=args.accumulate, progress=progress,
-                           memory_budget=args.memory_budget)  # fmt: skip
+                           memory_budget=args.memory_budget, **_device_args(args))  # fmt: skip
     if args.command == "soup":
         result = api.soup(
             args.ingredients, output=args.output, method=args.method, weights=args.weights,
@@ -311,17 +329,20 @@ def _dispatch(args: argparse.Namespace) -> int:
             name=args.name, push_to=args.push_to, private=args.private,
             learned=learned_from_args(args), **run_options,
         )  # fmt: skip
-        _print_soup(result, args.json)
+        if _is_main():
+            _print_soup(result, args.json)
     elif args.command == "evaluate":
         task = task_from_args(args)
         if task is None:
             raise RecipeError("evaluate needs a task: --task glue/sst2, or --dataset ... options")
-        report = api.evaluate(args.ingredients, task=task, device=args.device,
-                              allow_pickle=args.allow_pickle, progress=progress)  # fmt: skip
-        _print_evaluation(report, args.json)
+        report = api.evaluate(args.ingredients, task=task, allow_pickle=args.allow_pickle,
+                              progress=progress, **_device_args(args))  # fmt: skip
+        if _is_main():
+            _print_evaluation(report, args.json)
     elif args.command == "run":
         result = api.run(args.recipe, output=args.output, push_to=args.push_to, **run_options)
-        _print_soup(result, args.json)
+        if _is_main():
+            _print_soup(result, args.json)
     elif args.command == "push":
         url = api.push(args.folder, args.repo_id, private=args.private)
         print(json.dumps({"url": url}) if args.json else f"pushed: {url}")
@@ -394,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         # One line, whatever a message quoted (a server's answer, a library's advice).
-        print(f"hfsoup: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"{_who()}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
         print(f"hfsoup: interrupted; {_left_behind(args)}", file=sys.stderr)
@@ -402,6 +423,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _is_main() -> bool:
+    """Whether this is the process that prints (the only one, or rank 0 under a launcher)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def _who() -> str:
+    """``hfsoup``, or ``hfsoup[rank R]`` in the processes of ``accelerate launch`` but the main."""
+    return "hfsoup" if _is_main() else f"hfsoup[rank {os.environ['RANK']}]"
 
 
 def _left_behind(args: argparse.Namespace) -> str:

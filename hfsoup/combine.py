@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import torch
 
 from hfsoup.errors import RecipeError
+from hfsoup.placement import Placement
 from hfsoup.streaming import Fetch, check_finite, plan_fetches, prefetch
 from hfsoup.tensors import FLOAT_DTYPES, IngredientIndex, output_dtype
 
@@ -44,6 +45,7 @@ def stream_average(
     on_bytes: Callable[[int], None] | None = None,
     max_in_flight: int | None = None,
     allow_nonfinite: bool = False,
+    placement: Placement | None = None,
 ) -> None:
     """Average the ingredients shard by shard and pass each finished shard to ``on_shard``.
 
@@ -57,18 +59,24 @@ def stream_average(
         shards: the output shard plan (tensor names per shard).
         on_shard: called with ``(shard_number, tensors_in_output_dtype)``.
         dtype: output dtype for float tensors; ``None`` keeps the first ingredient's.
-        device: where the arithmetic runs.
+        device: where the arithmetic runs (when no ``placement``).
         accumulate: accumulator dtype (float32, or float64 on request).
         on_bytes: progress callback, called with the size of each completed read.
         allow_nonfinite: average tensors holding NaN/Inf instead of refusing them.
+        placement: a device map: each accumulator lives on the device of its block, and reads
+            go through pinned buffers when a GPU is among them (asynchronous copies).
 
     Raises:
         NonFiniteWeightsError: an ingredient's float tensor holds NaN or Inf (checked as it
             streams in, before it is added; the staged writer removes any shard already written).
     """
     first = indexes[0].tensors
-    kwargs = {} if max_in_flight is None else {"max_in_flight": max_in_flight}
-    with _one_cpu_thread(device):
+    placement = placement or Placement.single(device)
+    on_gpu = any(torch.device(d).type == "cuda" for d in placement.devices.values())
+    kwargs: dict = {"pin": on_gpu}
+    if max_in_flight is not None:
+        kwargs["max_in_flight"] = max_in_flight
+    with _one_cpu_thread(placement.main_device if not on_gpu else "cuda"):
         stream = prefetch(_fetches(indexes, shards), **kwargs)
         current, acc = 0, {}
         for fetch, tensors in stream:
@@ -83,8 +91,10 @@ def stream_average(
                 if not allow_nonfinite:
                     check_finite(fetch.index, name, t)
                 if name not in acc:
-                    acc[name] = torch.zeros(t.shape, dtype=accumulate, device=device)
-                acc[name].add_(t.to(device=device, dtype=accumulate, non_blocking=True), alpha=w)
+                    target = placement.device_for(name)
+                    acc[name] = torch.zeros(t.shape, dtype=accumulate, device=target)
+                a = acc[name]
+                a.add_(t.to(device=a.device, dtype=accumulate, non_blocking=True), alpha=w)
             if on_bytes:
                 on_bytes(fetch.nbytes)
         on_shard(current, _finish(acc, first, dtype))

@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 
+from hfsoup.distributed import Processes
 from hfsoup.evaluation.ensemble import reaches
 from hfsoup.evaluation.scorer import Scorer
 from hfsoup.live import LiveModel, build_model
+from hfsoup.placement import Placement
 from hfsoup.streaming import iter_tensors
 from hfsoup.tensors import FLOAT_DTYPES, IngredientIndex
 
@@ -40,7 +42,17 @@ class SoupSession:
         device: torch.device | str = "cpu",
         accumulate: torch.dtype = torch.float32,
         allow_nonfinite: bool = False,
+        placement: Placement | None = None,
     ) -> None:
+        """
+        Args:
+            indexes: the ingredients, checked compatible.
+            device: where the model and the running sum live (when no ``placement``).
+            accumulate: dtype of the running sum (float32, or float64).
+            allow_nonfinite: accept NaN/Inf weights.
+            placement: the model's device map and scoring dtype; each running-sum tensor lives
+                on the device of the parameter it is the sum of.
+        """
         # Greedy reads each ingredient several times: whole files once, then ranges from disk.
         self.indexes = [
             replace(ix, ingredient=replace(ix.ingredient, source=ix.ingredient.source.cached()))
@@ -48,8 +60,11 @@ class SoupSession:
         ]
         first = self.indexes[0]
         self.floats = {n for n, r in first.tensors.items() if r.dtype in FLOAT_DTYPES}
-        self.live = LiveModel(build_model(first.config, device=device), set(first.tensors))
-        self.device, self.accumulate = torch.device(device), accumulate
+        self.placement = placement or Placement.single(device)
+        model = build_model(first.config, placement=self.placement)
+        self.live = LiveModel(model, set(first.tensors))
+        self.device, self.accumulate = self.placement.main_device, accumulate
+        self._pin = any(t.device.type == "cuda" for t in self.live.targets.values())
         self.sum: dict[str, torch.Tensor] = {}
         self.count = 0
         self.allow_nonfinite = allow_nonfinite
@@ -62,7 +77,7 @@ class SoupSession:
     def _stream(self, i: int):
         # Refuse NaN/Inf (unless allowed) the first time each ingredient is read in full.
         check = not self.allow_nonfinite and i not in self._checked
-        yield from iter_tensors(self.indexes[i], check=check)
+        yield from iter_tensors(self.indexes[i], check=check, pin=self._pin)
         self._checked.add(i)
 
     def show(self, i: int) -> None:
@@ -74,25 +89,29 @@ class SoupSession:
         """Start the running sum from ingredient ``i`` and show it."""
         self.sum, self.count = {}, 1
         for name, t in self._stream(i):
+            device = self.live.targets[name].device
             if name in self.floats:
-                self.sum[name] = t.to(self.device, self.accumulate, copy=True)
+                self.sum[name] = t.to(device, self.accumulate, copy=True, non_blocking=True)
             else:
-                self.sum[name] = t.clone()
+                self.sum[name] = t.to(device, copy=True)
         self.show_sum()
 
     def add(self, i: int) -> None:
         """Add ingredient ``i`` into the running sum (an accepted candidate)."""
         for name, t in self._stream(i):
             if name in self.floats:
-                self.sum[name].add_(t.to(self.device, self.accumulate))
+                s = self.sum[name]
+                s.add_(t.to(s.device, self.accumulate, non_blocking=True))
         self.count += 1
 
     def show_candidate(self, i: int) -> None:
         """Show ``(S + θi) / (n + 1)`` without changing ``S``."""
         for name, t in self._stream(i):
             if name in self.floats:
+                s = self.sum[name]
                 self.live.set(
-                    name, (self.sum[name] + t.to(self.device, self.accumulate)) / (self.count + 1)
+                    name,
+                    (s + t.to(s.device, self.accumulate, non_blocking=True)) / (self.count + 1),
                 )
 
     def show_sum(self) -> None:
@@ -131,27 +150,41 @@ class GreedyResult:
 
 
 class _State:
-    """Decisions so far, in a JSON file in the output's temporary folder (for resuming)."""
+    """Decisions so far, in a JSON file in the output's temporary folder (for resuming).
 
-    def __init__(self, folder: Path, fingerprint: str) -> None:
-        self.path, self.logits_dir = folder / STATE_FILE, folder / "logits"
-        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+    Only the main process keeps the files (``folder`` is None elsewhere); under
+    ``accelerate launch`` the others receive what it resumes from, so all replay alike.
+    """
+
+    def __init__(self, folder: Path | None, fingerprint: str, processes: Processes) -> None:
+        self.processes = processes
+        self.path = folder / STATE_FILE if folder is not None else None
+        self.logits_dir = folder / "logits" if folder is not None else None
+        data = json.loads(self.path.read_text()) if self.path and self.path.exists() else {}
+        data = processes.broadcast(data)
         if data.get("fingerprint") != fingerprint:
             data = {"fingerprint": fingerprint, "individual": {}, "trace": []}
         self.data = data
         self.resumed = bool(data["individual"])
 
     def save(self) -> None:
+        if self.path is None:
+            return
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1))
         os.replace(tmp, self.path)
 
     def save_logits(self, i: int, logits: dict[str, torch.Tensor]) -> None:
+        if self.logits_dir is None:
+            return
         self.logits_dir.mkdir(exist_ok=True)
         torch.save(logits, self.logits_dir / f"{i}.pt")
 
     def load_logits(self, i: int) -> dict[str, torch.Tensor]:
-        return torch.load(self.logits_dir / f"{i}.pt", weights_only=True)
+        logits = None
+        if self.logits_dir is not None:
+            logits = torch.load(self.logits_dir / f"{i}.pt", weights_only=True)
+        return self.processes.broadcast(logits)
 
 
 def saved_fingerprint(folder: Path) -> str | None:
@@ -167,12 +200,13 @@ def run_greedy(
     scorer: Scorer,
     *,
     labels: Sequence[str],
-    state_dir: Path,
+    state_dir: Path | None,
     fingerprint: str,
     strict: bool = False,
     order: str = "score",
     seed: int = 0,
     log: Callable[[str], None] = lambda _: None,
+    processes: Processes | None = None,
 ) -> GreedyResult:
     """Score each ingredient, then build the greedy soup and the baselines beside it.
 
@@ -180,14 +214,16 @@ def run_greedy(
         session: the live model and running sum over the ingredients.
         scorer: the task's scorer (its cache keeps each ingredient's outputs).
         labels: how each ingredient is named in the trace.
-        state_dir: where decisions are kept so an interrupted run resumes.
+        state_dir: where decisions are kept so an interrupted run resumes (None: nowhere; the
+            processes other than the main one).
         fingerprint: identifies the run (pinned SHAs, task, rule); a state file with another
             fingerprint is ignored.
         strict: accept only on ``>`` (the original code) instead of ``>=``.
         order: ``"score"`` (best first, the paper's Recipe 1) or ``"random"`` (seeded).
+        processes: the processes scoring together (as the scorer's); default this one alone.
     """
     k, splits, sel = len(session.indexes), scorer.task.splits, scorer.selection_split
-    state = _State(state_dir, fingerprint)
+    state = _State(state_dir, fingerprint, processes or Processes())
     if state.resumed:
         log(f"resuming: {len(state.data['individual'])} ingredients scored, "
             f"{len(state.data['trace'])} greedy decisions kept")  # fmt: skip

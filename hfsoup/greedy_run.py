@@ -8,15 +8,18 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hfsoup.distributed import Processes
 from hfsoup.errors import NothingToResumeError
 from hfsoup.evaluation.scorer import Scorer
 from hfsoup.greedy import STATE_FILE, GreedyResult, SoupSession, run_greedy, saved_fingerprint
-from hfsoup.outputs import pin_recipe, results_base, write_card
+from hfsoup.outputs import hardware_record, hardware_section, pin_recipe, results_base, write_card
+from hfsoup.placement import Placement
 from hfsoup.recipe import Recipe
 from hfsoup.report import TRAJECTORY_PNG, markdown_table, model_index, plot_trajectory
 from hfsoup.tensors import IngredientIndex, output_dtype
@@ -24,12 +27,29 @@ from hfsoup.writer import ShardWriter, copy_aux_files, partial_dir, staged_outpu
 
 
 def make_scorer(
-    task: Any, first: IngredientIndex, *, device: torch.device, progress: bool
+    task: Any,
+    first: IngredientIndex,
+    *,
+    progress: bool,
+    device: torch.device | None = None,
+    processes: Processes | None = None,
 ) -> Scorer:
-    """A scorer using the first ingredient's tokenizer / image processor (pinned to its SHA)."""
+    """A scorer using the first ingredient's tokenizer / image processor (pinned to its SHA).
+
+    With several processes the main one loads (and caches) the data first, the others then
+    read it from the cache.
+    """
+    procs = processes or Processes()
     spec = first.ingredient.spec
     source = str(spec.path) if spec.path is not None else spec.repo
-    return Scorer.from_pretrained(task, source, revision=first.ingredient.sha, progress=progress)
+    if not procs.is_main:
+        procs.barrier()
+    scorer = Scorer.from_pretrained(
+        task, source, revision=first.ingredient.sha, progress=progress, processes=procs
+    )
+    if procs.is_main:
+        procs.barrier()
+    return scorer
 
 
 def fingerprint(recipe: Recipe, indexes: Sequence[IngredientIndex]) -> str:
@@ -64,38 +84,50 @@ def run_greedy_soup(
     target: Path,
     overwrite: bool,
     dtype: torch.dtype | None,
-    device: torch.device,
+    placement: Placement,
     accumulate: torch.dtype,
     progress: bool,
     timings: dict[str, float],
     token: str | None = None,
     resume: bool = False,
+    processes: Processes | None = None,
 ) -> dict[str, Any]:
     """Run a greedy soup and write it to ``target``; returns the results.json content.
 
     An interrupted run of the same recipe continues from the state in the output's partial
-    folder; ``resume=True`` insists on it.
+    folder; ``resume=True`` insists on it. Under ``accelerate launch`` every process takes the
+    same decisions (scoring is split between them) and only the main one writes.
 
     Raises:
         NothingToResumeError: ``resume`` and no interrupted run of this recipe was found.
     """
-    if resume:
+    procs = processes or Processes()
+    if resume and procs.is_main:
         _check_resumable(recipe, indexes, target)
-    log = (lambda msg: print(f"hfsoup: {msg}", file=sys.stderr)) if progress else (lambda _: None)
+    chatty = progress and procs.is_main
+    log = (lambda msg: print(f"hfsoup: {msg}", file=sys.stderr)) if chatty else (lambda _: None)
     labels = [ix.ingredient.label for ix in indexes]
     task = recipe.task
     t0 = time.perf_counter()
-    scorer = make_scorer(task, indexes[0], device=device, progress=progress)
+    scorer = make_scorer(task, indexes[0], progress=progress, processes=procs)
     timings["load_task"] = time.perf_counter() - t0
-    with staged_output(target, overwrite=overwrite, keep_partial=True) as tmp:
+    output = staged_output(target, overwrite=overwrite, keep_partial=True)
+    with output if procs.is_main else nullcontext() as tmp:
         session = SoupSession(
-            indexes, device=device, accumulate=accumulate, allow_nonfinite=recipe.allow_nonfinite
-        )
+            indexes, accumulate=accumulate, allow_nonfinite=recipe.allow_nonfinite,
+            placement=placement,
+        )  # fmt: skip
         result = run_greedy(
             session, scorer, labels=labels, state_dir=tmp, fingerprint=fingerprint(recipe, indexes),
             strict=recipe.accept == ">", order=recipe.order, seed=recipe.seed, log=log,
+            processes=procs,
         )  # fmt: skip
         timings.update(result.timings)
+        hardware = hardware_record(procs, placement)
+        if tmp is None:  # not the main process: it scored its share; the main one writes
+            n = len(result.accepted)
+            weights = [1.0 / n if i in result.accepted else 0.0 for i in range(len(indexes))]
+            return results_base(recipe, indexes, weights, timings, shards, hardware)
         t0 = time.perf_counter()
         first = indexes[0].tensors
         writer = ShardWriter(tmp, len(shards))
@@ -113,7 +145,7 @@ def run_greedy_soup(
         pinned = pin_recipe(recipe, indexes)
         sel, metric = scorer.selection_split, scorer.selection_metric
         table = comparison_table(result, sel, metric)
-        results = results_base(pinned, indexes, weights, timings, shards)
+        results = results_base(pinned, indexes, weights, timings, shards, hardware)
         for row, scores in zip(results["ingredients"], result.individual, strict=True):
             row["scores"] = scores
         results["task"] = task.model_dump(mode="json", by_alias=True)
@@ -137,7 +169,8 @@ def run_greedy_soup(
         )  # fmt: skip
         section = _card_section(results, sel, metric)
         index = task_model_index(recipe, target, table, "greedy_soup", indexes[0].config)
-        write_card(tmp, pinned, indexes, weights, sections=[section], model_index=index or None)
+        sections = [section, hardware_section(results)]
+        write_card(tmp, pinned, indexes, weights, sections=sections, model_index=index or None)
         (tmp / "hfsoup_recipe.yaml").write_text(pinned.to_yaml())
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

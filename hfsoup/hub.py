@@ -114,7 +114,7 @@ class Source(ABC):
 
 
 def _buffer(out: bytearray | None, start: int, end: int) -> bytearray:
-    # ``out`` may also be an anonymous mmap (see hfsoup.streaming.read_buffer).
+    # ``out`` may also be an anonymous mmap or a view of a pinned tensor (hfsoup.streaming).
     if out is None:
         return bytearray(end - start)
     if len(out) != end - start:

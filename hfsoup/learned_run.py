@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from hfsoup.distributed import Processes
 from hfsoup.errors import RecipeError
 from hfsoup.greedy import SoupSession, score_ensembles, score_ingredients, score_uniform
 from hfsoup.greedy_run import make_scorer, task_model_index
@@ -29,7 +30,8 @@ from hfsoup.learned import (
     read_ahead_bytes,
     steps_per_epoch,
 )
-from hfsoup.outputs import pin_recipe, results_base, write_card
+from hfsoup.outputs import hardware_record, hardware_section, pin_recipe, results_base, write_card
+from hfsoup.placement import Placement
 from hfsoup.recipe import LearnedConfig, Recipe
 from hfsoup.report import markdown_table
 from hfsoup.tensors import FLOAT_DTYPES, IngredientIndex, output_dtype, parse_size
@@ -93,7 +95,7 @@ def run_learned_soup(
     groups = layer_groups(floats) if config.by_layer else {WHOLE_MODEL: floats}
     labels = [ix.ingredient.label for ix in indexes]
     t0 = time.perf_counter()
-    scorer = make_scorer(task, indexes[0], device=device, progress=progress)
+    scorer = make_scorer(task, indexes[0], progress=progress)
     timings["load_task"] = time.perf_counter() - t0
     check_task(scorer)
     sel, metric = scorer.selection_split, scorer.selection_metric
@@ -142,7 +144,8 @@ def run_learned_soup(
 
         weights = ingredient_weights(result, indexes[0])
         pinned = pin_recipe(recipe, indexes)
-        results = results_base(pinned, indexes, weights, timings, shards)
+        hardware = hardware_record(Processes(), Placement.single(device))
+        results = results_base(pinned, indexes, weights, timings, shards, hardware)
         for row, scores in zip(results["ingredients"], individual, strict=True):
             row["scores"] = scores
         results["task"] = task.model_dump(mode="json", by_alias=True)
@@ -154,7 +157,8 @@ def run_learned_soup(
             plot_alpha(tmp / ALPHA_PNG, result.weights, ingredients=labels, groups=list(groups))
         section = _card_section(results, labels, sel)
         index = task_model_index(recipe, target, table, method, indexes[0].config)
-        write_card(tmp, pinned, indexes, weights, sections=[section], model_index=index or None)
+        sections = [section, hardware_section(results)]
+        write_card(tmp, pinned, indexes, weights, sections=sections, model_index=index or None)
         (tmp / "hfsoup_recipe.yaml").write_text(pinned.to_yaml())
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -7,17 +7,16 @@ parameters in place rather than loading a model per combination.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from hfsoup.errors import IncompatibleIngredientsError
+from hfsoup.placement import Placement
 
 
-def build_model(config: Mapping, *, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """A model of the config's architecture, in float32, on ``device``.
-
-    Built normally rather than on the ``meta`` device: non-persistent buffers (position ids,
-    rotary frequencies) are made in ``__init__`` and are not in any checkpoint.
+def model_class(config: Mapping) -> tuple[type, Any]:
+    """The ``transformers`` class of the config's architecture and its config object.
 
     Raises:
         IncompatibleIngredientsError: the architecture is not one ``transformers`` knows.
@@ -32,9 +31,29 @@ def build_model(config: Mapping, *, device: torch.device | str = "cpu") -> torch
         raise IncompatibleIngredientsError(
             f"architecture {arch!r} is not in transformers; scoring needs a known architecture"
         )
-    cfg = AutoConfig.for_model(**config)
-    model = cls._from_config(cfg, dtype=torch.float32)
-    return model.to(device).eval()
+    return cls, AutoConfig.for_model(**config)
+
+
+def build_model(
+    config: Mapping,
+    *,
+    device: torch.device | str = "cpu",
+    placement: Placement | None = None,
+) -> torch.nn.Module:
+    """A model of the config's architecture, on ``device`` in float32, or as ``placement`` says.
+
+    Built normally rather than on the ``meta`` device: non-persistent buffers (position ids,
+    rotary frequencies) are made in ``__init__`` and are not in any checkpoint. A placement
+    over several devices moves each block to its device (hooks move the activations).
+
+    Raises:
+        IncompatibleIngredientsError: the architecture is not one ``transformers`` knows.
+    """
+    cls, cfg = model_class(config)
+    if placement is None:
+        placement = Placement.single(device)
+    model = cls._from_config(cfg, dtype=placement.score_dtype)
+    return placement.place(model).eval()
 
 
 def checkpoint_names(model: torch.nn.Module) -> dict[str, torch.Tensor]:

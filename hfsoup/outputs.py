@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from hfsoup.card import CardInfo, CardRow, render_card
+from hfsoup.distributed import Processes
+from hfsoup.placement import Placement
 from hfsoup.recipe import Recipe
 from hfsoup.tensors import IngredientIndex
 
@@ -69,8 +71,9 @@ def sweep_hparams(ix: IngredientIndex) -> dict[str, Any]:
 
 
 def results_base(recipe: Recipe, indexes: Sequence[IngredientIndex], weights: Sequence[float],
-                 timings: dict[str, float], shards: Sequence) -> dict[str, Any]:  # fmt: skip
-    """The results.json keys every method shares."""
+                 timings: dict[str, float], shards: Sequence,
+                 hardware: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The results.json keys every method shares (``timings``: wall seconds per phase)."""
     from hfsoup import __version__
 
     return {
@@ -89,4 +92,44 @@ def results_base(recipe: Recipe, indexes: Sequence[IngredientIndex], weights: Se
         ],
         "output": {"shards": len(shards), "parameters": indexes[0].num_parameters},
         "timings": {k: round(v, 4) for k, v in timings.items()},
+        "hardware": hardware or {},
     }
+
+
+def hardware_record(procs: Processes, placement: Placement) -> dict[str, Any]:
+    """The hardware a run used: processes, nodes, device kinds and counts, and the placement.
+
+    A collective under ``accelerate launch``: every process must call it at the same point.
+    """
+    devices = sorted(set(placement.devices.values()))
+    return {**procs.hardware(devices), **placement.describe()}
+
+
+# Phases in the order a run goes through them, as the card lists them.
+_PHASES = {"resolve": "resolve ingredients + read headers", "stream": "stream + average + write",
+           "load_task": "load and preprocess the task", "score_ingredients": "score each ingredient",
+           "uniform_soup": "uniform soup (form + score)", "greedy_soup": "greedy soup (decide + score)",
+           "learn": "learn the mixing weights", "write": "write the soup"}  # fmt: skip
+
+
+def hardware_section(results: dict[str, Any]) -> str:
+    """The card's "Hardware and time" section, from results.json's ``hardware`` and ``timings``."""
+    hw, timings = results.get("hardware") or {}, results.get("timings") or {}
+    devices = ", ".join(f"{d['count']} x {d['name']} ({d['kind']})" for d in hw.get("devices", []))
+    lines = [
+        "## Hardware and time",
+        "",
+        f"Ran as {hw.get('processes', 1)} process(es) on {hw.get('nodes', 1)} node(s): "
+        f"{devices or 'unknown devices'}; scoring dtype `{hw.get('score_dtype', 'float32')}`"
+        + (f", device map `{hw['device_map']}` ({_blocks(hw)})." if hw.get("device_map") else "."),
+        "",
+        "| phase | wall time (s) |",
+        "|---|---|",
+    ]
+    for key, value in timings.items():
+        lines.append(f"| {_PHASES.get(key, key)} | {value:.2f} |")
+    return "\n".join(lines)
+
+
+def _blocks(hw: dict[str, Any]) -> str:
+    return ", ".join(f"{n} block(s) on {d}" for d, n in hw.get("blocks_per_device", {}).items())

@@ -79,13 +79,20 @@ def _fetch(index: IngredientIndex, group: list[TensorRef], slot: int, tag: int) 
     return Fetch(slot, index, group[0].file, group[0].start, group[-1].end, tuple(group), tag)
 
 
-def read_buffer(nbytes: int) -> bytearray | mmap.mmap:
+def read_buffer(nbytes: int, *, pin: bool = False) -> bytearray | mmap.mmap | torch.Tensor:
     """A writable buffer for one read.
 
     Large buffers are anonymous memory maps: they go back to the operating system the moment
     the last tensor viewing them is dropped. Heap buffers of this size would be recycled by
     malloc and fragment, so peak memory would creep up with the number of reads.
+
+    With ``pin`` (the tensors go on to a GPU) the buffer is a page-locked ``uint8`` tensor from
+    torch's pinned-memory cache: copies from it to the GPU run asynchronously
+    (``non_blocking=True``), and the cache does not hand the block out again until the copies
+    that read it have finished.
     """
+    if pin:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     if nbytes < _MMAP_MIN:
         return bytearray(nbytes)
     return mmap.mmap(-1, nbytes)
@@ -94,16 +101,22 @@ def read_buffer(nbytes: int) -> bytearray | mmap.mmap:
 _MMAP_MIN = 1 << 20
 
 
-def read_fetch(fetch: Fetch, buf: bytearray | None = None) -> dict[str, torch.Tensor]:
+def read_fetch(
+    fetch: Fetch, buf: bytearray | mmap.mmap | torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Perform one fetch and view its bytes as tensors (CPU, the file's dtype, no copy).
 
-    ``buf`` (``fetch.nbytes`` long) receives the bytes when given.
+    ``buf`` (``fetch.nbytes`` long) receives the bytes when given; a ``uint8`` tensor buffer
+    (pinned memory) gives tensors that are views of it.
     """
     if fetch.index.pickle:
         from hfsoup.pickled import load_pickled
 
         state = load_pickled(fetch.index.ingredient, fetch.file)
         return _aligned(fetch.index, {r.name: state[r.name] for r in fetch.refs})
+    raw = buf if isinstance(buf, torch.Tensor) else None
+    if raw is not None:
+        buf = memoryview(raw.numpy())
     buf = fetch.index.ingredient.source.read_range(fetch.file, fetch.start, fetch.end, buf)
     out: dict[str, torch.Tensor] = {}
     for ref in fetch.refs:
@@ -111,8 +124,14 @@ def read_fetch(fetch: Fetch, buf: bytearray | None = None) -> dict[str, torch.Te
         if ref.numel == 0:
             out[ref.name] = torch.empty(ref.shape, dtype=dtype)
             continue
-        flat = torch.frombuffer(buf, dtype=dtype, count=ref.numel, offset=ref.start - fetch.start)
-        out[ref.name] = flat.view(ref.shape)
+        offset = ref.start - fetch.start
+        if raw is not None and offset % dtype.itemsize == 0:
+            # A view of the tensor buffer itself, so that its storage (and pinning) is kept.
+            out[ref.name] = raw[offset : ref.end - fetch.start].view(dtype).view(ref.shape)
+            continue
+        flat = torch.frombuffer(buf, dtype=dtype, count=ref.numel, offset=offset)
+        # A misaligned tensor in a tensor buffer is copied out (to plain memory).
+        out[ref.name] = (flat.clone() if raw is not None else flat).view(ref.shape)
     return _aligned(fetch.index, out)
 
 
@@ -142,11 +161,12 @@ def iter_tensors(
     names: Iterable[str] | None = None,
     *,
     check: bool = False,
-    **kwargs: int,
+    **kwargs: Any,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream one ingredient's tensors (all, or ``names``) as ``(name, tensor)`` pairs.
 
-    With ``check``, each float tensor is first passed through :func:`check_finite`.
+    With ``check``, each float tensor is first passed through :func:`check_finite`;
+    ``kwargs`` go to :func:`prefetch`.
     """
     fetches = plan_fetches(index, index.tensors if names is None else names, slot=0)
     for _, tensors in prefetch(fetches, **kwargs):
@@ -157,12 +177,17 @@ def iter_tensors(
 
 
 def prefetch(
-    fetches: Iterable[Fetch], *, workers: int = 4, max_in_flight: int = DEFAULT_IN_FLIGHT
+    fetches: Iterable[Fetch],
+    *,
+    workers: int = 4,
+    max_in_flight: int = DEFAULT_IN_FLIGHT,
+    pin: bool = False,
 ) -> Iterator[tuple[Fetch, dict[str, torch.Tensor]]]:
     """Yield ``(fetch, tensors)`` in order while later fetches run on background threads.
 
     At most ``max_in_flight`` bytes are requested ahead of the consumer (always at least one
     fetch), so peak memory is bounded by that budget, not by the number of ingredients.
+    ``pin``: read into pinned buffers (see :func:`read_buffer`), for tensors bound for a GPU.
     """
     pending: deque[tuple[Fetch, Future]] = deque()
     source = iter(fetches)
@@ -180,7 +205,7 @@ def prefetch(
                 # The buffer is allocated here, on the consuming thread, not by the worker: glibc
                 # keeps memory freed on other threads in per-thread arenas, so buffers made by
                 # workers would pile up there instead of being reused.
-                buf = None if nxt.index.pickle else read_buffer(nxt.nbytes)
+                buf = None if nxt.index.pickle else read_buffer(nxt.nbytes, pin=pin)
                 pending.append((nxt, pool.submit(read_fetch, nxt, buf)))
                 in_flight += nxt.nbytes
             if not pending:

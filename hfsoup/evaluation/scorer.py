@@ -7,7 +7,7 @@ that they can be cached per ingredient and reused by the ensembles.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -15,6 +15,7 @@ import datasets
 import torch
 from huggingface_hub.utils import tqdm
 
+from hfsoup.distributed import Processes
 from hfsoup.errors import TaskError
 from hfsoup.evaluation.data import load_task_splits
 from hfsoup.evaluation.ensemble import ensemble, greedy_ensemble, reaches
@@ -61,6 +62,9 @@ class Scorer:
             by default they stay on the CPU and move to the model's device per batch.
         progress: Show a progress bar per forward pass over a split.
         splits: Already loaded splits (as :func:`load_task_splits` returns them).
+        processes: Score data-parallel with these processes (``accelerate launch``): each
+            runs every ``world``-th batch and the outputs are gathered, so every process gets
+            the whole split's outputs and takes the same decisions. Default: this process alone.
 
     Attributes:
         task: The resolved task.
@@ -86,9 +90,11 @@ class Scorer:
         device: torch.device | str | None = None,
         progress: bool = True,
         splits: dict[str, datasets.Dataset] | None = None,
+        processes: Processes | None = None,
     ) -> None:
         self.task = resolve_task(task)
-        self.progress = progress
+        self.processes = processes or Processes()
+        self.progress = progress and self.processes.is_main
         loaded = splits if splits is not None else load_task_splits(self.task)
         self.metrics = {name: load_metric(name) for name in self.task.metrics}
         self.splits: dict[str, PreparedSplit] = {}
@@ -108,6 +114,7 @@ class Scorer:
         revision: str | None = None,
         device: torch.device | str | None = None,
         progress: bool = True,
+        processes: Processes | None = None,
     ) -> Scorer:
         """A scorer using the tokenizer or image processor and labels of model ``source``.
 
@@ -117,6 +124,7 @@ class Scorer:
             revision: The revision of ``source`` (a pinned commit SHA, ideally).
             device: As in :class:`Scorer`.
             progress: As in :class:`Scorer`.
+            processes: As in :class:`Scorer`.
 
         Raises:
             TaskError: The task's data cannot be loaded, or ``source`` has no fitting
@@ -140,6 +148,7 @@ class Scorer:
             device=device,
             progress=progress,
             splits=loaded,
+            processes=processes,
         )
 
     @property
@@ -181,7 +190,10 @@ class Scorer:
             return self.cache[(key, split)]
         prepared = self.split(split)
         with _evaluating(model):
-            outputs = [self._forward(model, batch) for batch in self._bar(prepared, split)]
+            if self.processes.distributed:
+                outputs = self._gathered(model, prepared, split)
+            else:
+                outputs = [self._forward(model, batch) for batch in self._bar(prepared, split)]
         result = torch.cat(outputs) if outputs else torch.empty(0, 0)
         if key is not None:
             self.cache[(key, split)] = result
@@ -237,14 +249,50 @@ class Scorer:
         needed = required_count(threshold, total, strict=strict)
         correct = scored = 0
         outputs = []
-        with _evaluating(model), self._bar(prepared, split) as batches:
-            for batch, labels in zip(batches, prepared.label_batches(), strict=True):
-                outputs.append(self._forward(model, batch))
-                correct += int(correct_in(_predictions(outputs[-1]), labels).sum())
+        with _evaluating(model):
+            for output, labels in zip(
+                self._in_order(model, prepared, split), prepared.label_batches(), strict=True
+            ):
+                outputs.append(output)
+                correct += int(correct_in(_predictions(output), labels).sum())
                 scored += len(labels)
                 if scored < total and correct + (total - scored) < needed:
                     return EarlyStop(None, scored)
         return EarlyStop(self.selection_score(torch.cat(outputs), split), scored)
+
+    def _in_order(
+        self, model: torch.nn.Module, prepared: PreparedSplit, split: str
+    ) -> Iterator[torch.Tensor]:
+        """The outputs of each batch in turn; with several processes, a round at a time.
+
+        In a round every process runs one batch (process ``r`` the ``r``-th of the round) and
+        the outputs are gathered; the consumer then sees them in batch order, exactly as a
+        single process would, and may stop between any two (the batches already run beyond
+        that point are wasted, never counted).
+        """
+        if not self.processes.distributed:
+            with self._bar(prepared, split) as batches:
+                for batch in batches:
+                    yield self._forward(model, batch)
+            return
+        n, world, rank = len(prepared.batches), self.processes.world, self.processes.rank
+        for start in self._bar(range(0, n, world), split):
+            mine = start + rank
+            output = self._forward(model, prepared.batches[mine]) if mine < n else None
+            yield from self.processes.gather(output)[: n - start]
+
+    def _gathered(
+        self, model: torch.nn.Module, prepared: PreparedSplit, split: str
+    ) -> list[torch.Tensor]:
+        """Every batch's outputs: this process runs its share, the rest are gathered."""
+        mine = {
+            i: self._forward(model, prepared.batches[i])
+            for i in self._bar(self.processes.shard(len(prepared.batches)), split)
+        }
+        everyone: dict[int, torch.Tensor] = {}
+        for part in self.processes.gather(mine):
+            everyone.update(part)
+        return [everyone[i] for i in range(len(prepared.batches))]
 
     @staticmethod
     def ensemble(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -268,14 +316,16 @@ class Scorer:
     @staticmethod
     @torch.inference_mode()
     def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        output = model(**_to(batch, next(model.parameters()).device))
+        # Batches go to the first block's device (with a device map, hooks carry them on);
+        # float inputs (pixel values) take the model's dtype (--score-dtype).
+        first = next(model.parameters())
+        output = model(**_to(batch, first.device, first.dtype))
         logits = output.logits if hasattr(output, "logits") else output[0]
         return logits.float().cpu()
 
-    def _bar(self, prepared: PreparedSplit, split: str) -> Any:
-        return tqdm(
-            prepared.batches, desc=f"scoring {split}", disable=not self.progress, leave=False
-        )
+    def _bar(self, items: PreparedSplit | Iterable, split: str) -> Any:
+        items = items.batches if isinstance(items, PreparedSplit) else items
+        return tqdm(items, desc=f"scoring {split}", disable=not self.progress, leave=False)
 
 
 def required_count(threshold: float, total: int, *, strict: bool = False) -> int:
@@ -310,5 +360,10 @@ def _predictions(outputs: torch.Tensor) -> torch.Tensor:
     return outputs.squeeze(-1) if outputs.shape[-1] == 1 else outputs.argmax(dim=-1)
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in batch.items()}
+def _to(
+    batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    return {
+        key: value.to(device, dtype) if dtype and value.is_floating_point() else value.to(device)
+        for key, value in batch.items()
+    }

@@ -427,12 +427,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_main() -> bool:
     """Whether this is the process that prints (the only one, or rank 0 under a launcher)."""
-    return os.environ.get("RANK", "0") in ("", "0")
+    from hfsoup.distributed import launched_rank
+
+    return launched_rank() == 0
 
 
 def _who() -> str:
     """``hfsoup``, or ``hfsoup[rank R]`` in the processes of ``accelerate launch`` but the main."""
-    return "hfsoup" if _is_main() else f"hfsoup[rank {os.environ['RANK']}]"
+    from hfsoup.distributed import launched_rank
+
+    return "hfsoup" if _is_main() else f"hfsoup[rank {launched_rank()}]"
 
 
 def _left_behind(args: argparse.Namespace) -> str:

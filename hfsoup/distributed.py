@@ -121,11 +121,21 @@ def _cpu_only() -> bool:
     return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
 
 
-def _launched_world() -> int:
-    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+def _from_env(keys: tuple[str, ...], default: int) -> int:
+    for key in keys:
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
-    return 1
+    return default
+
+
+def _launched_world() -> int:
+    return _from_env(("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"), 1)
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (0 when not launched), read from the
+    environment alone: safe in error paths, where joining the process group could hang."""
+    return _from_env(("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"), 0)
 
 
 @cache

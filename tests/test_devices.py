@@ -229,3 +229,20 @@ def test_two_processes_take_the_single_process_decisions(sentiment, tmp_path, ap
     assert stdout.count('"hardware"') == 1
     commits = [c.title for c in api.list_repo_commits(pushed)]
     assert commits.count("Upload model soup made with hfsoup") == 1
+
+
+def test_two_process_evaluate_reports_what_one_process_does(sentiment, tmp_path):
+    task = tmp_path / "task.yaml"
+    task.write_text(json.dumps(sentiment["task"]))  # JSON is YAML
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    reports = {}
+    for n in (1, 2):
+        proc = _launch(["evaluate", *sentiment["repos"][:3], "--task", str(task), "--json", "-q"],
+                       n, env)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports[n] = json.loads(proc.stdout)  # one JSON document: only the main process printed
+    one, two = reports[1], reports[2]
+    assert two["hardware"]["processes"] == 2
+    for key in ("table", "greedy_ensemble", "selection"):
+        assert two[key] == one[key], key
+    assert [r["scores"] for r in two["ingredients"]] == [r["scores"] for r in one["ingredients"]]

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from hfsoup.errors import (
     RecipeError,
 )
 from hfsoup.hub import IngredientSpec, parse_ingredient, push_folder, resolve
-from hfsoup.outputs import hardware_record, hardware_section, pin_recipe, results_base, write_card
+from hfsoup.outputs import hardware_record, pin_recipe, results_base, write_soup_files
 from hfsoup.placement import SCORE_DTYPES, parse_max_memory, plan_placement
 from hfsoup.recipe import IngredientEntry, OutputConfig, Recipe, build_recipe, load_recipe
 from hfsoup.tensors import (
@@ -259,30 +258,9 @@ def run(
     recipe = recipe.model_copy(update={"output": out})
     if allow_nonfinite:
         recipe = recipe.model_copy(update={"allow_nonfinite": True})
-    if resume and recipe.method != "greedy":
-        raise NothingToResumeError(f"only greedy runs can be resumed, not {recipe.method!r} ones")
-    if not out.dir:
-        raise RecipeError("no output folder: set output.dir in the recipe or pass --output")
-    if recipe.method in ("greedy", "learned") and recipe.task is None:
-        raise RecipeError(
-            f"a {recipe.method} soup needs a task to score on (--task glue/sst2, or a task: block)"
-        )
-    if recipe.learned is not None and recipe.method != "learned":
-        raise RecipeError(f"learned options apply to method 'learned', not {recipe.method!r}")
-    if recipe.method == "learned" and any(e.weight is not None for e in recipe.ingredients):
-        raise RecipeError("method 'learned' learns the weights; give none")
-    if accumulate not in ("float32", "float64"):
-        raise RecipeError(f"accumulate must be float32 or float64, got {accumulate!r}")
-    if score_dtype not in SCORE_DTYPES:
-        raise RecipeError(
-            f"score_dtype must be one of {', '.join(SCORE_DTYPES)}, got {score_dtype!r}"
-        )
     procs = processes()
-    if recipe.method == "learned" and (procs.distributed or device_map or score_dtype != "float32"):
-        raise RecipeError(
-            "learned soups run in one process on one device in float32: drop accelerate launch, "
-            "--device-map and --score-dtype"
-        )
+    _check_run(recipe, resume=resume, accumulate=accumulate, score_dtype=score_dtype,
+               device_map=device_map, procs=procs)  # fmt: skip
     budgets = parse_max_memory(max_memory)
     try:
         shard_bytes = parse_size(out.max_shard_size)
@@ -346,10 +324,38 @@ def run(
         pinned = pin_recipe(recipe, indexes)
         hardware = hardware_record(Processes(), placement)
         results = results_base(pinned, indexes, weights, timings, shards, hardware)
-        write_card(tmp, pinned, indexes, weights, sections=[hardware_section(results)])
-        (tmp / "hfsoup_recipe.yaml").write_text(pinned.to_yaml())
-        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_soup_files(tmp, pinned, indexes, weights, results)
     return _finish(recipe, target, weights, results, timings, token)
+
+
+def _check_run(
+    recipe: Recipe, *, resume: bool, accumulate: str, score_dtype: str, device_map: str | None,
+    procs: Processes,
+) -> None:  # fmt: skip
+    """Refuse, with one clear line, what cannot run before anything is read or written."""
+    if resume and recipe.method != "greedy":
+        raise NothingToResumeError(f"only greedy runs can be resumed, not {recipe.method!r} ones")
+    if not recipe.output.dir:
+        raise RecipeError("no output folder: set output.dir in the recipe or pass --output")
+    if recipe.method in ("greedy", "learned") and recipe.task is None:
+        raise RecipeError(
+            f"a {recipe.method} soup needs a task to score on (--task glue/sst2, or a task: block)"
+        )
+    if recipe.learned is not None and recipe.method != "learned":
+        raise RecipeError(f"learned options apply to method 'learned', not {recipe.method!r}")
+    if recipe.method == "learned" and any(e.weight is not None for e in recipe.ingredients):
+        raise RecipeError("method 'learned' learns the weights; give none")
+    if accumulate not in ("float32", "float64"):
+        raise RecipeError(f"accumulate must be float32 or float64, got {accumulate!r}")
+    if score_dtype not in SCORE_DTYPES:
+        raise RecipeError(
+            f"score_dtype must be one of {', '.join(SCORE_DTYPES)}, got {score_dtype!r}"
+        )
+    if recipe.method == "learned" and (procs.distributed or device_map or score_dtype != "float32"):
+        raise RecipeError(
+            "learned soups run in one process on one device in float32: drop accelerate launch, "
+            "--device-map and --score-dtype"
+        )
 
 
 def weights_of(results: dict[str, Any]) -> list[float]:

@@ -418,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{_who()}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
-        print(f"hfsoup: interrupted; {_left_behind(args)}", file=sys.stderr)
+        print(f"{_who()}: interrupted; {_left_behind(args)}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)
     finally:
         if previous is not None:

@@ -72,11 +72,14 @@ def stream_average(
     """
     first = indexes[0].tensors
     placement = placement or Placement.single(device)
-    on_gpu = any(torch.device(d).type == "cuda" for d in placement.devices.values())
-    kwargs: dict = {"pin": on_gpu}
+    gpus = sorted(
+        {torch.device(d) for d in placement.devices.values() if torch.device(d).type == "cuda"},
+        key=str,
+    )
+    kwargs: dict = {"gpus": gpus}
     if max_in_flight is not None:
         kwargs["max_in_flight"] = max_in_flight
-    with _one_cpu_thread(placement.main_device if not on_gpu else "cuda"):
+    with _one_cpu_thread(placement.main_device if not gpus else "cuda"):
         stream = prefetch(_fetches(indexes, shards), **kwargs)
         current, acc = 0, {}
         for fetch, tensors in stream:

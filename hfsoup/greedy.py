@@ -64,7 +64,9 @@ class SoupSession:
         model = build_model(first.config, placement=self.placement)
         self.live = LiveModel(model, set(first.tensors))
         self.device, self.accumulate = self.placement.main_device, accumulate
-        self._pin = any(t.device.type == "cuda" for t in self.live.targets.values())
+        self._gpus = sorted(
+            {t.device for t in self.live.targets.values() if t.device.type == "cuda"}, key=str
+        )
         self.sum: dict[str, torch.Tensor] = {}
         self.count = 0
         self.allow_nonfinite = allow_nonfinite
@@ -77,7 +79,7 @@ class SoupSession:
     def _stream(self, i: int):
         # Refuse NaN/Inf (unless allowed) the first time each ingredient is read in full.
         check = not self.allow_nonfinite and i not in self._checked
-        yield from iter_tensors(self.indexes[i], check=check, pin=self._pin)
+        yield from iter_tensors(self.indexes[i], check=check, gpus=self._gpus)
         self._checked.add(i)
 
     def show(self, i: int) -> None:

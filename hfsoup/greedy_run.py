@@ -18,12 +18,19 @@ from hfsoup.distributed import Processes
 from hfsoup.errors import NothingToResumeError
 from hfsoup.evaluation.scorer import Scorer
 from hfsoup.greedy import STATE_FILE, GreedyResult, SoupSession, run_greedy, saved_fingerprint
-from hfsoup.outputs import hardware_record, hardware_section, pin_recipe, results_base, write_card
+from hfsoup.outputs import (
+    hardware_record,
+    pin_recipe,
+    results_base,
+    scored_results,
+    write_soup_files,
+    write_weights,
+)
 from hfsoup.placement import Placement
 from hfsoup.recipe import Recipe
 from hfsoup.report import TRAJECTORY_PNG, markdown_table, model_index, plot_trajectory
 from hfsoup.tensors import IngredientIndex, output_dtype
-from hfsoup.writer import ShardWriter, copy_aux_files, partial_dir, staged_output, write_config
+from hfsoup.writer import partial_dir, staged_output
 
 
 def make_scorer(
@@ -130,14 +137,13 @@ def run_greedy_soup(
             return results_base(recipe, indexes, weights, timings, shards, hardware)
         t0 = time.perf_counter()
         first = indexes[0].tensors
-        writer = ShardWriter(tmp, len(shards))
-        for i, names in enumerate(shards):
-            writer.write(i, session.soup_tensors(names, lambda n: output_dtype(first[n], dtype)))
-        writer.finish()
+        write_weights(
+            tmp, indexes, shards,
+            lambda names: session.soup_tensors(names, lambda n: output_dtype(first[n], dtype)),
+            dtype,
+        )  # fmt: skip
         shutil.rmtree(tmp / "logits", ignore_errors=True)
         (tmp / STATE_FILE).unlink(missing_ok=True)
-        write_config(tmp, indexes[0].config, dtype)
-        copy_aux_files(tmp, indexes[0].ingredient)
         timings["write"] = time.perf_counter() - t0
 
         n = len(result.accepted)
@@ -145,10 +151,11 @@ def run_greedy_soup(
         pinned = pin_recipe(recipe, indexes)
         sel, metric = scorer.selection_split, scorer.selection_metric
         table = comparison_table(result, sel, metric)
-        results = results_base(pinned, indexes, weights, timings, shards, hardware)
-        for row, scores in zip(results["ingredients"], result.individual, strict=True):
-            row["scores"] = scores
-        results["task"] = task.model_dump(mode="json", by_alias=True)
+        results = scored_results(
+            pinned, indexes, weights, timings=timings, shards=shards, hardware=hardware,
+            individual=result.individual, table=table,
+            ensemble_members=[labels[i] for i in result.ensemble_members], selection=(sel, metric),
+        )  # fmt: skip
         results["greedy"] = {
             "trace": result.trace,
             "accepted": [labels[i] for i in result.accepted],
@@ -158,21 +165,16 @@ def run_greedy_soup(
             "examples_full_evaluation": result.examples_full,
             "examples_saved": result.examples_full - result.examples_scored,
         }
-        results["greedy_ensemble"] = {"members": [labels[i] for i in result.ensemble_members]}
-        results["table"] = table
-        results["selection"] = {"split": sel, "metric": metric}
-
         plot_trajectory(
             tmp / TRAJECTORY_PNG, result.trace, metric=metric,
             best_individual=table["best_individual"][sel][metric],
             uniform=table["uniform_soup"][sel][metric],
         )  # fmt: skip
-        section = _card_section(results, sel, metric)
         index = task_model_index(recipe, target, table, "greedy_soup", indexes[0].config)
-        sections = [section, hardware_section(results)]
-        write_card(tmp, pinned, indexes, weights, sections=sections, model_index=index or None)
-        (tmp / "hfsoup_recipe.yaml").write_text(pinned.to_yaml())
-        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_soup_files(
+            tmp, pinned, indexes, weights, results,
+            sections=[_card_section(results, sel, metric)], model_index=index or None,
+        )  # fmt: skip
     return results
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -30,12 +29,18 @@ from hfsoup.learned import (
     read_ahead_bytes,
     steps_per_epoch,
 )
-from hfsoup.outputs import hardware_record, hardware_section, pin_recipe, results_base, write_card
+from hfsoup.outputs import (
+    hardware_record,
+    pin_recipe,
+    scored_results,
+    write_soup_files,
+    write_weights,
+)
 from hfsoup.placement import Placement
 from hfsoup.recipe import LearnedConfig, Recipe
 from hfsoup.report import markdown_table
 from hfsoup.tensors import FLOAT_DTYPES, IngredientIndex, output_dtype, parse_size
-from hfsoup.writer import ShardWriter, copy_aux_files, staged_output, write_config
+from hfsoup.writer import staged_output
 
 ALPHA_PNG = "learned_alpha.png"
 
@@ -131,36 +136,33 @@ def run_learned_soup(
         }
 
         t0 = time.perf_counter()
-        writer = ShardWriter(tmp, len(shards))
-        for i, names in enumerate(shards):
-            writer.write(i, {
-                n: session.live.targets[n].detach().to(output_dtype(first[n], dtype), copy=True).cpu()
+        targets = session.live.targets
+        write_weights(
+            tmp, indexes, shards,
+            lambda names: {
+                n: targets[n].detach().to(output_dtype(first[n], dtype), copy=True).cpu()
                 for n in names
-            })  # fmt: skip
-        writer.finish()
-        write_config(tmp, indexes[0].config, dtype)
-        copy_aux_files(tmp, indexes[0].ingredient)
+            },
+            dtype,
+        )  # fmt: skip
         timings["write"] = time.perf_counter() - t0
 
         weights = ingredient_weights(result, indexes[0])
         pinned = pin_recipe(recipe, indexes)
         hardware = hardware_record(Processes(), Placement.single(device))
-        results = results_base(pinned, indexes, weights, timings, shards, hardware)
-        for row, scores in zip(results["ingredients"], individual, strict=True):
-            row["scores"] = scores
-        results["task"] = task.model_dump(mode="json", by_alias=True)
+        results = scored_results(
+            pinned, indexes, weights, timings=timings, shards=shards, hardware=hardware,
+            individual=individual, table=table, ensemble_members=[labels[i] for i in members],
+            selection=(sel, metric),
+        )  # fmt: skip
         results["learned"] = _learned_record(result, config, plan, seconds)
-        results["greedy_ensemble"] = {"members": [labels[i] for i in members]}
-        results["table"] = table
-        results["selection"] = {"split": sel, "metric": metric}
         if config.by_layer:
             plot_alpha(tmp / ALPHA_PNG, result.weights, ingredients=labels, groups=list(groups))
-        section = _card_section(results, labels, sel)
         index = task_model_index(recipe, target, table, method, indexes[0].config)
-        sections = [section, hardware_section(results)]
-        write_card(tmp, pinned, indexes, weights, sections=sections, model_index=index or None)
-        (tmp / "hfsoup_recipe.yaml").write_text(pinned.to_yaml())
-        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_soup_files(
+            tmp, pinned, indexes, weights, results,
+            sections=[_card_section(results, labels, sel)], model_index=index or None,
+        )  # fmt: skip
     return results
 
 

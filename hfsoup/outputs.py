@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from hfsoup.card import CardInfo, CardRow, render_card
 from hfsoup.distributed import Processes
 from hfsoup.placement import Placement
 from hfsoup.recipe import Recipe
 from hfsoup.tensors import IngredientIndex
+from hfsoup.writer import ShardWriter, copy_aux_files, write_config
 
 
 def pin_recipe(recipe: Recipe, indexes: Sequence[IngredientIndex]) -> Recipe:
@@ -133,3 +137,65 @@ def hardware_section(results: dict[str, Any]) -> str:
 
 def _blocks(hw: dict[str, Any]) -> str:
     return ", ".join(f"{n} block(s) on {d}" for d, n in hw.get("blocks_per_device", {}).items())
+
+
+def write_weights(
+    folder: Path,
+    indexes: Sequence[IngredientIndex],
+    shards: Sequence[Sequence[str]],
+    tensors_of: Callable[[Sequence[str]], dict[str, torch.Tensor]],
+    dtype: torch.dtype | None,
+) -> None:
+    """Write the soup's shards (``tensors_of(names)`` per shard, on the CPU, output dtypes),
+    the index, the config and the first ingredient's tokenizer/processor files."""
+    writer = ShardWriter(folder, len(shards))
+    for i, names in enumerate(shards):
+        writer.write(i, tensors_of(names))
+    writer.finish()
+    write_config(folder, indexes[0].config, dtype)
+    copy_aux_files(folder, indexes[0].ingredient)
+
+
+def scored_results(
+    recipe: Recipe,
+    indexes: Sequence[IngredientIndex],
+    weights: Sequence[float],
+    *,
+    timings: dict[str, float],
+    shards: Sequence,
+    hardware: dict[str, Any],
+    individual: Sequence[dict],
+    table: dict[str, Any],
+    ensemble_members: Sequence[str],
+    selection: tuple[str, str],
+) -> dict[str, Any]:
+    """results.json of a scored soup (greedy, learned): the shared keys, the per-ingredient
+    scores, the task, the comparison table, the greedy ensemble and the selection rule."""
+    results = results_base(recipe, indexes, weights, timings, shards, hardware)
+    for row, scores in zip(results["ingredients"], individual, strict=True):
+        row["scores"] = scores
+    results["task"] = recipe.task.model_dump(mode="json", by_alias=True)
+    results["greedy_ensemble"] = {"members": list(ensemble_members)}
+    results["table"] = table
+    results["selection"] = {"split": selection[0], "metric": selection[1]}
+    return results
+
+
+def write_soup_files(
+    folder: Path,
+    recipe: Recipe,
+    indexes: Sequence[IngredientIndex],
+    weights: Sequence[float],
+    results: dict[str, Any],
+    *,
+    sections: Sequence[str] = (),
+    model_index: list[dict] | None = None,
+) -> None:
+    """The card (with the hardware and time section last), the pinned recipe and results.json.
+
+    ``recipe`` is the pinned recipe (:func:`pin_recipe`).
+    """
+    sections = [*sections, hardware_section(results)]
+    write_card(folder, recipe, indexes, weights, sections=sections, model_index=model_index)
+    (folder / "hfsoup_recipe.yaml").write_text(recipe.to_yaml())
+    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -12,7 +12,7 @@ import mmap
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -181,15 +181,18 @@ def prefetch(
     *,
     workers: int = 4,
     max_in_flight: int = DEFAULT_IN_FLIGHT,
-    pin: bool = False,
+    gpus: Sequence[torch.device] = (),
 ) -> Iterator[tuple[Fetch, dict[str, torch.Tensor]]]:
     """Yield ``(fetch, tensors)`` in order while later fetches run on background threads.
 
     At most ``max_in_flight`` bytes are requested ahead of the consumer (always at least one
     fetch), so peak memory is bounded by that budget, not by the number of ingredients.
-    ``pin``: read into pinned buffers (see :func:`read_buffer`), for tensors bound for a GPU.
+    ``gpus``: the GPUs the tensors are bound for; when given, reads land in pinned buffers
+    (see :func:`read_buffer`), kept alive until the copies queued from them have finished.
     """
     pending: deque[tuple[Fetch, Future]] = deque()
+    pin = bool(gpus)
+    copying = _CopiesInFlight(gpus) if pin else None
     source = iter(fetches)
     in_flight = 0
     pool = _Workers(workers)
@@ -215,10 +218,45 @@ def prefetch(
             tensors = future.result()
             in_flight -= fetch.nbytes
             yield fetch, tensors
+            if copying is not None:  # the consumer has queued its copies of ``tensors``
+                copying.hold(tensors)
     finally:
         for _, future in pending:
             future.cancel()
         pool.close(wait=finished)
+        if copying is not None:
+            copying.wait()
+
+
+class _CopiesInFlight:
+    """Keeps pinned buffers alive until the GPU copies queued from them have finished.
+
+    ``non_blocking`` copies from pinned memory return before the bytes have moved; the buffer
+    must outlive them. torch's pinned-memory cache records such copies itself, but only for
+    tensors it can trace to its own blocks; holding the tensors here, each with a CUDA event per
+    device, does not depend on that. Up to ``depth`` fetches stay in flight, so reads, copies
+    and arithmetic still overlap.
+    """
+
+    def __init__(self, gpus: Sequence[torch.device], depth: int = 2) -> None:
+        self.gpus, self.depth = list(gpus), depth
+        self.held: deque[tuple[list, dict[str, torch.Tensor]]] = deque()
+
+    def hold(self, tensors: dict[str, torch.Tensor]) -> None:
+        events = []
+        for device in self.gpus:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            events.append(event)
+        self.held.append((events, tensors))
+        while len(self.held) > self.depth:
+            for event in self.held.popleft()[0]:
+                event.synchronize()
+
+    def wait(self) -> None:
+        while self.held:
+            for event in self.held.popleft()[0]:
+                event.synchronize()
 
 
 class _Workers:

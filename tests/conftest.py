@@ -174,24 +174,11 @@ LRS = [3e-3, 1e-2, 1e-3, 3e-2, 5e-3]
 @pytest.fixture(scope="session")
 def sentiment(tmp_path_factory, hub):
     """Five real tiny fine-tunes on the Hub and a dataset repo with train/validation/test."""
-    from greedy_fixtures import publish_dataset, publish_fine_tunes, sentences, tokenizer
+    from greedy_fixtures import publish_sentiment
     from huggingface_hub import HfApi
 
-    api = HfApi(endpoint=hub.url)
-    tmp = tmp_path_factory.mktemp("sentiment")
-    tok = tokenizer(tmp)
-    splits = {
-        "train": sentences(300, 1),
-        "validation": sentences(200, 2),
-        "test": sentences(200, 3),
-    }
-    dataset = "test-org/keyword-sentiment"
-    publish_dataset(api, dataset, splits, tmp)
-    runs = [{"lr": lr} for lr in LRS]
-    repos, dirs = publish_fine_tunes(
-        api, tmp, tok, splits["train"], runs, prefix="test-org/sentiment-ft"
-    )
-    task = {"dataset": dataset, "selection_split": "validation", "report_splits": ["test"],
-            "input_columns": ["text"], "label_column": "label", "metrics": ["accuracy"],
-            "batch_size": 32}  # fmt: skip
-    return {"repos": repos, "dirs": dirs, "task": task, "splits": splits, "tok": tok}
+    return publish_sentiment(
+        HfApi(endpoint=hub.url), tmp_path_factory.mktemp("sentiment"), [{"lr": lr} for lr in LRS],
+        dataset="test-org/keyword-sentiment", prefix="test-org/sentiment-ft", seeds=(1, 2, 3),
+        sizes=(300, 200, 200), batch_size=32,
+    )  # fmt: skip

@@ -93,3 +93,20 @@ def accuracy(state: dict[str, torch.Tensor], folder, rows, tok) -> float:
         batch = tok([r["text"] for r in rows], padding=True, return_tensors="pt")
         pred = model(**batch).logits.argmax(-1)
     return (pred == torch.tensor([r["label"] for r in rows])).sum().item() / len(rows)
+
+
+def publish_sentiment(
+    api, tmp: Path, runs: list[dict], *, dataset: str, prefix: str, seeds: tuple[int, int, int],
+    sizes: tuple[int, int, int], batch_size: int,
+) -> dict:  # fmt: skip
+    """A train/validation/test keyword-sentiment dataset and one fine-tune per ``runs`` entry,
+    on the Hub. Returns ``{repos, dirs, task, splits, tok}``."""
+    tok = tokenizer(tmp)
+    splits = {name: sentences(n, seed)
+              for name, n, seed in zip(("train", "validation", "test"), sizes, seeds, strict=True)}  # fmt: skip
+    publish_dataset(api, dataset, splits, tmp)
+    repos, dirs = publish_fine_tunes(api, tmp, tok, splits["train"], runs, prefix=prefix)
+    task = {"dataset": dataset, "selection_split": "validation", "report_splits": ["test"],
+            "input_columns": ["text"], "label_column": "label", "metrics": ["accuracy"],
+            "batch_size": batch_size}  # fmt: skip
+    return {"repos": repos, "dirs": dirs, "task": task, "splits": splits, "tok": tok}

@@ -246,3 +246,38 @@ def test_two_process_evaluate_reports_what_one_process_does(sentiment, tmp_path)
     for key in ("table", "greedy_ensemble", "selection"):
         assert two[key] == one[key], key
     assert [r["scores"] for r in two["ingredients"]] == [r["scores"] for r in one["ingredients"]]
+
+
+def test_other_processes_resume_from_what_the_main_process_saved(tmp_path):
+    """Ranks > 0 keep no files: they get the main process's saved decisions and logits."""
+    from collections import deque
+
+    from hfsoup.distributed import Processes
+    from hfsoup.greedy import _State
+
+    main = _State(tmp_path, "fp", Processes())
+    main.data["individual"]["0"] = {"validation": {"accuracy": 0.5}}
+    main.data["trace"].append({"index": 0, "accepted": True})
+    logits = {"validation": torch.randn(4, 2)}
+    main.save_logits(0, logits)
+    main.save()
+
+    class Rank1(Processes):
+        """Rank 1 of 2, receiving in turn what rank 0 broadcasts."""
+
+        def __init__(self, sent):
+            super().__init__(rank=1, world=2)
+            self.sent = deque(sent)
+
+        def broadcast(self, obj):
+            assert not obj  # rank 1 has nothing of its own to send
+            return self.sent.popleft()
+
+    saved = _State(tmp_path, "fp", Processes())  # what rank 0 reads back on resuming
+    other = _State(None, "fp", Rank1([saved.data, saved.load_logits(0)]))
+    assert other.resumed and other.data == main.data
+    assert torch.equal(other.load_logits(0)["validation"], logits["validation"])
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    other.save()
+    other.save_logits(1, logits)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # it wrote nothing

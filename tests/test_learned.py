@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from factories import load_state_dict, tiny_bert_config
-from greedy_fixtures import accuracy, publish_dataset, publish_fine_tunes, sentences, tokenizer
+from greedy_fixtures import accuracy, publish_sentiment
 
 import hfsoup
 from hfsoup.errors import InsufficientMemoryError, RecipeError
@@ -25,20 +25,11 @@ GOOD = 0
 def sentiment(tmp_path_factory, hub):
     from huggingface_hub import HfApi
 
-    api = HfApi(endpoint=hub.url)
-    tmp = tmp_path_factory.mktemp("learned")
-    tok = tokenizer(tmp)
-    splits = {"train": sentences(300, 11), "validation": sentences(160, 12),
-              "test": sentences(160, 13)}  # fmt: skip
-    dataset = "test-org/keyword-sentiment-learned"
-    publish_dataset(api, dataset, splits, tmp)
-    repos, dirs = publish_fine_tunes(
-        api, tmp, tok, splits["train"], RUNS, prefix="test-org/learned-ft"
-    )
-    task = {"dataset": dataset, "selection_split": "validation", "report_splits": ["test"],
-            "input_columns": ["text"], "label_column": "label", "metrics": ["accuracy"],
-            "batch_size": 48}  # fmt: skip
-    return {"repos": repos, "dirs": dirs, "task": task, "splits": splits, "tok": tok}
+    return publish_sentiment(
+        HfApi(endpoint=hub.url), tmp_path_factory.mktemp("learned"), RUNS,
+        dataset="test-org/keyword-sentiment-learned", prefix="test-org/learned-ft",
+        seeds=(11, 12, 13), sizes=(300, 160, 160), batch_size=48,
+    )  # fmt: skip
 
 
 def learn_both_paths(s, **options):

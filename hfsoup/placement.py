@@ -188,7 +188,7 @@ def infer_device_map(
         model, max_memory=scaled, no_split_module_classes=no_split, dtype=score_dtype
     )
     if any(d == "disk" for d in device_map.values()) or not device_map:
-        need = sum(p.numel() for p in model.parameters()) * (score_bytes / share)
+        need = model_bytes(model, accumulate)
         given = ", ".join(f"{k}={v / 2**30:.2f}GiB" for k, v in budgets.items())
         raise InsufficientMemoryError(
             f"the model ({need / 2**30:.2f} GiB with its float32 running sum) does not fit in "
@@ -197,6 +197,12 @@ def infer_device_map(
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     ordered = sorted(device_map.items(), key=lambda item: order.get(item[0], len(order)))
     return {name: _device_name(d) for name, d in ordered}
+
+
+def model_bytes(model: torch.nn.Module, accumulate: torch.dtype = torch.float32) -> int:
+    """Bytes of ``model``'s parameters plus a running sum in ``accumulate`` beside each."""
+    extra = torch.tensor([], dtype=accumulate).element_size()
+    return sum(p.numel() * (p.element_size() + extra) for p in model.parameters())
 
 
 def _device_name(device: int | str | torch.device) -> str:
@@ -230,15 +236,21 @@ def plan_placement(
         device_map: ``None`` (everything on ``device``) or a strategy from :data:`DEVICE_MAPS`.
         max_memory: parsed ``--max-memory``; default: free GPU memory and available RAM.
         all_gpus: plan over every visible GPU (``--device auto`` in one process); otherwise
-            over ``device`` (and the CPU) only.
+            over ``device`` (and the CPU) only. With several GPUs and no ``device_map``, a model
+            (with its running sum) too big for the first GPU is spread as by ``auto``.
 
     Raises:
         RecipeError: ``--max-memory`` without a device map, or naming a GPU that is not visible.
         InsufficientMemoryError: the model does not fit in the memory given.
     """
+    if device_map is None and max_memory:
+        raise RecipeError("--max-memory applies to --device-map; add --device-map auto")
+    if device_map is None and all_gpus and device.type == "cuda" and torch.cuda.device_count() > 1:
+        # --device auto with several GPUs: one GPU if the model and its sum fit there, else all.
+        need = model_bytes(meta_model(config, score_dtype), accumulate)
+        if need > visible_budgets([device.index or 0])[device.index or 0]:
+            device_map = "auto"
     if device_map is None:
-        if max_memory:
-            raise RecipeError("--max-memory applies to --device-map; add --device-map auto")
         return Placement.single(device, score_dtype)
     if device_map not in DEVICE_MAPS:
         raise RecipeError(f"unknown device map {device_map!r} (use {', '.join(DEVICE_MAPS)})")

@@ -78,6 +78,25 @@ def test_gpu_map_spills_to_the_cpu_and_refuses_what_does_not_fit():
             infer_device_map(model, {0: size // 10, "cpu": size // 10}, strategy="sequential")
 
 
+def test_device_auto_spreads_a_model_too_big_for_one_gpu():
+    from hfsoup.placement import model_bytes, plan_placement
+
+    config = _bert_config(num_hidden_layers=4)
+    need = model_bytes(meta_model(config))  # float32 model + float32 sum
+    gpu0 = torch.device("cuda", 0)
+    for free, spread in ((need * 3, False), (int(need * 0.8), True)):
+        with (
+            mock.patch("torch.cuda.device_count", return_value=2),
+            mock.patch("torch.cuda.mem_get_info", return_value=(free, free)),
+        ):
+            placement = plan_placement(config, device=gpu0, all_gpus=True)
+        if spread:
+            assert placement.strategy == "auto"
+            assert {"cuda:0", "cuda:1"} <= set(placement.devices.values()), placement.devices
+        else:
+            assert placement.devices == {"": "cuda:0"} and placement.strategy is None
+
+
 def test_cpu_device_map_and_budget(tiny_greedy, cli, tmp_path):
     from hfsoup.placement import plan_placement
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -205,8 +204,8 @@ def _launch(args: list[str], processes: int, env: dict[str, str]) -> subprocess.
     if processes == 1:
         cmd = [sys.executable, "-m", "hfsoup", *args]
     else:
-        accelerate = shutil.which("accelerate") or "accelerate"
-        cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes),
+        # `accelerate launch`, run as a module of this interpreter (a venv need not be on PATH).
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), "-m", "hfsoup", *args]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

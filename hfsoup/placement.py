@@ -189,10 +189,10 @@ def infer_device_map(
     )
     if any(d == "disk" for d in device_map.values()) or not device_map:
         need = model_bytes(model, accumulate)
-        given = ", ".join(f"{k}={v / 2**30:.2f}GiB" for k, v in budgets.items())
+        given = ", ".join(f"{k}={_size(v)}" for k, v in budgets.items())
         raise InsufficientMemoryError(
-            f"the model ({need / 2**30:.2f} GiB with its float32 running sum) does not fit in "
-            f"the memory given ({given}); raise --max-memory or use more devices"
+            f"the model ({_size(need)} with its running sum) does not fit in the memory given "
+            f"({given}); raise --max-memory or use more devices"
         )
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     ordered = sorted(device_map.items(), key=lambda item: order.get(item[0], len(order)))
@@ -203,6 +203,13 @@ def model_bytes(model: torch.nn.Module, accumulate: torch.dtype = torch.float32)
     """Bytes of ``model``'s parameters plus a running sum in ``accumulate`` beside each."""
     extra = torch.tensor([], dtype=accumulate).element_size()
     return sum(p.numel() * (p.element_size() + extra) for p in model.parameters())
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{int(n)}B"
 
 
 def _device_name(device: int | str | torch.device) -> str:

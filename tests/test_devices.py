@@ -299,3 +299,41 @@ def test_other_processes_resume_from_what_the_main_process_saved(tmp_path):
     other.save()
     other.save_logits(1, logits)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # it wrote nothing
+
+
+def test_reads_for_a_gpu_stay_alive_until_their_copies_are_done(tiny_greedy, monkeypatch):
+    """The GPU read path, with CUDA's events stood in for: every fetch's tensors are held with
+    one event per GPU, at most two fetches stay in flight, and all are waited for at the end."""
+    from hfsoup import streaming
+    from hfsoup.api import load_ingredients
+
+    log: list[tuple] = []
+
+    class Event:
+        def record(self, stream):
+            log.append(("record", stream))
+
+        def synchronize(self):
+            log.append(("sync",))
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream {device}")
+    # Pinned memory needs CUDA; a plain uint8 tensor takes the same (viewing) path.
+    monkeypatch.setattr(
+        streaming, "read_buffer", lambda n, pin=False: torch.empty(n, dtype=torch.uint8)
+    )
+    index = load_ingredients(tiny_greedy["dirs"][:1])[0]
+    expected = load_state_dict(tiny_greedy["dirs"][0])
+    gpus = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    fetches = streaming.plan_fetches(index, index.tensors, slot=0, max_chunk=1)  # one each
+    assert len(fetches) >= 4  # enough fetches for the depth limit to act
+    for seen, (_, tensors) in enumerate(streaming.prefetch(fetches, gpus=gpus)):
+        for name, t in tensors.items():
+            assert torch.equal(t, expected[name])
+        # Before this fetch's event is recorded, at most two earlier fetches are unsynchronised.
+        records = sum(1 for e in log if e[0] == "record") // len(gpus)
+        syncs = sum(1 for e in log if e[0] == "sync") // len(gpus)
+        assert records == seen and records - syncs <= 2
+    assert [e for e in log if e[0] == "record"][:2] == [("record", "stream cuda:0"),
+                                                       ("record", "stream cuda:1")]  # fmt: skip
+    assert log.count(("sync",)) == len(gpus) * len(fetches)  # every copy was waited for

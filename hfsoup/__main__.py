@@ -1,3 +1,3 @@
-from hfsoup.cli import main
+from hfsoup.cli import entry
 
-raise SystemExit(main())
+entry()

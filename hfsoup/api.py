@@ -209,6 +209,7 @@ def run(
     *,
     output: str | Path | None = None,
     push_to: str | None = None,
+    private: bool = False,
     overwrite: bool = False,
     device: str = "auto",
     token: str | None = None,
@@ -227,6 +228,7 @@ def run(
 
     Args:
         output / push_to: override the recipe's ``output.dir`` / ``output.push_to``.
+        private: create the pushed repo as private (else ``output.private`` decides).
         overwrite: replace a non-empty output folder.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``. Under
             ``accelerate launch``, ``auto`` is each process's own GPU.
@@ -253,7 +255,15 @@ def run(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = recipe.output.model_copy(
-        update={k: v for k, v in {"dir": output and str(output), "push_to": push_to}.items() if v}
+        update={
+            k: v
+            for k, v in {
+                "dir": output and str(output),
+                "push_to": push_to,
+                "private": private,
+            }.items()
+            if v
+        }
     )
     recipe = recipe.model_copy(update={"output": out})
     if allow_nonfinite:
@@ -262,6 +272,11 @@ def run(
     _check_run(recipe, resume=resume, accumulate=accumulate, score_dtype=score_dtype,
                device_map=device_map, procs=procs)  # fmt: skip
     budgets = parse_max_memory(max_memory)
+    # Weights are checked before any network call (their count is the ingredients').
+    given = [e.weight for e in recipe.ingredients]
+    if any(w is not None for w in given) and any(w is None for w in given):
+        raise RecipeError("give a weight for every ingredient, or for none")
+    weights = normalise_weights(len(given), None if given[0] is None else given)
     try:
         shard_bytes = parse_size(out.max_shard_size)
     except ValueError as exc:
@@ -282,10 +297,6 @@ def run(
         score_dtype=SCORE_DTYPES[score_dtype], accumulate=_DTYPES[accumulate],
         all_gpus=device == "auto" and not procs.distributed,
     )  # fmt: skip
-    given = [e.weight for e in recipe.ingredients]
-    if any(w is not None for w in given) and any(w is None for w in given):
-        raise RecipeError("give a weight for every ingredient, or for none")
-    weights = normalise_weights(len(indexes), None if given[0] is None else given)
     dtype = _DTYPES[out.dtype] if out.dtype else None
     shards = plan_shards(indexes[0], max_shard_size=shard_bytes, dtype=dtype)
 
@@ -295,7 +306,7 @@ def run(
         results = run_greedy_soup(
             recipe, indexes, shards, target=target, overwrite=overwrite, dtype=dtype,
             placement=placement, accumulate=_DTYPES[accumulate], progress=progress,
-            timings=timings, token=token, resume=resume, processes=procs,
+            timings=timings, resume=resume, processes=procs,
         )  # fmt: skip
         if not procs.is_main:
             return SoupResult(target, recipe.method, weights_of(results), results, timings=timings)
@@ -343,18 +354,23 @@ def _check_run(
         )
     if recipe.learned is not None and recipe.method != "learned":
         raise RecipeError(f"learned options apply to method 'learned', not {recipe.method!r}")
-    if recipe.method == "learned" and any(e.weight is not None for e in recipe.ingredients):
-        raise RecipeError("method 'learned' learns the weights; give none")
+    if recipe.method in ("learned", "greedy") and any(
+        e.weight is not None for e in recipe.ingredients
+    ):
+        verb = "learns the weights" if recipe.method == "learned" else "chooses its ingredients"
+        raise RecipeError(f"method {recipe.method!r} {verb}; give no weights")
     if accumulate not in ("float32", "float64"):
         raise RecipeError(f"accumulate must be float32 or float64, got {accumulate!r}")
     if score_dtype not in SCORE_DTYPES:
         raise RecipeError(
             f"score_dtype must be one of {', '.join(SCORE_DTYPES)}, got {score_dtype!r}"
         )
-    if recipe.method == "learned" and (procs.distributed or device_map or score_dtype != "float32"):
+    if recipe.method == "learned" and (
+        procs.distributed or device_map or score_dtype != "float32" or accumulate != "float32"
+    ):
         raise RecipeError(
             "learned soups run in one process on one device in float32: drop accelerate launch, "
-            "--device-map and --score-dtype"
+            "--device-map, --score-dtype and --accumulate"
         )
 
 
@@ -495,23 +511,12 @@ def push(
     )
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
 def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
     from huggingface_hub.utils import tqdm
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
+    return tqdm(
+        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled
+    )
 
 
 __all__ = [

@@ -129,10 +129,10 @@ def task_from_args(args: argparse.Namespace) -> Any:
         raise RecipeError("give --task or --dataset, not both")
     if args.task:
         if args.task.endswith((".yaml", ".yml")):
-            import yaml
-
-            with open(args.task, encoding="utf-8") as f:
-                return {**yaml.safe_load(f), **overrides}
+            data = _read_yaml(args.task, "task file")
+            if not isinstance(data, dict):
+                raise RecipeError(f"task file {args.task}: a mapping of task keys was expected")
+            return {**data, **overrides}
         if not overrides:
             return args.task
         from hfsoup.evaluation.task import resolve_task
@@ -143,6 +143,20 @@ def task_from_args(args: argparse.Namespace) -> Any:
     if overrides:
         raise RecipeError("task options given without --task or --dataset")
     return None
+
+
+def _read_yaml(path: str | None, what: str, *, text: str | None = None) -> Any:
+    """YAML (or JSON) from ``path``, or ``text``; a missing file or bad YAML is a RecipeError."""
+    import yaml
+
+    try:
+        if text is None:
+            text = Path(path).read_text(encoding="utf-8")
+        return yaml.safe_load(text)
+    except OSError as exc:
+        raise RecipeError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{what} {path or ''}: not valid YAML ({exc.problem})") from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,7 +354,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if _is_main():
             _print_evaluation(report, args.json)
     elif args.command == "run":
-        result = api.run(args.recipe, output=args.output, push_to=args.push_to, **run_options)
+        result = api.run(args.recipe, output=args.output, push_to=args.push_to,
+                         private=args.private, **run_options)  # fmt: skip
         if _is_main():
             _print_soup(result, args.json)
     elif args.command == "push":
@@ -363,7 +378,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace, progress: bool) -> list[str]:
-    from hfsoup.sweep import SweepRecipe, load_sweep_recipe, sweep
+    from hfsoup.sweep import SweepRecipe, load_sweep_recipe, sweep, validation_line
 
     if args.recipe:
         recipe = load_sweep_recipe(args.recipe)
@@ -377,15 +392,14 @@ def _sweep(args: argparse.Namespace, progress: bool) -> list[str]:
                   "output_dir": args.output_dir, "seed": args.seed, "train_split": args.train_split,
                   "train_limit": args.train_limit}  # fmt: skip
         if args.space:
-            import yaml
-
-            spec = Path(args.space)
-            text = spec.read_text() if spec.suffix in (".yaml", ".yml", ".json") else args.space
-            fields["space"] = yaml.safe_load(text)
+            if Path(args.space).suffix in (".yaml", ".yml", ".json"):
+                fields["space"] = _read_yaml(args.space, "search space file")
+            else:
+                fields["space"] = _read_yaml(None, "--space", text=args.space)
         try:
             recipe = SweepRecipe.model_validate(fields)
         except ValueError as exc:  # pydantic's ValidationError
-            raise RecipeError(f"sweep options: {str(exc).splitlines()[2].strip()}") from exc
+            raise RecipeError(f"sweep options: {validation_line(exc)}") from exc
     return sweep(recipe, progress=progress)
 
 
@@ -395,6 +409,24 @@ class _Terminated(KeyboardInterrupt):
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminated
+
+
+_INTERRUPTED = threading.Event()
+
+
+def entry() -> None:
+    """The console script and ``python -m hfsoup``: :func:`main`, then exit.
+
+    After an interruption the output is already cleaned up, but fetch threads may still sit in
+    a stalled read; a normal interpreter shutdown with them inside native code can abort the
+    process ("terminate called without an active exception"), so the process ends at once.
+    """
+    code = main()
+    if _INTERRUPTED.is_set():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -419,6 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
         print(f"{_who()}: interrupted; {_left_behind(args)}", file=sys.stderr)
+        _INTERRUPTED.set()
         return 128 + (signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)
     finally:
         if previous is not None:
@@ -451,4 +484,4 @@ def _left_behind(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

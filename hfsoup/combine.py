@@ -6,6 +6,7 @@ each streamed tensor is added into its accumulator and each finished output shar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -27,8 +28,10 @@ def normalise_weights(k: int, weights: Sequence[float] | None) -> list[float]:
         return [1.0 / k] * k
     if len(weights) != k:
         raise RecipeError(f"got {len(weights)} weights for {k} ingredients")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise RecipeError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise RecipeError(
+            f"weights must be finite and >= 0 with a positive sum, got {list(weights)}"
+        )
     total = float(sum(weights))
     return [w / total for w in weights]
 

@@ -162,8 +162,7 @@ class _State:
         self.processes = processes
         self.path = folder / STATE_FILE if folder is not None else None
         self.logits_dir = folder / "logits" if folder is not None else None
-        data = json.loads(self.path.read_text()) if self.path and self.path.exists() else {}
-        data = processes.broadcast(data)
+        data = processes.broadcast(_read_state(folder) if folder is not None else {})
         if data.get("fingerprint") != fingerprint:
             data = {"fingerprint": fingerprint, "individual": {}, "trace": []}
         self.data = data
@@ -189,12 +188,19 @@ class _State:
         return self.processes.broadcast(logits)
 
 
+def _read_state(folder: Path) -> dict[str, Any]:
+    """The saved decisions in ``folder``; empty when there are none or the file is damaged
+    (a damaged state is not resumed: the run starts afresh)."""
+    try:
+        data = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def saved_fingerprint(folder: Path) -> str | None:
     """The fingerprint of the interrupted run whose decisions ``folder`` holds, or None."""
-    try:
-        return json.loads((folder / STATE_FILE).read_text()).get("fingerprint")
-    except (OSError, ValueError):
-        return None
+    return _read_state(folder).get("fingerprint")
 
 
 def run_greedy(

@@ -34,12 +34,7 @@ from hfsoup.writer import partial_dir, staged_output
 
 
 def make_scorer(
-    task: Any,
-    first: IngredientIndex,
-    *,
-    progress: bool,
-    device: torch.device | None = None,
-    processes: Processes | None = None,
+    task: Any, first: IngredientIndex, *, progress: bool, processes: Processes | None = None
 ) -> Scorer:
     """A scorer using the first ingredient's tokenizer / image processor (pinned to its SHA).
 
@@ -95,7 +90,6 @@ def run_greedy_soup(
     accumulate: torch.dtype,
     progress: bool,
     timings: dict[str, float],
-    token: str | None = None,
     resume: bool = False,
     processes: Processes | None = None,
 ) -> dict[str, Any]:
@@ -131,9 +125,9 @@ def run_greedy_soup(
         )  # fmt: skip
         timings.update(result.timings)
         hardware = hardware_record(procs, placement)
+        n = len(result.accepted)
+        weights = [1.0 / n if i in result.accepted else 0.0 for i in range(len(indexes))]
         if tmp is None:  # not the main process: it scored its share; the main one writes
-            n = len(result.accepted)
-            weights = [1.0 / n if i in result.accepted else 0.0 for i in range(len(indexes))]
             return results_base(recipe, indexes, weights, timings, shards, hardware)
         t0 = time.perf_counter()
         first = indexes[0].tensors
@@ -142,12 +136,8 @@ def run_greedy_soup(
             lambda names: session.soup_tensors(names, lambda n: output_dtype(first[n], dtype)),
             dtype,
         )  # fmt: skip
-        shutil.rmtree(tmp / "logits", ignore_errors=True)
-        (tmp / STATE_FILE).unlink(missing_ok=True)
         timings["write"] = time.perf_counter() - t0
 
-        n = len(result.accepted)
-        weights = [1.0 / n if i in result.accepted else 0.0 for i in range(len(indexes))]
         pinned = pin_recipe(recipe, indexes)
         sel, metric = scorer.selection_split, scorer.selection_metric
         table = comparison_table(result, sel, metric)
@@ -175,6 +165,9 @@ def run_greedy_soup(
             tmp, pinned, indexes, weights, results,
             sections=[_card_section(results, sel, metric)], model_index=index or None,
         )  # fmt: skip
+        # Only now that everything is written: a failed write above keeps the run resumable.
+        shutil.rmtree(tmp / "logits", ignore_errors=True)
+        (tmp / STATE_FILE).unlink(missing_ok=True)
     return results
 
 

@@ -8,7 +8,6 @@ a soup is being made cannot mix two versions of one ingredient.
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import time
@@ -77,9 +76,10 @@ def parse_ingredient(text: str, *, weight: float | None = None) -> IngredientSpe
     local = Path(text).expanduser()
     if local.is_dir():
         return IngredientSpec(path=local.resolve(), weight=weight)
-    if text.startswith((".", "/", "~")) or text.count("/") > 1:
-        raise IngredientNotFoundError(f"ingredient {text!r}: no such local directory")
     repo, sep, revision = text.partition("@")
+    # A revision may hold slashes (refs/pr/1, feature/x); only the repo part may not.
+    if text.startswith((".", "/", "~")) or repo.count("/") > 1:
+        raise IngredientNotFoundError(f"ingredient {text!r}: no such local directory")
     if not _REPO_RE.match(repo) or (sep and not revision) or ".." in repo:
         raise IngredientSpecError(
             f"ingredient {text!r} is not 'org/name', 'org/name@revision' or a local directory"
@@ -103,7 +103,23 @@ class Source(ABC):
         """A local path holding the whole file (downloaded into the HF cache if needed)."""
 
     def read_json(self, filename: str) -> dict[str, Any]:
-        return json.loads(self.local_file(filename).read_text(encoding="utf-8"))
+        """A JSON object file of the ingredient (config.json, ...).
+
+        Raises:
+            CorruptWeightsError: the file is not a JSON object.
+        """
+        text = self.local_file(filename).read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise CorruptWeightsError(f"{self.where(filename)}: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise CorruptWeightsError(f"{self.where(filename)}: a JSON object was expected")
+        return data
+
+    def where(self, filename: str) -> str:
+        """How ``filename`` is named in messages (with its repo or folder)."""
+        return filename
 
     def cached(self) -> Source:
         """A source that downloads each file whole once, then reads ranges from disk.
@@ -144,6 +160,9 @@ class _DiskCached(Source):
     def local_file(self, filename: str) -> Path:
         return self.inner.local_file(filename)
 
+    def where(self, filename: str) -> str:
+        return self.inner.where(filename)
+
     def cached(self) -> Source:
         return self
 
@@ -169,6 +188,9 @@ class LocalSource(Source):
 
     def cached(self) -> Source:
         return self
+
+    def where(self, filename: str) -> str:
+        return f"{self.root}/{filename}"
 
     def local_file(self, filename: str) -> Path:
         path = (self.root / filename).resolve()
@@ -198,6 +220,9 @@ class HubSource(Source):
         self._verified: dict[str, Path] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+
+    def where(self, filename: str) -> str:
+        return f"{self.repo}/{filename}"
 
     def _url(self, filename: str) -> str:
         from huggingface_hub import constants, hf_hub_url
@@ -362,6 +387,10 @@ def _call_hub(fn: Callable[[], T], *, what: str) -> T:
             raise IngredientNotFoundError(
                 f"{what}: repository not found (or private: {_LOGIN_HINT})"
             ) from exc
+        except errors.LocalEntryNotFoundError as exc:
+            # A subclass of EntryNotFoundError: the file is not cached and the Hub could not be
+            # reached. hf_hub_download has retried already; another loop would only wait longer.
+            raise HubConnectionError(f"{what}: cannot reach the Hub at {_endpoint()}") from exc
         except errors.EntryNotFoundError as exc:
             raise IngredientNotFoundError(f"{what}: file not found") from exc
         except errors.HfHubHTTPError as exc:
@@ -379,7 +408,7 @@ def _call_hub(fn: Callable[[], T], *, what: str) -> T:
                 + (f" (gave up after {_RETRIES} retries)" if transient else "")
             ) from exc
         except Exception as exc:
-            if not _is_network_error(exc) and not isinstance(exc, errors.LocalEntryNotFoundError):
+            if not _is_network_error(exc):
                 raise
             if attempt < _RETRIES:
                 time.sleep(_BACKOFF_S * 2**attempt)
@@ -495,10 +524,3 @@ def _push_reason(exc: BaseException) -> str:
     if _is_network_error(exc):
         return f"cannot reach the Hub at {_endpoint()}"
     return type(exc).__name__
-
-
-def token_from_env() -> str | None:
-    """The token huggingface_hub would use (``HF_TOKEN`` or the stored login), if any."""
-    from huggingface_hub import get_token
-
-    return os.environ.get("HF_TOKEN") or get_token()

@@ -17,7 +17,6 @@ selection split with Adam. Two paths compute the same gradients:
 from __future__ import annotations
 
 import math
-import os
 import random
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -130,12 +129,9 @@ def available_memory(device: torch.device) -> tuple[int, str]:
     """Bytes free on ``device`` (GPU memory, or the RAM the OS can give) and where from."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0], f"free on {device}"
-    try:
-        import psutil
+    import psutil
 
-        return psutil.virtual_memory().available, "available RAM"
-    except ImportError:  # pragma: no cover - psutil comes with accelerate
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free RAM"
+    return psutil.virtual_memory().available, "available RAM"
 
 
 def activation_bytes(config: dict[str, Any], *, batch_size: int, max_length: int) -> int:

@@ -105,7 +105,7 @@ def run_learned_soup(
     check_task(scorer)
     sel, metric = scorer.selection_split, scorer.selection_metric
     with staged_output(target, overwrite=overwrite) as tmp:
-        session = SoupSession(indexes, device=device)
+        session = SoupSession(indexes, device=device, allow_nonfinite=recipe.allow_nonfinite)
         t0 = time.perf_counter()
         individual = score_ingredients(session, scorer, labels=labels, log=log)
         timings["score_ingredients"] = time.perf_counter() - t0

@@ -34,13 +34,8 @@ def model_class(config: Mapping) -> tuple[type, Any]:
     return cls, AutoConfig.for_model(**config)
 
 
-def build_model(
-    config: Mapping,
-    *,
-    device: torch.device | str = "cpu",
-    placement: Placement | None = None,
-) -> torch.nn.Module:
-    """A model of the config's architecture, on ``device`` in float32, or as ``placement`` says.
+def build_model(config: Mapping, *, placement: Placement | None = None) -> torch.nn.Module:
+    """A model of the config's architecture, as ``placement`` says (default: CPU, float32).
 
     Built normally rather than on the ``meta`` device: non-persistent buffers (position ids,
     rotary frequencies) are made in ``__init__`` and are not in any checkpoint. A placement
@@ -50,8 +45,7 @@ def build_model(
         IncompatibleIngredientsError: the architecture is not one ``transformers`` knows.
     """
     cls, cfg = model_class(config)
-    if placement is None:
-        placement = Placement.single(device)
+    placement = placement or Placement.single("cpu")
     model = cls._from_config(cfg, dtype=placement.score_dtype)
     return placement.place(model).eval()
 
@@ -101,15 +95,6 @@ class LiveModel:
         """Overwrite one parameter (cast to its dtype and device)."""
         self.targets[name].copy_(value)
 
-    @torch.no_grad()
-    def set_all(self, values: Mapping[str, torch.Tensor]) -> None:
-        for name, value in values.items():
-            self.targets[name].copy_(value)
-
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A copy of every parameter, for tests that compare states bit for bit."""
         return {n: t.detach().clone() for n, t in self.targets.items()}
-
-    @property
-    def device(self) -> torch.device:
-        return next(iter(self.targets.values())).device

@@ -197,5 +197,5 @@ def write_soup_files(
     """
     sections = [*sections, hardware_section(results)]
     write_card(folder, recipe, indexes, weights, sections=sections, model_index=model_index)
-    (folder / "hfsoup_recipe.yaml").write_text(recipe.to_yaml())
-    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (folder / "hfsoup_recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -252,9 +252,11 @@ def plan_placement(
     """
     if device_map is None and max_memory:
         raise RecipeError("--max-memory applies to --device-map; add --device-map auto")
+    model = None  # the meta model, built at most once
     if device_map is None and all_gpus and device.type == "cuda" and torch.cuda.device_count() > 1:
         # --device auto with several GPUs: one GPU if the model and its sum fit there, else all.
-        need = model_bytes(meta_model(config, score_dtype), accumulate)
+        model = meta_model(config, score_dtype)
+        need = model_bytes(model, accumulate)
         if need > visible_budgets([device.index or 0])[device.index or 0]:
             device_map = "auto"
     if device_map is None:
@@ -271,7 +273,7 @@ def plan_placement(
             seen = ", ".join(map(str, gpus)) or "none"
             raise RecipeError(f"--max-memory names GPU {key}, but the GPUs in use are: {seen}")
     budgets.setdefault("cpu", visible_budgets([])["cpu"])
-    model = meta_model(config, score_dtype)
+    model = model if model is not None else meta_model(config, score_dtype)
     devices = infer_device_map(
         model, budgets, strategy=device_map, score_dtype=score_dtype, accumulate=accumulate
     )

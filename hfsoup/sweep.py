@@ -91,10 +91,16 @@ def load_sweep_recipe(path: str | Path) -> SweepRecipe:
         return SweepRecipe.model_validate(data)
     except OSError as exc:
         raise RecipeError(f"cannot read sweep recipe {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({exc.problem})") from exc
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise RecipeError(f"{path}: {key}: {err['msg']}") from exc
+        raise RecipeError(f"{path}: {validation_line(exc)}") from exc
+
+
+def validation_line(exc: Any) -> str:
+    """``key: message`` for the first problem pydantic's ``ValidationError`` reports."""
+    err = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
 
 
 def _log(message: str, progress: bool) -> None:
@@ -257,7 +263,7 @@ def sweep(recipe: SweepRecipe, *, progress: bool = True, token: str | None = Non
         (folder / HPARAMS_FILE).write_text(
             json.dumps({**hp, "train_seconds": round(seconds, 1)}, indent=2)
         )
-        (folder / "README.md").write_text(ingredient_card(recipe, hp, scores, i))
+        (folder / "README.md").write_text(ingredient_card(recipe, hp, scores, i), encoding="utf-8")
         shutil.rmtree(folder / "trainer", ignore_errors=True)
         ingredient = str(folder)
         if recipe.push_prefix:

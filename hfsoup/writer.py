@@ -11,6 +11,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from hfsoup.errors import OutputExistsError, OutputWriteError
@@ -158,11 +160,19 @@ class ShardWriter:
 
     def write(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         name = shard_filename(i, self.num_shards)
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()},
-            self.folder / name,
-            metadata={"format": "pt"},
-        )
+        try:
+            save_file(
+                {k: v.contiguous() for k, v in tensors.items()},
+                self.folder / name,
+                metadata={"format": "pt"},
+            )
+        except SafetensorError as exc:
+            # safetensors reports I/O failures (a full disk) as its own error, "... (os error N)";
+            # as an OSError, staged_output turns it into the one-line OutputWriteError.
+            code = re.search(r"\(os error (\d+)\)", str(exc))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from exc
         for key, t in tensors.items():
             self.weight_map[key] = name
             self.total_size += t.numel() * t.element_size()

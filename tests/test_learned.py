@@ -42,7 +42,7 @@ def learn_both_paths(s, **options):
     from hfsoup.tensors import FLOAT_DTYPES
 
     indexes = load_ingredients(s["repos"])
-    scorer = make_scorer(resolve_task(s["task"]), indexes[0], device="cpu", progress=False)
+    scorer = make_scorer(resolve_task(s["task"]), indexes[0], progress=False)
     floats = [n for n, r in indexes[0].tensors.items() if r.dtype in FLOAT_DTYPES]
     by_layer = options.pop("by_layer")
     groups = layer_groups(floats) if by_layer else {WHOLE_MODEL: floats}

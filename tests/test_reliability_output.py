@@ -33,6 +33,15 @@ def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def _safetensors_no_space(*args, **kwargs):
+    """What safetensors' save_file raises on a full disk (its own error, not an OSError)."""
+    from safetensors import SafetensorError
+
+    raise SafetensorError(
+        'Error while serializing: I/O error: No space left on device (os error 28) at path "x"'
+    )
+
+
 @reliability(
     "Disk full while writing",
     "one line: 'disk full while writing DIR; nothing was written' (OutputWriteError); the "
@@ -41,7 +50,7 @@ def _no_space(*args, **kwargs):
 @pytest.mark.parametrize("where", ["shard", "rename"])
 def test_disk_full_removes_the_temporary_folder(local_pair, tmp_path, cli, monkeypatch, where):
     if where == "shard":
-        monkeypatch.setattr("hfsoup.writer.save_file", _no_space)
+        monkeypatch.setattr("hfsoup.writer.save_file", _safetensors_no_space)
     else:  # the final rename of the hidden folder into place
         real = os.replace
         monkeypatch.setattr(
@@ -149,9 +158,12 @@ def test_sigterm_mid_fetch_leaves_nothing(faulty_hub, publish, tmp_path):
     "--resume)'; the rerun continues from the saved decisions",
 )
 def test_sigterm_mid_greedy_keeps_progress_and_resume_continues(
-    faulty_hub, tiny_greedy, tmp_path, cli
+    faulty_hub, tiny_greedy, tmp_path, cli, publish
 ):
-    repos, task = tiny_greedy["repos"], tmp_path / "task.yaml"
+    # A fresh copy of the third ingredient: its files must not be in the HF cache already (other
+    # tests' greedy runs on tiny_greedy download them), or the stalled download never happens.
+    repos = [*tiny_greedy["repos"][:2], publish(tiny_greedy["dirs"][2], stem="cold")[0]]
+    task = tmp_path / "task.yaml"
     task.write_text(json.dumps(tiny_greedy["task"]))  # JSON is YAML
     args = ("soup", *repos, "--method", "greedy", "--task", task, "--output", tmp_path / "soup")
     # Each ingredient's file is read twice: its header, then whole for scoring. Stall the third

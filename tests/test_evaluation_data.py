@@ -106,8 +106,6 @@ def test_holdout_is_the_same_on_every_run_and_changes_with_the_seed():
     first, _ = holdout_indices(1000, 0.05, seed=7)
     assert holdout_indices(1000, 0.05, seed=7)[0] == first
     assert holdout_indices(1000, 0.05, seed=8)[0] != first
-    # pinned: the card records (fraction, seed); the rows they name must never change.
-    assert first[:5] == holdout_indices(1000, 0.05, seed=7)[0][:5]
     assert len(first) == 50
 
 

@@ -68,7 +68,13 @@ def test_results_json_has_the_fixed_keys(hub, sentiment, tmp_path):
         "ensemble",
         "greedy_ensemble",
     }
-    assert results["table"]["uniform_soup"]["test"]["accuracy"] >= 0
+    # The uniform soup's test score is an independent evaluation of all ingredients' average.
+    sds = [load_state_dict(d) for d in sentiment["dirs"]]
+    uniform = {k: torch.stack([sd[k] for sd in sds]).mean(0) for k in sds[0]}
+    expected = accuracy(
+        uniform, sentiment["dirs"][0], sentiment["splits"]["test"], sentiment["tok"]
+    )
+    assert results["table"]["uniform_soup"]["test"]["accuracy"] == pytest.approx(expected, abs=1e-9)
     assert (tmp_path / "soup" / "greedy_trajectory.png").stat().st_size > 1000
     assert not (tmp_path / "soup" / "greedy_state.json").exists()
     card = (tmp_path / "soup" / "README.md").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -227,11 +228,16 @@ def test_get_safetensors_metadata_of_sharded_checkpoint(api, repo_id, tmp_path):
     assert set(meta.files_metadata) == set(index["weight_map"].values())
 
 
-def test_sharded_safetensors_metadata_in_one_request(api, repo_id, tmp_path):
+def test_sharded_safetensors_metadata_in_one_request(faulty_hub, api, repo_id, tmp_path):
     rid = repo_id()
     sha, index = _sharded_checkpoint(api, rid, tmp_path)
+    # A pass-through rule only counts the requests that name this repo.
+    seen = faulty_hub.add_fault(path=re.escape(rid), times=None)
     one_request = api.get_sharded_safetensors_metadata(rid)
+    assert seen.hits == 1
     assert one_request == api.get_safetensors_metadata(rid, revision=sha)
+    # ...where reading the index and then every shard's header takes a request per file.
+    assert seen.hits - 1 > len(set(index["weight_map"].values()))
 
 
 # -- the other clients ---------------------------------------------------------------------------

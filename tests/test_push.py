@@ -17,13 +17,14 @@ def test_push_then_from_pretrained_round_trips(hub, bert_soup_ingredients, tmp_p
     repos, _ = bert_soup_ingredients
     target = repo_id("soup")
     result = hfsoup.soup(repos, output=tmp_path / "soup", push_to=target, progress=False)
-    assert result.url
     commits = api.list_repo_commits(target)
     assert len(commits) == 2  # the initial commit and exactly one upload
+    assert result.url == f"{hub.url}/{target}/commit/{commits[0].commit_id}"  # newest first
     model = AutoModelForSequenceClassification.from_pretrained(target)
     local = load_state_dict(tmp_path / "soup")
     state = model.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in local.items() if k in state)
+    assert state.keys() == local.keys()
+    assert all(torch.equal(state[k], v) for k, v in local.items())
     files = set(api.list_repo_files(target))
     assert {"README.md", "config.json", "model.safetensors", "results.json"} <= files
 
@@ -39,7 +40,7 @@ def test_push_command_uploads_a_folder(hub, bert_soup_ingredients, tmp_path, api
 
 
 def test_failed_push_keeps_the_output_and_says_how_to_retry(
-    hub, bert_soup_ingredients, tmp_path, repo_id
+    hub, bert_soup_ingredients, tmp_path, repo_id, api
 ):
     repos, _ = bert_soup_ingredients
     target = repo_id("broken")
@@ -50,7 +51,11 @@ def test_failed_push_keeps_the_output_and_says_how_to_retry(
     finally:
         hub.faults.clear()
     assert (tmp_path / "soup" / "model.safetensors").is_file()
-    hfsoup.push(tmp_path / "soup", target)  # the printed retry works once the Hub is back
+    url = hfsoup.push(tmp_path / "soup", target)  # the printed retry works once the Hub is back
+    assert url == f"{hub.url}/{target}/commit/{api.list_repo_commits(target)[0].commit_id}"
+    local = {p.name for p in (tmp_path / "soup").iterdir() if p.is_file()}
+    assert "model.safetensors" in local
+    assert local <= set(api.list_repo_files(target))
 
 
 def test_push_refuses_a_folder_that_is_not_a_soup(tmp_path):

@@ -58,9 +58,10 @@ def test_soup_loads_with_from_pretrained(hub, bert_soup_ingredients, tmp_path):
     hfsoup.soup(repos, output=tmp_path / "soup", progress=False)
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "soup")
     expected = plain_average(dirs)
-    for name, param in model.state_dict().items():
-        if name in expected:
-            assert torch.allclose(param.double(), expected[name], atol=1e-6), name
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    for name, param in state.items():
+        assert torch.allclose(param.double(), expected[name], atol=1e-6), name
 
 
 def test_dtype_option_casts_the_output(hub, bert_soup_ingredients, tmp_path):

@@ -191,8 +191,7 @@ def test_learned_is_offered_when_hfsoup_makes_learned_soups(client, models):
     methods = client.raw.view_api(print_info=False, return_format="dict")["named_endpoints"][
         "/run"
     ]["parameters"][1]["type"]["enum"]
-    if "learned" not in methods:
-        pytest.skip("the installed hfsoup has no learned soups: the page offers uniform, greedy")
+    assert "learned" in methods, methods
     out = client.call(*run_args(models.repos, method="learned", kind="custom dataset",
                                 dataset=models.dataset, limit=60), api_name="/run")  # fmt: skip
     status, log, scores, comparison, plot, card = out

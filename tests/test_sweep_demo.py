@@ -102,15 +102,19 @@ def test_demo_runs_the_whole_loop_offline(tmp_path):
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "greedy soup" in proc.stdout and "pushed:" in proc.stdout
+    assert "greedy soup" in proc.stdout
+    assert (
+        "pushed: " in proc.stdout and "/demo-org/minilm-tweets-greedy-soup/commit/" in proc.stdout
+    )
     results = json.loads((tmp_path / "demo" / "soup" / "results.json").read_text())
     assert [r["repo"] for r in results["ingredients"]] == [
         "demo-org/minilm-tweets-ft-1", "demo-org/minilm-tweets-ft-2"]  # fmt: skip
     assert all(len(r["sha"]) == 40 for r in results["ingredients"])
+    assert results["task"]["input_columns"] == ["text"]  # the tweets, not GLUE's "sentence"
+    # The soup's card lists each swept ingredient's hyperparameters.
     card = (tmp_path / "demo" / "soup" / "README.md").read_text()
-    assert "sentence" not in results["task"]["input_columns"] and "| lr |" in card.replace(
-        " lr ", " lr |", 0
-    )
+    header = card.split("## Ingredients")[1].splitlines()[2]
+    assert "| lr |" in header and "| epochs |" in header
 
 
 def test_hub_serve_command_serves_a_folder(tmp_path):

@@ -460,7 +460,7 @@ def _retry_after(headers: Any) -> float | None:
         return None
     if when.tzinfo is None:  # RFC 9110 dates are GMT
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return float(max(0, math.ceil(when.timestamp() - time.time())))
 
 
 def _is_transient(status: int | None) -> bool:

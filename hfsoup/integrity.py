@@ -187,14 +187,14 @@ def _stretch(like: Fetch, start: int, end: int, max_chunk: int) -> list[Fetch]:
 def _check_header(running: _Running, data: memoryview) -> None:
     """The header at the start of the stream must describe the tensors that were indexed."""
     where = f"{running.index.ingredient.label}: {running.file}"
-    n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else len(data)
-    streamed = parse_header(
-        data[: 8 + n] if 8 + n <= len(data) else data,
-        file=running.file,
-        file_size=running.size,
-        where=where,
-    )
     indexed = {k: r for k, r in running.index.tensors.items() if r.file == running.file}
+    n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else 0
+    try:
+        streamed = parse_header(
+            data[: 8 + n], file=running.file, file_size=running.size, where=where
+        )
+    except CorruptWeightsError:
+        streamed = None
     if streamed != indexed:
         raise CorruptWeightsError(
             f"{where}: the header streamed from the Hub differs from the one read when indexing; "

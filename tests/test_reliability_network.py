@@ -88,7 +88,8 @@ def test_connection_dropped_every_time_ends_with_one_line(
 
 @reliability(
     "429 / 5xx answered with Retry-After",
-    "nothing: hfsoup waits as long as asked (at most 60 s a time), retries, and the soup completes",
+    "nothing: hfsoup waits as long as asked (at most HFSOUP_MAX_RETRY_WAIT, 60 s, in all), "
+    "retries, and the soup completes",
 )
 def test_retry_after_is_waited_out(faulty_hub, pair, tmp_path):
     repos, dirs = pair

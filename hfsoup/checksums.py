@@ -1,4 +1,5 @@
-"""Checking whole downloaded files against the digests the Hub lists for them.
+"""Checking files against the digests the Hub lists for them: whole downloads here, streamed
+range reads through :func:`new_hash` (see :mod:`hfsoup.streaming`).
 
 The Hub lists a sha256 for every LFS file and a git blob id (sha1) for every other file
 (``model_info(files_metadata=True)``); ``huggingface_hub`` itself does not compare a download
@@ -26,20 +27,28 @@ def from_siblings(siblings: list[Any]) -> dict[str, Digest]:
     return out
 
 
+def new_hash(digest: Digest, size: int) -> Any:
+    """A hash object to feed a file's bytes to, start to end, and compare with ``digest``.
+
+    ``size`` (the whole file's) is part of a git blob id; a sha256 ignores it.
+    """
+    kind, _ = digest
+    if kind == "sha256":
+        return hashlib.sha256()
+    h = hashlib.sha1(usedforsecurity=False)  # a git blob id: sha1 over "blob <size>\0" + content
+    h.update(f"blob {size}\0".encode())
+    return h
+
+
 def matches(path: Path, digest: Digest | None) -> bool:
     """Whether ``path`` hashes to ``digest``; ``True`` when the Hub listed none."""
     if digest is None:
         return True
-    kind, expected = digest
-    if kind == "sha256":
-        h = hashlib.sha256()
-    else:  # a git blob id: sha1 over "blob <size>\0" and the content
-        h = hashlib.sha1(usedforsecurity=False)
-        h.update(f"blob {path.stat().st_size}\0".encode())
+    h = new_hash(digest, path.stat().st_size)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    return h.hexdigest() == expected
+    return h.hexdigest() == digest[1]
 
 
 def discard(path: Path) -> None:

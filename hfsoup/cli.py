@@ -444,10 +444,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except HfsoupError as exc:
+        from hfsoup.errors import scrub
+
+        # Scrubbed of credentials (URL userinfo, tokens) whatever a message or traceback quoted.
         if args.debug:
-            traceback.print_exc()
+            print(scrub(traceback.format_exc()), file=sys.stderr, end="")
         # One line, whatever a message quoted (a server's answer, a library's advice).
-        print(f"{_who()}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"{_who()}: error: {scrub(' '.join(str(exc).split()))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
         print(f"{_who()}: interrupted; {_left_behind(args)}", file=sys.stderr)

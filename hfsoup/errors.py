@@ -6,6 +6,9 @@ stderr and exit code 2.
 
 from __future__ import annotations
 
+import os
+import re
+
 
 class HfsoupError(Exception):
     """Base class of every error a user can cause (bad input, missing repo, ...)."""
@@ -73,3 +76,29 @@ class InsufficientMemoryError(HfsoupError):
 
 class MissingDependencyError(HfsoupError):
     """An optional package a feature needs is not installed (the message names the extra)."""
+
+
+# ``scheme://user:password@host``: everything between ``//`` and ``@`` before the host's path.
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+# Hugging Face access tokens (``hf_`` and 30-odd letters and digits).
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+_TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def scrub(text: str) -> str:
+    """``text`` with credentials masked: URL userinfo, ``hf_...`` tokens, the ``HF_TOKEN`` value.
+
+    The last line of defence before a message or traceback is printed; messages should not
+    hold secrets in the first place.
+
+    Example:
+        >>> scrub("cannot reach http://me:s3cret@hub.local:8080/api")
+        'cannot reach http://***@hub.local:8080/api'
+    """
+    text = _URL_USERINFO.sub(r"\g<scheme>***@", text)
+    text = _HF_TOKEN.sub("hf_***", text)
+    for name in _TOKEN_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if len(value) >= 8:  # a short value would mask ordinary words
+            text = text.replace(value, "***")
+    return text

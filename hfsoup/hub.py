@@ -8,12 +8,15 @@ a soup is being made cannot mix two versions of one ingredient.
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +28,8 @@ from hfsoup.errors import (
     IngredientNotFoundError,
     IngredientSpecError,
     PushError,
+    RecipeError,
+    scrub,
 )
 
 T = TypeVar("T")
@@ -33,8 +38,12 @@ T = TypeVar("T")
 _REPO_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 _RETRIES = 5
 _BACKOFF_S = 0.5
-# A server may ask for any Retry-After; past this we retry anyway rather than hang for an hour.
-_MAX_RETRY_AFTER_S = 60.0
+# The longest one request may spend waiting in all (Retry-After waits and back-off together), so
+# that a server asking for an hour fails the run at once instead of holding it.
+MAX_RETRY_WAIT_VARIABLE = "HFSOUP_MAX_RETRY_WAIT"
+DEFAULT_MAX_RETRY_WAIT_S = 60.0
+# Answers worth retrying: timeouts, rate limits, server errors.
+_TRANSIENT = (408, 429)
 
 
 @dataclass(frozen=True)
@@ -232,15 +241,26 @@ class HubSource(Source):
     def read_range(
         self, filename: str, start: int, end: int, out: bytearray | None = None
     ) -> bytearray:
+        """Bytes ``[start, end)`` of ``filename`` by HTTP range requests.
+
+        A dropped connection resumes from the last byte received; 429/5xx answers are retried
+        within :func:`max_retry_wait` seconds of waiting in all.
+
+        Raises:
+            HubConnectionError: the Hub kept failing, asked to wait longer than allowed, or
+                answered another range than the one asked (``Content-Range``).
+        """
         from huggingface_hub import constants, get_session
         from huggingface_hub.utils import build_hf_headers
 
         buf = _buffer(out, start, end)
         got = 0
+        where = self.where(filename)
         headers = build_hf_headers(token=self._token, library_name="hfsoup")
         # HF_HUB_DOWNLOAD_TIMEOUT, as for huggingface_hub's own downloads: the longest wait for
         # the next byte before a stalled read is abandoned and retried.
         timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
+        waits = _Waits(where)
         for attempt in range(_RETRIES + 1):
             # Resume from the last byte received, so a dropped connection costs only a retry.
             headers["Range"] = f"bytes={start + got}-{end - 1}"
@@ -249,11 +269,8 @@ class HubSource(Source):
                     "GET", self._url(filename), headers=headers, follow_redirects=True,
                     timeout=timeout,
                 ) as response:  # fmt: skip
-                    _raise_for_status(response, f"{self.repo}/{filename}")
-                    if response.status_code != 206 and start + got != 0:
-                        raise HubConnectionError(
-                            f"{self.repo}/{filename}: the server ignored a range request"
-                        )
+                    _raise_for_status(response, where)
+                    self._check_range(response, filename, start + got, end)
                     # As the bytes arrive (no re-chunking): a fixed chunk size would buffer,
                     # and lose on a drop, up to a chunk of bytes already received.
                     for chunk in response.iter_bytes():
@@ -266,21 +283,44 @@ class HubSource(Source):
                     return buf
                 raise _Retryable(f"connection closed after {got} of {len(buf)} bytes")
             except _Retryable as exc:
-                if attempt == _RETRIES:
-                    raise HubConnectionError(
-                        f"{self.repo}/{filename}: {exc} (gave up after {_RETRIES} retries)"
-                    ) from exc
-                time.sleep(exc.retry_after or _BACKOFF_S * 2**attempt)
+                problem, cause, asked, status = str(exc), exc, exc.retry_after, exc.status
             except Exception as exc:  # network errors from the HTTP client
                 if not _is_network_error(exc):
                     raise
-                if attempt == _RETRIES:
-                    raise HubConnectionError(
-                        f"{self.repo}/{filename}: {_network_problem(exc, timeout)} "
-                        f"(gave up after {_RETRIES} retries)"
-                    ) from exc
-                time.sleep(_BACKOFF_S * 2**attempt)
+                problem, cause, asked, status = _network_problem(exc, timeout), exc, None, None
+            if attempt == _RETRIES or not waits.wait(
+                _BACKOFF_S * 2**attempt, asked=asked, status=status
+            ):
+                raise HubConnectionError(f"{where}: {problem} ({_gave_up(attempt)})") from cause
         raise AssertionError("unreachable")
+
+    def _check_range(self, response: Any, filename: str, first: int, end: int) -> None:
+        """Refuse an answer that is not bytes ``[first, end)`` of the file.
+
+        A 206 must say ``Content-Range: bytes first-(end-1)/SIZE`` with the size the Hub lists;
+        a 200 (the server ignored the range) is the whole file, usable only from byte 0. A server
+        answering another range is broken, not busy: no retry.
+        """
+        size = self.files.get(filename)
+        asked = f"bytes {first}-{end - 1}/{size if size is not None else '*'}"
+        if response.status_code != 206:
+            if first != 0:
+                raise HubConnectionError(
+                    f"{self.where(filename)}: the server ignored a range request ({asked})"
+                )
+            return
+        said = response.headers.get("Content-Range")
+        match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", (said or "").strip())
+        if (
+            match is None
+            or (int(match[1]), int(match[2])) != (first, end - 1)
+            or (size is not None and match[3] != str(size))
+        ):
+            received = f"Content-Range {said.strip()!r}" if said else "no Content-Range"
+            raise HubConnectionError(
+                f"{self.where(filename)}: asked the Hub for {asked} and got {received}; "
+                "the server answered another range than the one asked"
+            )
 
     def local_file(self, filename: str) -> Path:
         """Download ``filename`` whole (once) and check it against the Hub's digest.
@@ -325,15 +365,71 @@ class HubSource(Source):
 
 
 class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after: float | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after, self.status = retry_after, status
+
+
+def max_retry_wait() -> float:
+    """Seconds one request may spend waiting in all: ``HFSOUP_MAX_RETRY_WAIT``, default 60.
+
+    Raises:
+        RecipeError: the variable is not a number of seconds >= 0.
+    """
+    raw = os.environ.get(MAX_RETRY_WAIT_VARIABLE, "").strip()
+    if not raw:
+        return DEFAULT_MAX_RETRY_WAIT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise RecipeError(
+            f"{MAX_RETRY_WAIT_VARIABLE} must be a number of seconds >= 0, got {raw!r}"
+        )
+    return value
+
+
+class _Waits:
+    """The waiting budget of one request: what servers ask for and back-off, together."""
+
+    def __init__(self, what: str) -> None:
+        self.what, self.limit = what, max_retry_wait()
+        self.left = self.limit
+
+    def wait(self, backoff: float, *, asked: float | None, status: int | None) -> bool:
+        """Sleep before a retry: ``asked`` seconds when the server said, else ``backoff``.
+
+        Returns:
+            False when the back-off would overrun the budget (the caller gives up).
+
+        Raises:
+            HubConnectionError: the server asked for more than is left; saying what it asked.
+        """
+        if asked is not None and asked > self.left:
+            raise HubConnectionError(
+                f"{self.what}: the Hub answered {status} and asked to retry after {asked:g} s; "
+                f"hfsoup waits at most {self.limit:g} s in all ({MAX_RETRY_WAIT_VARIABLE})"
+            )
+        seconds = asked if asked is not None else backoff
+        if seconds > self.left:
+            return False
+        self.left -= seconds
+        time.sleep(seconds)
+        return True
+
+
+def _gave_up(retries: int) -> str:
+    return f"gave up after {retries} {'retry' if retries == 1 else 'retries'}"
 
 
 def _endpoint() -> str:
+    """The Hub's address for messages, without any credentials written into it."""
     from huggingface_hub import constants
 
-    return constants.ENDPOINT
+    return scrub(constants.ENDPOINT)
 
 
 def _is_network_error(exc: BaseException) -> bool:
@@ -353,17 +449,32 @@ def _network_problem(exc: BaseException, timeout: float) -> str:
 
 
 def _retry_after(headers: Any) -> float | None:
-    """Seconds the server asked us to wait (``Retry-After: N``), bounded; None if not said."""
+    """Seconds the server asked us to wait (``Retry-After``: seconds or an HTTP date); None if
+    it did not say (or said something unreadable)."""
     value = (headers.get("Retry-After") or "").strip() if headers is not None else ""
-    return min(float(value), _MAX_RETRY_AFTER_S) if value.isdigit() else None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT
+        return None
+    return float(max(0, math.ceil(when.timestamp() - time.time())))
+
+
+def _is_transient(status: int | None) -> bool:
+    return status is None or status in _TRANSIENT or status >= 500
 
 
 def _raise_for_status(response: Any, what: str) -> None:
     status = response.status_code
     if status < 400:
         return
-    if status == 429 or status >= 500:
-        raise _Retryable(f"the Hub answered {status}", retry_after=_retry_after(response.headers))
+    if _is_transient(status):
+        raise _Retryable(
+            f"the Hub answered {status}", retry_after=_retry_after(response.headers), status=status
+        )
     if status in (401, 403):
         raise AccessDeniedError(f"{what}: access denied ({status}); {_LOGIN_HINT}")
     raise IngredientNotFoundError(f"{what}: the Hub answered {status}")
@@ -373,12 +484,22 @@ _LOGIN_HINT = "set HF_TOKEN or run `hf auth login` with an account that can read
 
 
 def _call_hub(fn: Callable[[], T], *, what: str) -> T:
-    """Run one huggingface_hub call, turning its errors into hfsoup's one-line errors."""
+    """Run one huggingface_hub call, turning its errors into hfsoup's one-line errors.
+
+    429/5xx answers are retried here, within :func:`max_retry_wait` seconds of waiting in all:
+    huggingface_hub's own retries (``hf_hub_download``) would wait as long as a server asks,
+    so while the call runs such an answer is raised out of it at once (:func:`_hook_session`).
+    """
     from huggingface_hub import errors
 
+    waits = _Waits(what)
     for attempt in range(_RETRIES + 1):
+        _hook_session()
+        _IN_CALL.active = True
         try:
             return fn()
+        except _Retryable as exc:
+            problem, cause, asked, status = str(exc), exc, exc.retry_after, exc.status
         except errors.GatedRepoError as exc:
             raise AccessDeniedError(f"{what} is gated or private; {_LOGIN_HINT}") from exc
         except errors.RevisionNotFoundError as exc:
@@ -398,25 +519,53 @@ def _call_hub(fn: Callable[[], T], *, what: str) -> T:
             status = response.status_code if response is not None else None
             if status in (401, 403):
                 raise AccessDeniedError(f"{what}: access denied; {_LOGIN_HINT}") from exc
-            transient = status is None or status == 429 or status >= 500
-            if transient and attempt < _RETRIES:
-                wait = _retry_after(response.headers) if response is not None else None
-                time.sleep(wait or _BACKOFF_S * 2**attempt)
-                continue
-            raise HubConnectionError(
-                f"{what}: the Hub answered {status}"
-                + (f" (gave up after {_RETRIES} retries)" if transient else "")
-            ) from exc
+            if not _is_transient(status):
+                raise HubConnectionError(f"{what}: the Hub answered {status}") from exc
+            asked = _retry_after(response.headers) if response is not None else None
+            problem, cause = f"the Hub answered {status}", exc
         except Exception as exc:
             if not _is_network_error(exc):
                 raise
-            if attempt < _RETRIES:
-                time.sleep(_BACKOFF_S * 2**attempt)
-                continue
-            raise HubConnectionError(
-                f"{what}: cannot reach the Hub at {_endpoint()} (gave up after {_RETRIES} retries)"
-            ) from exc
+            problem, cause, asked, status = (
+                f"cannot reach the Hub at {_endpoint()}",
+                exc,
+                None,
+                None,
+            )
+        finally:
+            _IN_CALL.active = False
+        if attempt == _RETRIES or not waits.wait(
+            _BACKOFF_S * 2**attempt, asked=asked, status=status
+        ):
+            raise HubConnectionError(f"{what}: {problem} ({_gave_up(attempt)})") from cause
     raise AssertionError("unreachable")
+
+
+# Set while :func:`_call_hub` runs a huggingface_hub call on this thread.
+_IN_CALL = threading.local()
+
+
+def _leave_on_retryable(response: Any) -> None:
+    """Response hook: inside :func:`_call_hub`, a 408/429/5xx answer ends the library call.
+
+    huggingface_hub retries such answers itself, sleeping whatever ``Retry-After`` says (an hour
+    if asked); raised here, the answer reaches hfsoup's loop, which keeps to its budget.
+    """
+    if getattr(_IN_CALL, "active", False) and _is_transient(response.status_code):
+        status = response.status_code
+        raise _Retryable(
+            f"the Hub answered {status}", retry_after=_retry_after(response.headers), status=status
+        )
+
+
+def _hook_session() -> None:
+    """Add :func:`_leave_on_retryable` to huggingface_hub's HTTP client (once per client; the
+    hook does nothing outside hfsoup's calls)."""
+    from huggingface_hub import get_session
+
+    hooks = get_session().event_hooks["response"]
+    if _leave_on_retryable not in hooks:
+        hooks.append(_leave_on_retryable)
 
 
 @dataclass

@@ -14,6 +14,12 @@ Faults for resilience tests are rules in :attr:`LocalHub.faults`, applied before
     hub.add_fault(path=r"model\\.safetensors$", drop_after_bytes=1024)  # cut the body short
     hub.add_fault(path=r"model\\.safetensors$", stall_seconds=30)       # hang before answering
     hub.add_fault(path=r"config\\.json$", corrupt=True)                 # bytes fail their sha256
+    hub.add_fault(path=r"/resolve/", status=429, retry_after=3600)      # "come back in an hour"
+    hub.add_fault(path=r"/resolve/", status=503, retry_after="Wed, 21 Oct 2037 07:28:00 GMT")
+    hub.add_fault(path=r"model\\.safetensors$", content_range="bytes 0-9/10")  # a wrong range
+    hub.add_fault(path=r"model\\.safetensors$", content_range="")     # no Content-Range at all
+    hub.add_fault(path=r"model\\.safetensors$", shift_bytes=8)  # the bytes 8 further on, under
+                                                                 # the Content-Range asked for
 """
 
 from __future__ import annotations
@@ -57,11 +63,16 @@ class Fault:
         skip: let this many matching requests through untouched first (e.g. a file's header
             probe), then misbehave.
         status: answer this status (with a JSON error body) instead of serving the request.
-        retry_after: seconds sent in ``Retry-After`` with ``status``.
+        retry_after: sent in ``Retry-After`` with ``status``: seconds, or an HTTP date.
         error_code: sent in ``X-Error-Code`` with ``status`` (``"GatedRepo"``, ``"RepoNotFound"``).
         drop_after_bytes: serve normally but close the connection after this many body bytes.
         stall_seconds: wait this long before answering (a server or network that hangs).
         corrupt: serve the body with its first byte flipped: same length, wrong sha256.
+        content_range: on a 206, send this ``Content-Range`` instead of the true one (``""``:
+            send none); the body is unchanged.
+        shift_bytes: on a range request, serve the bytes ``shift_bytes`` further into the file
+            (zeros past its end) under the ``Content-Range`` of the range asked: plausible
+            headers, wrong bytes.
         hits: how many requests it has been applied to so far.
         ranges: the ``Range`` header (or ``None``) of each request it was applied to; a rule
             with no misbehaviour only records what it sees.
@@ -72,11 +83,13 @@ class Fault:
     times: int | None = 1
     skip: int = 0
     status: int | None = None
-    retry_after: int | None = None
+    retry_after: int | str | None = None
     error_code: str | None = None
     drop_after_bytes: int | None = None
     stall_seconds: float | None = None
     corrupt: bool = False
+    content_range: str | None = None
+    shift_bytes: int = 0
     hits: int = 0
     ranges: list[str | None] = field(default_factory=list)
 
@@ -291,8 +304,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._budget: int | None = None
         self._headers_sent = False
         self._corrupt = False
+        self._fault: Fault | None = None
+        self._asked_span: tuple[int, int] | None = None
         try:
             fault = self.hub._take_fault(method, url.path, self.headers.get("Range"))
+            self._fault = fault
+            if fault is not None and fault.shift_bytes:
+                self._shift_range(fault.shift_bytes)
             if fault is not None and fault.stall_seconds:
                 time.sleep(fault.stall_seconds)
             if fault is not None and fault.drop_after_bytes is not None:
@@ -387,10 +405,41 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             headers["Connection"] = "close"
 
+    def _shift_range(self, shift: int) -> None:
+        """A ``shift_bytes`` fault: ask the store for the range ``shift`` bytes further on; the
+        answer is dressed as the range asked by :meth:`_fault_headers`."""
+        span = re.fullmatch(r"\s*bytes\s*=\s*(\d+)\s*-\s*(\d+)\s*", self.headers.get("Range") or "")
+        if span is None:
+            return
+        first, last = int(span[1]), int(span[2])
+        self._asked_span = (first, last)
+        del self.headers["Range"]
+        self.headers["Range"] = f"bytes={first + shift}-{last + shift}"
+
+    def _fault_headers(
+        self, status: int, headers: dict[str, str], length: int
+    ) -> tuple[dict[str, str], int]:
+        """The headers (and body length) a ``content_range`` or ``shift_bytes`` fault sends."""
+        fault = self._fault
+        if fault is None or status != 206:
+            return headers, length
+        if fault.shift_bytes and self._asked_span is not None:
+            first, last = self._asked_span
+            total = headers.get("Content-Range", "/*").rpartition("/")[2]
+            headers = {**headers, "Content-Range": f"bytes {first}-{last}/{total}"}
+            length = last + 1 - first  # padded with zeros where the shifted range runs out
+        if fault.content_range is not None:
+            headers = {k: v for k, v in headers.items() if k != "Content-Range"}
+            if fault.content_range:
+                headers["Content-Range"] = fault.content_range
+        return headers, length
+
     # -- responses -----------------------------------------------------------------------------
     def _respond(
         self, status: int, headers: dict[str, str], body: Iterable[bytes] = (), length: int = 0
     ) -> None:
+        served = length
+        headers, length = self._fault_headers(status, headers, length)
         headers = {"Content-Length": str(length), **headers}
         self._settle_body(headers)
         self.send_response(status)
@@ -402,6 +451,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         for chunk in body:
             self._write(chunk)
+        if length > served:  # a shifted range that ran past the end of the file
+            self._write(bytes(length - served))
 
     def _write(self, data: bytes) -> None:
         if self._corrupt and data:

@@ -3,7 +3,8 @@
 A :class:`Fetch` is one range read of one ingredient file that covers one or more adjacent
 tensors. :func:`prefetch` runs fetches on background threads, keeps at most a fixed number of
 bytes in flight, and yields results in order, so the next piece downloads while the current one
-is being averaged and memory stays bounded whatever the number of ingredients.
+is being averaged and memory stays bounded whatever the number of ingredients. Files read from
+the Hub are hashed on the way and checked against the Hub's digests (:mod:`hfsoup.integrity`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from hfsoup.errors import NonFiniteWeightsError
+from hfsoup.integrity import Read, StreamCheck
 from hfsoup.tensors import DTYPES, FLOAT_DTYPES, IngredientIndex, TensorRef
 
 # Tensors closer than this in a file are read together: a few wasted bytes beat a round trip.
@@ -30,7 +32,10 @@ DEFAULT_IN_FLIGHT = 256 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Fetch:
-    """One read: ``[start, end)`` of ``file`` in ingredient number ``slot``, covering ``refs``."""
+    """One read: ``[start, end)`` of ``file`` in ingredient number ``slot``, covering ``refs``.
+
+    ``disk``: read from the whole file, downloaded once and checked (see :mod:`hfsoup.integrity`).
+    """
 
     slot: int
     index: IngredientIndex
@@ -39,6 +44,7 @@ class Fetch:
     end: int
     refs: tuple[TensorRef, ...]
     tag: int = 0
+    disk: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -117,7 +123,10 @@ def read_fetch(
     raw = buf if isinstance(buf, torch.Tensor) else None
     if raw is not None:
         buf = memoryview(raw.numpy())
-    buf = fetch.index.ingredient.source.read_range(fetch.file, fetch.start, fetch.end, buf)
+    source = fetch.index.ingredient.source
+    if fetch.disk:
+        source = source.cached()
+    buf = source.read_range(fetch.file, fetch.start, fetch.end, buf)
     out: dict[str, torch.Tensor] = {}
     for ref in fetch.refs:
         dtype = DTYPES[ref.dtype]
@@ -182,6 +191,7 @@ def prefetch(
     workers: int = 4,
     max_in_flight: int = DEFAULT_IN_FLIGHT,
     gpus: Sequence[torch.device] = (),
+    notice: Callable[[str], None] | None = None,
 ) -> Iterator[tuple[Fetch, dict[str, torch.Tensor]]]:
     """Yield ``(fetch, tensors)`` in order while later fetches run on background threads.
 
@@ -189,11 +199,21 @@ def prefetch(
     fetch), so peak memory is bounded by that budget, not by the number of ingredients.
     ``gpus``: the GPUs the tensors are bound for; when given, reads land in pinned buffers
     (see :func:`read_buffer`), kept alive until the copies queued from them have finished.
+    Each Hub file the fetches read is checked against the Hub's digest (:class:`StreamCheck`:
+    hashed in consumption order, or downloaded whole when read out of order); ``notice`` gets
+    the message for each file downloaded whole or left unverified (default: a warning on the
+    ``hfsoup`` logger).
+
+    Raises:
+        CorruptWeightsError: a file's streamed bytes fail its digest, raised when its last byte
+            is consumed, so before the consumer can finish its output.
     """
-    pending: deque[tuple[Fetch, Future]] = deque()
+    pending: deque[tuple[Read, Any, Future]] = deque()
     pin = bool(gpus)
     copying = _CopiesInFlight(gpus) if pin else None
-    source = iter(fetches)
+    fetches = list(fetches)
+    check = StreamCheck(fetches, max_chunk=DEFAULT_CHUNK, notice=notice)
+    source = iter(check.reads)
     in_flight = 0
     pool = _Workers(workers)
     finished = False
@@ -208,20 +228,25 @@ def prefetch(
                 # The buffer is allocated here, on the consuming thread, not by the worker: glibc
                 # keeps memory freed on other threads in per-thread arenas, so buffers made by
                 # workers would pile up there instead of being reused.
-                buf = None if nxt.index.pickle else read_buffer(nxt.nbytes, pin=pin)
-                pending.append((nxt, pool.submit(read_fetch, nxt, buf)))
-                in_flight += nxt.nbytes
+                read = nxt.fetch
+                buf = None if read.index.pickle else read_buffer(read.nbytes, pin=pin)
+                pending.append((nxt, buf, pool.submit(read_fetch, read, buf)))
+                in_flight += read.nbytes
             if not pending:
                 finished = True
                 return
-            fetch, future = pending.popleft()
+            nxt, buf, future = pending.popleft()
             tensors = future.result()
-            in_flight -= fetch.nbytes
-            yield fetch, tensors
+            in_flight -= nxt.fetch.nbytes
+            check.consume(nxt.fetch, buf)
+            del buf  # the tensors keep what they view alive
+            if nxt.shown is None:  # read only to be hashed
+                continue
+            yield nxt.shown, tensors
             if copying is not None:  # the consumer has queued its copies of ``tensors``
                 copying.hold(tensors)
     finally:
-        for _, future in pending:
+        for _, _, future in pending:
             future.cancel()
         pool.close(wait=finished)
         if copying is not None:

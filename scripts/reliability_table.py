@@ -32,8 +32,8 @@ Every failure a user can cause ends with **one line** on stderr (`hfsoup: error:
 `hfsoup.errors.HfsoupError`. Output is assembled in a hidden `.NAME.hfsoup-partial` folder and
 renamed into place only when complete, so no failure leaves a half-written folder under the
 name asked for. Network faults are injected by the project's test Hub (`LocalHub.add_fault`:
-drop after N bytes, status with `Retry-After`, stall, corrupt bytes) under the real
-`huggingface_hub` client.
+drop after N bytes, status with `Retry-After`, stall, corrupt bytes, a wrong `Content-Range`,
+shifted bytes) under the real `huggingface_hub` client.
 
 | Case | What the user sees | Test |
 |---|---|---|

@@ -545,7 +545,7 @@ def push(
         print(f"hfsoup: {notice}", file=sys.stderr)
     return push_folder(
         folder, repo_id, private=private, token=token, files=plan.files,
-        message="Upload model soup made with hfsoup",
+        include=list(include or ()), message="Upload model soup made with hfsoup",
     )  # fmt: skip
 
 

@@ -492,6 +492,7 @@ def push_folder(
     token: str | None = None,
     message: str,
     files: list[str] | None = None,
+    include: list[str] | None = None,
 ) -> str:
     """Create ``repo_id`` if needed and upload ``files`` of ``folder`` as one commit.
 
@@ -502,6 +503,8 @@ def push_folder(
     Args:
         files: paths relative to ``folder``, as :func:`hfsoup.pushplan.plan_push` chose them;
             default: every regular file inside it.
+        include: the include patterns that chose ``files``, for the retry command a failure
+            prints.
 
     Returns:
         The URL of the commit.
@@ -510,17 +513,31 @@ def push_folder(
         PushError: a file is a symlink or not a regular file (refused before anything is sent),
             or the upload failed; the message says how to retry. ``folder`` is left intact.
     """
+    import shlex
     from contextlib import ExitStack
 
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-    from hfsoup.pushplan import is_soup_file, open_regular, regular_files
+    from hfsoup.pushplan import check_repo_id, is_soup_file, open_regular, regular_files
 
+    try:
+        check_repo_id(repo_id)
+    except ValueError as exc:
+        raise PushError(f"cannot push: {exc}") from exc
     files = regular_files(folder) if files is None else list(files)
     api = HfApi(token=token)
     retry = f"retry with: hfsoup push {folder} {repo_id}" + (" --private" if private else "")
+    retry += "".join(f" --include {shlex.quote(p)}" for p in include or ())
     with ExitStack() as opened:
-        adds = [CommitOperationAdd(f, opened.enter_context(open_regular(folder, f))) for f in files]
+        adds = []
+        for f in files:
+            content = open_regular(folder, f)
+            if not isinstance(content, bytes):
+                opened.enter_context(content)
+            try:
+                adds.append(CommitOperationAdd(f, content))
+            except ValueError as exc:  # a name the Hub cannot hold
+                raise PushError(f"cannot push {folder / f}: {exc}; nothing was uploaded") from exc
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
             head = api.model_info(repo_id)

@@ -19,7 +19,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 from hfsoup.errors import PushError
 
@@ -40,6 +40,7 @@ WEIGHT_PATTERNS = (
 )
 _MAX_NAMED = 8  # names listed in one line before "and N more"
 _MAX_REPO_ID_SHOWN = 100
+_READ_AT_ONCE = 8 * 2**20  # bytes; larger files are streamed from an open descriptor
 
 
 def check_repo_id(repo_id: object) -> None:
@@ -112,7 +113,10 @@ def regular_files(folder: Path) -> list[str]:
         rel_top = PurePosixPath(Path(top).relative_to(folder))
         for name in [*dirs, *names]:
             rel = str(rel_top / name)
-            mode = os.lstat(os.path.join(top, name)).st_mode
+            try:
+                mode = os.lstat(os.path.join(top, name)).st_mode
+            except OSError as exc:  # removed or unreadable while walking
+                _walk_error(exc)
             if stat.S_ISLNK(mode):
                 refused.append(f"{rel} (a symlink)")
             elif name in names and not stat.S_ISREG(mode):
@@ -127,7 +131,7 @@ def regular_files(folder: Path) -> list[str]:
     return sorted(files)
 
 
-def _walk_error(exc: OSError) -> None:
+def _walk_error(exc: OSError) -> NoReturn:
     raise PushError(f"cannot read {exc.filename} to push it ({exc.strerror}); nothing was uploaded")
 
 
@@ -141,6 +145,9 @@ def plan_push(folder: Path, include: Sequence[str] = ()) -> PushPlan:
         PushError: a symlink or special file in ``folder``, a pattern matching nothing, or a soup
             whose weights are missing or ambiguous; nothing has been uploaded.
     """
+    config = folder / CONFIG_NAME
+    if not (config.is_file() or config.is_symlink()):  # before walking what may be a big tree
+        raise PushError(f"{folder} is not a soup folder (no {CONFIG_NAME})")
     found = regular_files(folder)
     chosen = set(_own_files(folder, found))
     for pattern in include:
@@ -161,8 +168,6 @@ def _own_files(folder: Path, found: Sequence[str]) -> list[str]:
     from hfsoup.writer import INDEX_NAME
 
     present = set(found)
-    if CONFIG_NAME not in present:
-        raise PushError(f"{folder} is not a soup folder (no {CONFIG_NAME})")
     if INDEX_NAME in present and SINGLE_WEIGHTS in present:
         raise PushError(
             f"{folder} holds both {SINGLE_WEIGHTS} and {INDEX_NAME}, and transformers would load "
@@ -192,7 +197,14 @@ def _indexed_shards(folder: Path, present: set[str]) -> list[str]:
         raise PushError(f"{folder / INDEX_NAME} is not a readable weight index ({exc!r})") from exc
     if not shards or not all(isinstance(s, str) for s in shards):
         raise PushError(f"{folder / INDEX_NAME} names no weight files")
-    missing = sorted(s for s in shards if s not in present or "/" in s)
+    # Only shard names hfsoup writes: an index naming ".env" must not get it uploaded.
+    odd = sorted(s for s in shards if "/" in s or not fnmatch.fnmatchcase(s, "model*.safetensors"))
+    if odd:
+        raise PushError(
+            f"{folder / INDEX_NAME} names {named(odd)}, which is not a weight file of a soup "
+            "(model*.safetensors beside the index); nothing was uploaded"
+        )
+    missing = sorted(s for s in shards if s not in present)
     if missing:
         raise PushError(
             f"{folder / INDEX_NAME} names {named(missing)}, which {folder} does not hold as a "
@@ -217,9 +229,12 @@ def _matches(folder: Path, pattern: str, found: Sequence[str]) -> list[str]:
     return [f for f in found if f in roots or any(f.startswith(r + "/") for r in roots)]
 
 
-def open_regular(folder: Path, name: str) -> BinaryIO:
-    """Open ``folder/name`` to upload it, refusing (at open time, so a file swapped for a link
-    after :func:`regular_files` looked is refused too) a symlink or anything but a regular file.
+def open_regular(folder: Path, name: str) -> bytes | BinaryIO:
+    """The content of ``folder/name`` to upload: its bytes when small, else an open file.
+
+    The file is opened without following a symlink and refused unless it is a regular file, at
+    open time, so a file swapped for a link after :func:`regular_files` looked is refused too.
+    Small files are read at once so that a push of many files holds few descriptors.
 
     Raises:
         PushError: naming the file; nothing has been uploaded.
@@ -231,8 +246,13 @@ def open_regular(folder: Path, name: str) -> BinaryIO:
     except OSError as exc:
         what = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
         raise PushError(f"cannot push {path}: {what}; nothing was uploaded") from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise PushError(f"cannot push {path}: not a regular file; nothing was uploaded")
     os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
+    file = os.fdopen(fd, "rb")
+    if info.st_size > _READ_AT_ONCE:
+        return file
+    with file:
+        return file.read()

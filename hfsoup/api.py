@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from hfsoup.errors import (
 from hfsoup.hub import IngredientSpec, parse_ingredient, push_folder, resolve
 from hfsoup.outputs import hardware_record, pin_recipe, results_base, write_soup_files
 from hfsoup.placement import SCORE_DTYPES, parse_max_memory, plan_placement
+from hfsoup.pushplan import check_repo_id, plan_push
 from hfsoup.recipe import IngredientEntry, OutputConfig, Recipe, build_recipe, load_recipe
 from hfsoup.tensors import (
     IngredientIndex,
@@ -344,6 +346,8 @@ def _check_run(
     procs: Processes,
 ) -> None:  # fmt: skip
     """Refuse, with one clear line, what cannot run before anything is read or written."""
+    if recipe.output.push_to is not None:
+        _check_push_to(recipe.output.push_to)
     if resume and recipe.method != "greedy":
         raise NothingToResumeError(f"only greedy runs can be resumed, not {recipe.method!r} ones")
     if not recipe.output.dir:
@@ -372,6 +376,14 @@ def _check_run(
             "learned soups run in one process on one device in float32: drop accelerate launch, "
             "--device-map, --score-dtype and --accumulate"
         )
+
+
+def _check_push_to(repo_id: str) -> None:
+    """Refuse a push target that is not a repo ID before any ingredient is read."""
+    try:
+        check_repo_id(repo_id)
+    except ValueError as exc:
+        raise RecipeError(f"output.push_to: {exc}") from exc
 
 
 def weights_of(results: dict[str, Any]) -> list[float]:
@@ -493,22 +505,48 @@ def evaluate(
 
 
 def push(
-    folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    include: Sequence[str] | None = None,
 ) -> str:
     """Upload a soup folder to ``repo_id`` in one commit (creating the repo if needed).
+
+    What is uploaded: the regular files hfsoup writes into a soup (config.json, the weights:
+    ``model.safetensors`` or the index and the shards it names, README.md, hfsoup_recipe.yaml,
+    results.json, the card's figures, the tokenizer / processor / generation files), plus the
+    files ``include`` patterns (globs relative to ``folder``) name. Other files are left out, and
+    a line on stderr names them. A symlink anywhere in ``folder`` is refused, never followed.
+    The same commit deletes the remote files of an earlier soup that this one does not have
+    (old weight files, a stale index, figures, tokenizer files); other remote files are kept.
+
+    Example:
+        >>> hfsoup.push("out/soup", "me/my-soup", include=["eval/*.json"])  # doctest: +SKIP
 
     Returns:
         The commit URL.
 
     Raises:
-        PushError: the upload failed; the folder is intact and the message says how to retry.
+        PushError: ``repo_id`` is not a repo ID, the folder is not a soup or holds a symlink,
+            or the upload failed; the folder is intact and the message says how to retry.
     """
+    try:
+        check_repo_id(repo_id)
+    except ValueError as exc:
+        raise PushError(f"cannot push: {exc}") from exc
     folder = Path(folder).expanduser().resolve()
-    if not (folder / "config.json").is_file():
-        raise PushError(f"{folder} is not a soup folder (no config.json)")
+    if not folder.is_dir():
+        raise PushError(f"{folder} is not a soup folder (no such folder)")
+    plan = plan_push(folder, include or ())
+    notice = plan.left_out_line()
+    if notice:
+        print(f"hfsoup: {notice}", file=sys.stderr)
     return push_folder(
-        folder, repo_id, private=private, token=token, message="Upload model soup made with hfsoup"
-    )
+        folder, repo_id, private=private, token=token, files=plan.files,
+        include=list(include or ()), message="Upload model soup made with hfsoup",
+    )  # fmt: skip
 
 
 def _bar(total: int, desc: str, enabled: bool):

@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", metavar="DIR")
     p.add_argument("repo_id", metavar="REPO_ID")
     p.add_argument("--private", action="store_true")
+    p.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                   help="also push the files this glob (relative to DIR) matches; by default only "
+                        "the files hfsoup writes are pushed (repeatable)")  # fmt: skip
 
     p = sub.add_parser(
         "sweep", parents=[common], help="fine-tune K ingredients from one base model"
@@ -359,7 +362,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if _is_main():
             _print_soup(result, args.json)
     elif args.command == "push":
-        url = api.push(args.folder, args.repo_id, private=args.private)
+        url = api.push(args.folder, args.repo_id, private=args.private, include=args.include)
         print(json.dumps({"url": url}) if args.json else f"pushed: {url}")
     elif args.command == "sweep":
         for made in _sweep(args, progress):

@@ -634,28 +634,75 @@ def _front_matter(path: Path) -> dict[str, Any]:
 
 
 def push_folder(
-    folder: Path, repo_id: str, *, private: bool = False, token: str | None = None, message: str
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    message: str,
+    files: list[str] | None = None,
+    include: list[str] | None = None,
 ) -> str:
-    """Create ``repo_id`` if needed and upload everything in ``folder`` as one commit.
+    """Create ``repo_id`` if needed and upload ``files`` of ``folder`` as one commit.
+
+    The same commit deletes the remote files hfsoup owns (weights, index, card, tokenizer, ...:
+    :func:`hfsoup.pushplan.is_soup_file`) that are not among ``files``, so the repo holds the
+    new soup and no stale weights beside it. Other remote files are kept.
+
+    Args:
+        files: paths relative to ``folder``, as :func:`hfsoup.pushplan.plan_push` chose them;
+            default: every regular file inside it.
+        include: the include patterns that chose ``files``, for the retry command a failure
+            prints.
 
     Returns:
         The URL of the commit.
 
     Raises:
-        PushError: anything failed; the message says how to retry. ``folder`` is left intact.
+        PushError: a file is a symlink or not a regular file (refused before anything is sent),
+            or the upload failed; the message says how to retry. ``folder`` is left intact.
     """
-    from huggingface_hub import HfApi
+    import shlex
+    from contextlib import ExitStack
 
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    from hfsoup.pushplan import check_repo_id, is_soup_file, open_regular, regular_files
+
+    try:
+        check_repo_id(repo_id)
+    except ValueError as exc:
+        raise PushError(f"cannot push: {exc}") from exc
+    files = regular_files(folder) if files is None else list(files)
     api = HfApi(token=token)
     retry = f"retry with: hfsoup push {folder} {repo_id}" + (" --private" if private else "")
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
-    except Exception as exc:
-        reason = _push_reason(exc)
-        raise PushError(
-            f"push to {repo_id} failed ({reason}); the soup is intact in {folder}; {retry}"
-        ) from exc
+    retry += "".join(f" --include {shlex.quote(p)}" for p in include or ())
+    with ExitStack() as opened:
+        adds = []
+        for f in files:
+            content = open_regular(folder, f)
+            if not isinstance(content, bytes):
+                opened.enter_context(content)
+            try:
+                adds.append(CommitOperationAdd(f, content))
+            except ValueError as exc:  # a name the Hub cannot hold
+                raise PushError(f"cannot push {folder / f}: {exc}; nothing was uploaded") from exc
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            head = api.model_info(repo_id)
+            remote = [s.rfilename for s in head.siblings or []]
+            stale = sorted(p for p in remote if is_soup_file(p) and p not in files)
+            info = api.create_commit(
+                repo_id,
+                [*adds, *(CommitOperationDelete(p) for p in stale)],
+                commit_message=message,
+                parent_commit=head.sha,  # a commit made meanwhile fails this one, never mixes in
+            )
+        except Exception as exc:
+            reason = _push_reason(exc)
+            raise PushError(
+                f"push to {repo_id} failed ({reason}); the soup is intact in {folder}; {retry}"
+            ) from exc
     return info.commit_url
 
 
@@ -669,6 +716,8 @@ def _push_reason(exc: BaseException) -> str:
         status = exc.response.status_code
         if status in (401, 403):
             return "access denied; set HF_TOKEN or run `hf auth login` with a write token"
+        if status == 412:
+            return "the repo changed while pushing (412); nothing of this push was committed"
         return f"the Hub answered {status}"
     if _is_network_error(exc):
         return f"cannot reach the Hub at {_endpoint()}"

@@ -73,3 +73,7 @@ class InsufficientMemoryError(HfsoupError):
 
 class MissingDependencyError(HfsoupError):
     """An optional package a feature needs is not installed (the message names the extra)."""
+
+
+class HubServeError(HfsoupError):
+    """The local Hub cannot serve as asked: a bad token or tokens file, an address it cannot bind."""

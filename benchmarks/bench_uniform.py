@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -338,7 +339,7 @@ def cached_ingredients(args: argparse.Namespace) -> Ingredients | None:
     return Ingredients(manifest["repos"], folders, manifest["params"], manifest["bytes"])
 
 
-def prepare(args: argparse.Namespace, endpoint: str) -> Ingredients:
+def prepare(args: argparse.Namespace, endpoint: str, token: str) -> Ingredients:
     """Build the ingredients and upload them with the real client (a fresh Hub folder)."""
     want = _wanted(args)
     kmax, tag = want["k"], want["tag"]
@@ -350,7 +351,7 @@ def prepare(args: argparse.Namespace, endpoint: str) -> Ingredients:
     t0 = time.perf_counter()
     folders = build_ingredients(manifest_path.parent, kmax, args.size_mb, args.seed)
     t1 = time.perf_counter()
-    api = HfApi(endpoint=endpoint)
+    api = HfApi(endpoint=endpoint, token=token)
     repos = []
     for i, path in enumerate(folders):
         repo = f"{NAMESPACE}/{tag}-ft{i}"
@@ -443,6 +444,7 @@ class HubServer:
 
     def __init__(self, data: Path, log: Path, src: Path | None = None) -> None:
         self.data, self.log, self.port, self.src = data, log, free_port(), src
+        self.token = secrets.token_urlsafe(24)  # writes (the uploads of `prepare`) need one
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -452,6 +454,7 @@ class HubServer:
     def __enter__(self) -> HubServer:
         self.data.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "hfsoup.hubserver", "--data", str(self.data)]
+        cmd += ["--token", self.token]
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
                 [*cmd, "--port", str(self.port)],
@@ -828,7 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = args.workdir / "hubserver.log"
     with HubServer(args.workdir / "hub", log, src=args.src) as server:
         print(f"hub server pid {server.proc.pid} at {server.url}", flush=True)
-        ingredients = ingredients or prepare(args, server.url)
+        ingredients = ingredients or prepare(args, server.url, server.token)
         for python in set(pythons.values()):
             warm_up(python, [m for m in methods if pythons[m] == python])
         refs = {k: reference_average(ingredients.folders[:k]) for k in ks}

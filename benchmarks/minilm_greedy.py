@@ -50,7 +50,7 @@ def main() -> None:
     # The Hub persists in the work folder, so a rerun finds the sweep's ingredients there.
     hub = LocalHub(work / "hub").start()
     os.environ.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1")
-    os.environ.setdefault("HF_TOKEN", "hf_local_demo")
+    os.environ["HF_TOKEN"] = hub.token  # the local Hub's random token: writes need it
     import hfsoup
     from hfsoup.demo import demo
     from hfsoup.report import markdown_table

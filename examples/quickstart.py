@@ -26,7 +26,7 @@ def main() -> None:
 
     hub = LocalHub(tempfile.mkdtemp(prefix="hfsoup-hub-")).start()
     # The Hub clients read these at import time: set them before importing hfsoup's API.
-    os.environ.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_TOKEN="hf_local")
+    os.environ.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_TOKEN=hub.token)
     import torch
     from huggingface_hub import HfApi
     from transformers import AutoModelForSequenceClassification, BertConfig

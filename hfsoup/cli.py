@@ -273,8 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", parents=[common], help="serve a folder as a Hub on 127.0.0.1"
     )
     serve.add_argument("--data", required=True, metavar="DIR")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="interface to bind (default 127.0.0.1; any other prints a warning: "
+                            "there is no TLS, tokens would travel in clear text)")  # fmt: skip
     serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--token", action="append", default=[], metavar="TOKEN",
+                       help="accept this token for writes and private reads (repeatable; "
+                            "other users of this machine can see it in the process list)")  # fmt: skip
+    serve.add_argument("--tokens-file", action="append", default=[], metavar="FILE",
+                       help="accept the tokens of FILE, one a line, # comments (repeatable). "
+                            "With neither option, one token is made and printed once")  # fmt: skip
     return parser
 
 
@@ -374,9 +382,13 @@ def _dispatch(args: argparse.Namespace) -> int:
                       k=args.k, train=args.train, evaluation=args.eval, progress=progress)  # fmt: skip
         _print_soup(result, args.json)
     elif args.command == "hub":
+        from hfsoup.hubauth import check_token, read_tokens_file
         from hfsoup.hubserver import serve
 
-        serve(args.data, host=args.host, port=args.port)
+        tokens = [check_token(t, "a --token value") for t in args.token]
+        tokens += [t for f in args.tokens_file for t in read_tokens_file(f)]
+        given = args.token or args.tokens_file
+        serve(args.data, host=args.host, port=args.port, tokens=tokens if given else None)
     return 0
 
 

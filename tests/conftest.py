@@ -43,10 +43,19 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+# The tokens that read private repos on the session Hub: those the tests send for them.
+HUB_TOKENS = ("hf_test", "hf_owner", "hf_SECRET_canary_123")
+
+
 @pytest.fixture(scope="session")
 def hub() -> LocalHub:
-    """The test Hub, shared by the whole session; repos are kept apart by unique names."""
-    server = LocalHub(_ROOT / "hub", port=_PORT).start()
+    """The test Hub, shared by the whole session; repos are kept apart by unique names.
+
+    Writes need no token here (``anonymous_writes``, a test-only switch: most tests upload with a
+    plain ``HfApi``), but private repos are still read only with one of :data:`HUB_TOKENS`. The
+    token rules themselves are tested on hubs that enforce them (test_hubserver_auth.py).
+    """
+    server = LocalHub(_ROOT / "hub", port=_PORT, tokens=HUB_TOKENS, anonymous_writes=True).start()
     yield server
     server.stop()
 

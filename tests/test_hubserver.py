@@ -7,6 +7,7 @@ import http.client
 import json
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from factories import make_model, save_ingredient, tiny_bert_config
@@ -149,7 +150,7 @@ def test_data_persists_across_restart(tmp_path, repo_id):
 
     rid = repo_id()
     with LocalHub(tmp_path / "hub") as first:
-        api = HfApi(endpoint=first.url)
+        api = HfApi(endpoint=first.url, token=first.token)
         api.create_repo(rid, repo_type="dataset")
         sha = api.upload_file(
             path_or_fileobj=b"kept", path_in_repo="a.txt", repo_id=rid, repo_type="dataset"
@@ -346,19 +347,31 @@ def test_private_repo_needs_a_token(api, repo_id):
     from huggingface_hub.errors import RepositoryNotFoundError
 
     rid = repo_id()
-    api.create_repo(rid, private=True, token="any-token")
+    api.create_repo(rid, private=True, token="hf_test")
     with pytest.raises(RepositoryNotFoundError) as err:
         api.model_info(rid)
     assert err.value.response.status_code == 401
-    assert api.model_info(rid, token="any-token").private is True
+    assert api.model_info(rid, token="hf_test").private is True
+
+
+def signed_upload_url(hub, rid: str, oid: str, size: int, headers: dict | None = None) -> str:
+    """The presigned upload URL (path and query) an LFS batch call hands out for one object."""
+    body = json.dumps({"operation": "upload", "objects": [{"oid": oid, "size": size}]})
+    conn = http.client.HTTPConnection(hub.host, hub.port, timeout=10)
+    conn.request("POST", f"/{rid}.git/info/lfs/objects/batch", body=body, headers=headers or {})
+    href = json.loads(conn.getresponse().read())["objects"][0]["actions"]["upload"]["href"]
+    conn.close()
+    parts = urlsplit(href)
+    return f"{parts.path}?{parts.query}"
 
 
 def test_lfs_upload_with_wrong_bytes_is_rejected(api, hub, repo_id):
     rid = repo_id()
     api.create_repo(rid)
     oid = hashlib.sha256(b"expected").hexdigest()
+    url = signed_upload_url(hub, rid, oid, len(b"something else"))
     conn = http.client.HTTPConnection(hub.host, hub.port, timeout=10)
-    conn.request("PUT", f"/{rid}.git/info/lfs/objects/{oid}", body=b"something else")
+    conn.request("PUT", url, body=b"something else")
     assert conn.getresponse().status == 400
     conn.close()
 
@@ -368,9 +381,10 @@ def test_lfs_upload_accepts_chunked_body(api, hub, repo_id):
     api.create_repo(rid)
     data = b"streamed" * 1000
     oid = hashlib.sha256(data).hexdigest()
+    url = signed_upload_url(hub, rid, oid, len(data))
     conn = http.client.HTTPConnection(hub.host, hub.port, timeout=10)
     chunks = (data[i : i + 3000] for i in range(0, len(data), 3000))
-    conn.request("PUT", f"/{rid}.git/info/lfs/objects/{oid}", body=chunks, encode_chunked=True)
+    conn.request("PUT", url, body=chunks, encode_chunked=True)
     response = conn.getresponse()
     response.read()
     assert response.status == 200

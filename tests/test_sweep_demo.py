@@ -93,15 +93,20 @@ def test_sweep_without_a_task_is_a_clear_error(hub, tmp_path):
 
 
 def test_demo_runs_the_whole_loop_offline(tmp_path):
-    """The real demo (real MiniLM, real tweets) at a toy size, with its own local Hub."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_ENDPOINT", "HF_TOKEN")}
+    """The real demo (real MiniLM, real tweets) at a toy size, with its own local Hub.
+
+    The user's HF_TOKEN is set: the demo's Hub accepts only the token it made, so the run only
+    succeeds if the demo writes with that one, and the user's appears nowhere."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_ENDPOINT"}
     env["HF_HOME"] = str(tmp_path / "hf_home")
+    env["HF_TOKEN"] = "hf_the_users_own_token"
     proc = subprocess.run(
         [sys.executable, "-m", "hfsoup", "demo", "--workdir", str(tmp_path / "demo"),
          "--k", "2", "--train", "64", "--eval", "32", "-q"],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "hf_the_users_own_token" not in proc.stdout + proc.stderr
     assert "greedy soup" in proc.stdout
     assert (
         "pushed: " in proc.stdout and "/demo-org/minilm-tweets-greedy-soup/commit/" in proc.stdout
@@ -132,6 +137,8 @@ def test_hub_serve_command_serves_a_folder(tmp_path):
             str(tmp_path / "hub"),
             "--port",
             str(port),
+            "--token",
+            "hf_local_team",
         ]
     )
     try:
@@ -140,7 +147,8 @@ def test_hub_serve_command_serves_a_folder(tmp_path):
                 "api.create_repo('team/x'); print(api.model_info('team/x').sha)")  # fmt: skip
         for _ in range(50):
             proc = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True,
-                                  env={**os.environ, "HF_ENDPOINT": url})  # fmt: skip
+                                  env={**os.environ, "HF_ENDPOINT": url,
+                                       "HF_TOKEN": "hf_local_team"})  # fmt: skip
             if proc.returncode == 0:
                 break
             time.sleep(0.2)

@@ -608,8 +608,9 @@ def _front_matter(path: Path) -> dict[str, Any]:
 
     try:
         with open(path, "rb") as f:
-            text = f.read(_MAX_CARD_BYTES).decode("utf-8", errors="replace")
-        match = re.match(r"---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|$)", text, re.DOTALL)
+            text = f.read(_MAX_CARD_BYTES).decode("utf-8-sig", errors="replace")
+        # As huggingface_hub's metadata_load finds it: a YAML block between --- lines, first.
+        match = re.match(r"\s*---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|$)", text, re.DOTALL)
         data = yaml.safe_load(match.group(1)) if match else None
     except Exception:  # a malformed card should not stop a soup: its metadata is a nicety
         return {}

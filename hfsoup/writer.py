@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import IO
 
 import torch
-from huggingface_hub import constants
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
@@ -93,7 +92,7 @@ def check_output_target(
             raise OutputExistsError(
                 f"output folder {target} {holds} {what} ({folder}); it is not replaced"
             )
-    cache = Path(constants.HF_HUB_CACHE).expanduser().resolve()
+    cache = dict(_protected_folders())["the HF cache"]
     if target.is_relative_to(cache):
         raise OutputExistsError(
             f"output folder {target} is inside the HF cache ({cache}); it is not replaced"
@@ -102,6 +101,8 @@ def check_output_target(
 
 def _protected_folders() -> list[tuple[str, Path]]:
     """Folders an overwritten output may neither be nor hold."""
+    from huggingface_hub import constants  # not at import: hfsoup.demo sets HF_* first
+
     folders = [
         ("the HF cache", constants.HF_HUB_CACHE),
         ("the HF home", constants.HF_HOME),

@@ -36,7 +36,13 @@ from hfsoup.tensors import (
     parse_size,
     plan_shards,
 )
-from hfsoup.writer import ShardWriter, copy_aux_files, staged_output, write_config
+from hfsoup.writer import (
+    ShardWriter,
+    check_output_target,
+    copy_aux_files,
+    staged_output,
+    write_config,
+)
 
 IngredientLike = str | Path | IngredientSpec | IngredientEntry | dict
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -200,6 +206,11 @@ def soup(
     return run(recipe, **options)
 
 
+def _local_paths(spec: IngredientSpec) -> list[Path]:
+    """The local folders an ingredient may read (its path, or the folder named like its repo)."""
+    return [p for p in (spec.path, spec.local_fallback) if p is not None]
+
+
 def _entry(item: IngredientLike) -> dict[str, Any]:
     spec = _spec(item)
     repo = spec.repo if spec.path is None else str(spec.path)
@@ -290,6 +301,8 @@ def run(
         # Nothing to score: the main process streams and writes the soup alone.
         return SoupResult(target, recipe.method, [], {}, timings=timings)
 
+    local = [p for e in recipe.ingredients for p in _local_paths(_spec(e))]
+    check_output_target(target, overwrite=overwrite, inputs=local)  # before anything is read
     t0 = time.perf_counter()
     indexes = load_ingredients(recipe.ingredients, token=token, allow_pickle=allow_pickle)
     check_compatible(indexes)
@@ -323,7 +336,7 @@ def run(
         return _finish(recipe, target, weights_of(results), results, timings, token)
     with staged_output(target, overwrite=overwrite) as tmp:
         t0 = time.perf_counter()
-        writer = ShardWriter(tmp, len(shards))
+        writer = ShardWriter(tmp, len(shards), allow_nonfinite=recipe.allow_nonfinite)
         with _bar(fetch_plan_bytes(indexes, shards), "Fetching + averaging", progress) as bar:
             stream_average(
                 indexes, weights, shards, on_shard=writer.write, dtype=dtype,

@@ -41,6 +41,8 @@ class CardRow:
     sha: str | None
     weight: float
     extra: dict[str, Any] = field(default_factory=dict)
+    # A local folder, not a Hub repo: marked as such in the table, never in base_model.
+    local: bool = False
 
 
 @dataclass
@@ -69,7 +71,7 @@ def card_metadata(info: CardInfo) -> dict[str, Any]:
     """The YAML front matter: valid Hub metadata for a merge of the ingredients."""
     meta: dict[str, Any] = {
         # Local folders have no Hub ID; base_model may only name Hub repos.
-        "base_model": [r.repo for r in info.rows if r.sha],
+        "base_model": [r.repo for r in info.rows if r.sha and not r.local],
         "base_model_relation": "merge",
         "library_name": "transformers",
         "tags": ["hfsoup", "model-soup", "merge", f"{info.recipe.method}-soup"],
@@ -77,8 +79,10 @@ def card_metadata(info: CardInfo) -> dict[str, Any]:
     tag = pipeline_tag(info.config)
     if tag:
         meta["pipeline_tag"] = tag
-    if info.licenses and info.licenses[0] and len(set(info.licenses)) == 1:
-        meta["license"] = info.licenses[0]
+    # An ingredient's card is untrusted: only a plain string is taken as its license.
+    licenses = [x if isinstance(x, str) else None for x in info.licenses]
+    if licenses and licenses[0] and len(set(licenses)) == 1:
+        meta["license"] = licenses[0]
     if info.model_index:
         meta["model-index"] = info.model_index
     return meta
@@ -128,8 +132,9 @@ def _table(rows: list[CardRow]) -> str:
     head = ["#", "repo", "requested revision", "commit SHA", "weight", *extra_keys]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(rows, 1):
+        sha = "local folder, not on the Hub" if r.local or not r.sha else f"`{r.sha}`"
         cells = [str(i), f"`{r.repo}`", f"`{r.revision}`" if r.revision else "(default)",
-                 f"`{r.sha}`" if r.sha else "(local)", f"{r.weight:.4g}",
+                 sha, f"{r.weight:.4g}",
                  *(_cell(r.extra.get(k)) for k in extra_keys)]  # fmt: skip
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)

@@ -28,12 +28,16 @@ def normalise_weights(k: int, weights: Sequence[float] | None) -> list[float]:
         return [1.0 / k] * k
     if len(weights) != k:
         raise RecipeError(f"got {len(weights)} weights for {k} ingredients")
-    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+    if any(not math.isfinite(w) or w < 0 for w in weights) or max(weights) <= 0:
         raise RecipeError(
             f"weights must be finite and >= 0 with a positive sum, got {list(weights)}"
         )
-    total = float(sum(weights))
-    return [w / total for w in weights]
+    # Scaled by the largest first: each is then <= 1 and their sum <= k, so weights that are
+    # each finite cannot overflow the sum (1e308 + 1e308 is inf, and w / inf is 0).
+    largest = float(max(weights))
+    scaled = [float(w) / largest for w in weights]
+    total = sum(scaled)
+    return [w / total for w in scaled]
 
 
 def stream_average(

@@ -135,6 +135,7 @@ def run_greedy_soup(
             tmp, indexes, shards,
             lambda names: session.soup_tensors(names, lambda n: output_dtype(first[n], dtype)),
             dtype,
+            allow_nonfinite=recipe.allow_nonfinite,
         )  # fmt: skip
         timings["write"] = time.perf_counter() - t0
 

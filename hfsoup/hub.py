@@ -8,6 +8,7 @@ a soup is being made cannot mix two versions of one ingredient.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -24,6 +25,7 @@ from hfsoup import checksums
 from hfsoup.errors import (
     AccessDeniedError,
     CorruptWeightsError,
+    HfsoupError,
     HubConnectionError,
     IngredientNotFoundError,
     IngredientSpecError,
@@ -33,6 +35,7 @@ from hfsoup.errors import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("hfsoup")
 
 # A Hub repo ID: optional namespace, then a name; '@' separates an optional revision.
 _REPO_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
@@ -46,14 +49,28 @@ DEFAULT_MAX_RETRY_WAIT_S = 60.0
 _TRANSIENT = (408, 429)
 
 
+# How a local folder is written: ./x, ../x, /abs, ~/x, ~user, . or .., C:\x; any backslash.
+_PATH_RE = re.compile(r"^(?:\.\.?(?:[/\\]|$)|[/\\~]|[A-Za-z]:[/\\])")
+# A local ingredient is a model folder: listing stops (with an error) past these bounds, so a
+# folder such as / or ~ fails in a moment rather than walking a whole disk.
+MAX_LOCAL_ENTRIES = 10_000
+MAX_LOCAL_DEPTH = 8
+_UNLISTED_DIRS = {".git", ".cache"}  # version control, huggingface_hub's download metadata
+
+
 @dataclass(frozen=True)
 class IngredientSpec:
-    """What the user asked for: a repo ID with an optional revision, or a local directory."""
+    """What the user asked for: a repo ID with an optional revision, or a local directory.
+
+    ``local_fallback`` is a folder in the working directory named like the repo ID: it is read
+    only when the Hub has no such repo (see :func:`resolve`).
+    """
 
     repo: str | None = None
     revision: str | None = None
     path: Path | None = None
     weight: float | None = None
+    local_fallback: Path | None = None
 
     @property
     def label(self) -> str:
@@ -63,8 +80,19 @@ class IngredientSpec:
         return f"{self.repo}@{self.revision}" if self.revision else str(self.repo)
 
 
+def looks_like_path(text: str) -> bool:
+    """Whether ``text`` is written as a path (``./x``, ``../x``, ``/abs``, ``~/x``, ``.``, a
+    Windows drive or backslash path) rather than as a Hub repo ID."""
+    return bool(_PATH_RE.match(text)) or "\\" in text
+
+
 def parse_ingredient(text: str, *, weight: float | None = None) -> IngredientSpec:
     """Parse ``org/name``, ``org/name@revision`` or a local directory.
+
+    A string written as a path (:func:`looks_like_path`) is a local directory. A string shaped
+    like a repo ID names the Hub repo, even when a folder of that name exists in the working
+    directory: that folder is only a fallback, used (with a warning) if the Hub has no such
+    repo. Any other string is a local directory if one exists.
 
     Args:
         text: the ingredient as the user wrote it.
@@ -80,20 +108,31 @@ def parse_ingredient(text: str, *, weight: float | None = None) -> IngredientSpe
     Example:
         >>> parse_ingredient("org/ft-1@v2").revision
         'v2'
+        >>> parse_ingredient("./org/ft-1").path is not None  # doctest: +SKIP
+        True
     """
     text = text.strip()
+    if not text:
+        raise IngredientSpecError("empty ingredient: give 'org/name' or a local directory")
     local = Path(text).expanduser()
-    if local.is_dir():
+    if looks_like_path(text):
+        if not local.is_dir():
+            raise IngredientNotFoundError(f"ingredient {text!r}: no such local directory")
         return IngredientSpec(path=local.resolve(), weight=weight)
     repo, sep, revision = text.partition("@")
     # A revision may hold slashes (refs/pr/1, feature/x); only the repo part may not.
-    if text.startswith((".", "/", "~")) or repo.count("/") > 1:
-        raise IngredientNotFoundError(f"ingredient {text!r}: no such local directory")
-    if not _REPO_RE.match(repo) or (sep and not revision) or ".." in repo:
-        raise IngredientSpecError(
-            f"ingredient {text!r} is not 'org/name', 'org/name@revision' or a local directory"
+    if _REPO_RE.match(repo) and not (sep and not revision) and ".." not in repo:
+        fallback = local.resolve() if local.is_dir() else None
+        return IngredientSpec(
+            repo=repo, revision=revision or None, weight=weight, local_fallback=fallback
         )
-    return IngredientSpec(repo=repo, revision=revision or None, weight=weight)
+    if local.is_dir():  # not a repo ID, so it cannot hide one
+        return IngredientSpec(path=local.resolve(), weight=weight)
+    if text.startswith(".") or repo.count("/") > 1:
+        raise IngredientNotFoundError(f"ingredient {text!r}: no such local directory")
+    raise IngredientSpecError(
+        f"ingredient {text!r} is not 'org/name', 'org/name@revision' or a local directory"
+    )
 
 
 class Source(ABC):
@@ -177,15 +216,16 @@ class _DiskCached(Source):
 
 
 class LocalSource(Source):
-    """An ingredient that is a directory on disk."""
+    """An ingredient that is a directory on disk.
+
+    Only regular files inside the folder are read: a file that is a symlink is followed only
+    when it stays inside the folder (:meth:`local_file`), symlinked folders are not listed, and
+    the listing is bounded (:data:`MAX_LOCAL_ENTRIES`, :data:`MAX_LOCAL_DEPTH`).
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.files = {
-            p.relative_to(root).as_posix(): p.stat().st_size
-            for p in sorted(root.rglob("*"))
-            if p.is_file() and ".cache" not in p.relative_to(root).parts
-        }
+        self.files = _list_folder(root)
 
     def read_range(
         self, filename: str, start: int, end: int, out: bytearray | None = None
@@ -202,10 +242,63 @@ class LocalSource(Source):
         return f"{self.root}/{filename}"
 
     def local_file(self, filename: str) -> Path:
+        """The file's path, after checking it is a regular file inside the folder.
+
+        Raises:
+            IngredientNotFoundError: the name, or a symlink on the way, points outside the
+                folder, or it is not a regular file.
+        """
         path = (self.root / filename).resolve()
         if not path.is_relative_to(self.root):
             raise IngredientNotFoundError(f"{filename!r} points outside {self.root}")
+        if not path.is_file():
+            raise IngredientNotFoundError(f"{self.root}/{filename}: not a regular file")
         return path
+
+
+def _list_folder(root: Path) -> dict[str, int | None]:
+    """Regular files under ``root`` (relative POSIX names -> sizes), without following
+    symlinked folders or entering .git / .cache.
+
+    Raises:
+        IngredientSpecError: more than :data:`MAX_LOCAL_ENTRIES` entries, or folders nested
+            deeper than :data:`MAX_LOCAL_DEPTH`: not a model folder.
+    """
+    files: dict[str, int | None] = {}
+    seen = 0
+    pending = [(root, 0)]
+    while pending:
+        folder, depth = pending.pop()
+        try:
+            entries = os.scandir(folder)
+        except OSError as exc:
+            if folder == root:
+                raise IngredientNotFoundError(f"{root}: cannot list ({exc.strerror})") from exc
+            continue  # an unreadable subfolder holds nothing we could read either
+        with entries:
+            for entry in entries:
+                seen += 1
+                if seen > MAX_LOCAL_ENTRIES:
+                    raise IngredientSpecError(
+                        f"ingredient {root}: more than {MAX_LOCAL_ENTRIES:,} files and folders; "
+                        "not a model folder"
+                    )
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if entry.name in _UNLISTED_DIRS:
+                            continue
+                        if depth + 1 > MAX_LOCAL_DEPTH:
+                            raise IngredientSpecError(
+                                f"ingredient {root}: folders nested more than {MAX_LOCAL_DEPTH} "
+                                "deep; not a model folder"
+                            )
+                        pending.append((Path(entry.path), depth + 1))
+                    elif entry.is_file():  # a regular file, or a symlink to one
+                        name = Path(entry.path).relative_to(root).as_posix()
+                        files[name] = entry.stat().st_size
+                except OSError:
+                    continue  # vanished or unreadable: not a file of the model
+    return dict(sorted(files.items()))
 
 
 class HubSource(Source):
@@ -603,17 +696,22 @@ def resolve(spec: IngredientSpec, *, token: str | None = None) -> Ingredient:
     """
     if spec.path is not None:
         source: Source = LocalSource(spec.path)
-        card = _front_matter(spec.path / "README.md") if "README.md" in source.files else {}
+        card = _front_matter(source.local_file("README.md")) if "README.md" in source.files else {}
         return Ingredient(spec=spec, sha=None, source=source, card=card)
 
     from huggingface_hub import HfApi
 
-    info = _call_hub(
-        lambda: HfApi(token=token).model_info(
-            spec.repo, revision=spec.revision, files_metadata=True
-        ),
-        what=spec.label,
-    )
+    try:
+        info = _call_hub(
+            lambda: HfApi(token=token).model_info(
+                spec.repo, revision=spec.revision, files_metadata=True
+            ),
+            what=spec.label,
+        )
+    except HfsoupError as exc:
+        if spec.local_fallback is None:
+            raise
+        return _resolve_fallback(spec, exc)
     files = {s.rfilename: s.size for s in info.siblings or []}
     source = HubSource(
         spec.repo, info.sha, files, token, digests=checksums.from_siblings(info.siblings or [])
@@ -624,13 +722,47 @@ def resolve(spec: IngredientSpec, *, token: str | None = None) -> Ingredient:
     return Ingredient(spec=spec, sha=info.sha, source=source, card=card)
 
 
+def _resolve_fallback(spec: IngredientSpec, exc: HfsoupError) -> Ingredient:
+    """A repo-shaped name the Hub does not have, read from the local folder of that name.
+
+    Only "repository not found" falls back: on any other failure (network, access, revision)
+    the error stands, with a hint that the folder can be named as a path.
+    """
+    from huggingface_hub import errors
+
+    folder = spec.local_fallback
+    written = f"./{spec.label}"
+    missing = isinstance(exc.__cause__, errors.RepositoryNotFoundError) and not isinstance(
+        exc.__cause__, errors.GatedRepoError
+    )
+    if not missing:
+        hint = f" (a local folder {written} exists: write {written} to use it)"
+        raise type(exc)(f"{exc}{hint}") from exc
+    log.warning(
+        "no Hub repo %s; using the local folder %s — write %s to say so",
+        spec.repo,
+        written,
+        written,
+    )
+    return resolve(IngredientSpec(path=folder, weight=spec.weight))
+
+
+# A card's metadata is read from at most this many bytes (front matter comes first).
+_MAX_CARD_BYTES = 1 << 20
+
+
 def _front_matter(path: Path) -> dict[str, Any]:
-    from huggingface_hub.repocard import metadata_load
+    import yaml
 
     try:
-        return metadata_load(path) or {}
+        with open(path, "rb") as f:
+            text = f.read(_MAX_CARD_BYTES).decode("utf-8-sig", errors="replace")
+        # As huggingface_hub's metadata_load finds it: a YAML block between --- lines, first.
+        match = re.match(r"\s*---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|$)", text, re.DOTALL)
+        data = yaml.safe_load(match.group(1)) if match else None
     except Exception:  # a malformed card should not stop a soup: its metadata is a nicety
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def push_folder(

@@ -144,6 +144,7 @@ def run_learned_soup(
                 for n in names
             },
             dtype,
+            allow_nonfinite=recipe.allow_nonfinite,
         )  # fmt: skip
         timings["write"] = time.perf_counter() - t0
 

@@ -11,6 +11,7 @@ import torch
 
 from hfsoup.card import CardInfo, CardRow, render_card
 from hfsoup.distributed import Processes
+from hfsoup.hub import looks_like_path
 from hfsoup.placement import Placement
 from hfsoup.recipe import Recipe
 from hfsoup.tensors import IngredientIndex
@@ -21,8 +22,12 @@ def pin_recipe(recipe: Recipe, indexes: Sequence[IngredientIndex]) -> Recipe:
     """The recipe with every revision replaced by the commit SHA that was read."""
     entries = []
     for entry, ix in zip(recipe.ingredients, indexes, strict=True):
-        sha = ix.ingredient.sha
-        entries.append(entry.model_copy(update={"revision": sha} if sha else {}))
+        sha, path = ix.ingredient.sha, ix.ingredient.spec.path
+        update: dict = {"revision": sha} if sha else {}
+        if path is not None and not looks_like_path(entry.repo):
+            # A repo-shaped name read from a local folder: the recipe says which folder.
+            update = {"repo": str(path), "revision": None}
+        entries.append(entry.model_copy(update=update))
     return recipe.model_copy(update={"ingredients": entries})
 
 
@@ -44,6 +49,7 @@ def write_card(
             sha=ix.ingredient.sha,
             weight=w,
             extra=sweep_hparams(ix),
+            local=ix.ingredient.spec.path is not None,
         )  # fmt: skip
         for ix, w in zip(indexes, weights, strict=True)
     ]
@@ -145,10 +151,16 @@ def write_weights(
     shards: Sequence[Sequence[str]],
     tensors_of: Callable[[Sequence[str]], dict[str, torch.Tensor]],
     dtype: torch.dtype | None,
+    *,
+    allow_nonfinite: bool = False,
 ) -> None:
     """Write the soup's shards (``tensors_of(names)`` per shard, on the CPU, output dtypes),
-    the index, the config and the first ingredient's tokenizer/processor files."""
-    writer = ShardWriter(folder, len(shards))
+    the index, the config and the first ingredient's tokenizer/processor files.
+
+    Raises:
+        NonFiniteWeightsError: a soup tensor holds NaN or Inf and ``allow_nonfinite`` is False.
+    """
+    writer = ShardWriter(folder, len(shards), allow_nonfinite=allow_nonfinite)
     for i, names in enumerate(shards):
         writer.write(i, tensors_of(names))
     writer.finish()

@@ -284,21 +284,41 @@ def _few(names: list[str], n: int = 3) -> str:
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+# The largest size accepted (8 PiB): more is a typo, and would overflow what it is used for.
+MAX_SIZE = 2**53
+
+
 def parse_size(value: str | int) -> int:
-    """``"5GB"`` -> 5_000_000_000; ``"500MiB"`` -> 524_288_000; ints pass through (bytes)."""
+    """``"5GB"`` -> 5_000_000_000; ``"500MiB"`` -> 524_288_000; ints pass through (bytes).
+
+    Raises:
+        ValueError: unreadable, not positive, or larger than :data:`MAX_SIZE`.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"cannot read {value!r} as a size in bytes (e.g. 5GB, 500MiB)")
     if isinstance(value, int):
-        return value
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-    text = value.strip().upper().replace(" ", "")
-    number = text.rstrip("KMGTIB")
-    unit = text[len(number) :]
-    try:
-        size = int(float(number) * units[unit])
-    except (KeyError, ValueError) as exc:
-        raise ValueError(f"cannot read {value!r} as a size in bytes (e.g. 5GB, 500MiB)") from exc
+        size = value
+    else:
+        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "PB": 10**15, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+                 "PIB": 2**50}  # fmt: skip
+        text = str(value).strip().upper().replace(" ", "")
+        number = text.rstrip("KMGTPIB")
+        unit = text[len(number) :]
+        try:
+            amount = float(number) * units[unit]
+        except (KeyError, ValueError) as exc:
+            raise ValueError(
+                f"cannot read {value!r} as a size in bytes (e.g. 5GB, 500MiB)"
+            ) from exc
+        if not amount > 0:  # negative, zero or NaN
+            raise ValueError(f"size must be positive, got {value!r}")
+        # Compared as a float: int() of an overflowing value (1e400GB is inf) would raise.
+        size = int(amount) if amount <= MAX_SIZE else MAX_SIZE + 1
     if size <= 0:
         raise ValueError(f"size must be positive, got {value!r}")
+    if size > MAX_SIZE:
+        raise ValueError(f"size {value!r} is too large (at most 8PiB)")
     return size
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from hfsoup.errors import OutputExistsError, OutputWriteError
+from hfsoup.errors import NonFiniteWeightsError, OutputExistsError, OutputWriteError
 from hfsoup.hub import Ingredient
 
 # Files a user expects beside the weights so that the soup loads and runs like its ingredients.
@@ -56,6 +56,62 @@ def is_nonempty(target: Path) -> bool:
     return target.exists() and (not target.is_dir() or any(target.iterdir()))
 
 
+def check_output_target(
+    target: Path, *, overwrite: bool = False, inputs: Iterable[Path] = ()
+) -> None:
+    """Refuse an output folder whose replacement would destroy what it must not.
+
+    A soup is renamed into place, so the target must not be a mount point; and replacing a
+    non-empty target deletes it, so with ``overwrite`` it may not be (or hold) one of the
+    ``inputs`` (local ingredients), the HF cache or HF home, the home folder, ``/``, or the
+    working directory or one of its parents. Checked before anything is read.
+
+    Raises:
+        OutputExistsError: naming the target and what it holds.
+    """
+    target = target.expanduser().resolve()
+    if os.path.ismount(target):
+        raise OutputExistsError(
+            f"output folder {target} is a mount point, which cannot be replaced; "
+            "write the soup into a folder inside it"
+        )
+    for item in inputs:
+        item = Path(item).expanduser().resolve()
+        if item == target or item.is_relative_to(target):
+            what = "is" if item == target else "holds"
+            raise OutputExistsError(
+                f"output folder {target} {what} the ingredient {item}; choose another output"
+            )
+    if not (overwrite and is_nonempty(target)):
+        return
+    if not target.is_dir():
+        raise OutputExistsError(f"output {target} is a file, not a folder; it is not replaced")
+    for what, folder in _protected_folders():
+        if folder == target or folder.is_relative_to(target):
+            holds = "is" if folder == target else "holds"
+            raise OutputExistsError(
+                f"output folder {target} {holds} {what} ({folder}); it is not replaced"
+            )
+    cache = dict(_protected_folders())["the HF cache"]
+    if target.is_relative_to(cache):
+        raise OutputExistsError(
+            f"output folder {target} is inside the HF cache ({cache}); it is not replaced"
+        )
+
+
+def _protected_folders() -> list[tuple[str, Path]]:
+    """Folders an overwritten output may neither be nor hold."""
+    from huggingface_hub import constants  # not at import: hfsoup.demo sets HF_* first
+
+    folders = [
+        ("the HF cache", constants.HF_HUB_CACHE),
+        ("the HF home", constants.HF_HOME),
+        ("the home folder", Path.home()),
+        ("the working directory", Path.cwd()),
+    ]
+    return [(what, Path(f).expanduser().resolve()) for what, f in folders]
+
+
 @contextmanager
 def staged_output(
     target: Path, *, overwrite: bool = False, keep_partial: bool = False
@@ -76,6 +132,7 @@ def staged_output(
     target = target.expanduser().resolve()
     if is_nonempty(target) and not overwrite:
         raise OutputExistsError(f"output folder {target} exists and is not empty (use --overwrite)")
+    check_output_target(target, overwrite=overwrite)
     lock = _lock(target)
     tmp = partial_dir(target)
     try:
@@ -151,14 +208,34 @@ def shard_filename(i: int, n: int) -> str:
 
 
 class ShardWriter:
-    """Writes output shards as they arrive, then the weight index."""
+    """Writes output shards as they arrive, then the weight index.
 
-    def __init__(self, folder: Path, num_shards: int) -> None:
+    Every method's output tensors pass through :meth:`write`, in the dtype they are written in,
+    so this is where a soup is checked finite: an average can overflow where no ingredient
+    holds NaN or Inf (float32 ingredients written as float16 whose mean exceeds 65504).
+    """
+
+    def __init__(self, folder: Path, num_shards: int, *, allow_nonfinite: bool = False) -> None:
         self.folder, self.num_shards = folder, num_shards
+        self.allow_nonfinite = allow_nonfinite
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
 
     def write(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Write output shard ``i``.
+
+        Raises:
+            NonFiniteWeightsError: a float tensor of the soup holds NaN or Inf (unless
+                ``allow_nonfinite``); nothing of the shard is written.
+        """
+        if not self.allow_nonfinite:
+            for key, t in tensors.items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise NonFiniteWeightsError(
+                        f"the soup's tensor {key!r} holds NaN or Inf values as {_dtype_name(t)} "
+                        "(its average overflows that dtype); write a wider dtype (float32), or "
+                        "pass --allow-nonfinite (allow_nonfinite=True) to write it anyway"
+                    )
         name = shard_filename(i, self.num_shards)
         try:
             save_file(
@@ -186,6 +263,10 @@ class ShardWriter:
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
 def write_config(folder: Path, config: dict, dtype: torch.dtype | None) -> None:
     """Write the first ingredient's config.json, with its dtype updated when ``dtype`` is set."""
     config = dict(config)
@@ -198,7 +279,14 @@ def write_config(folder: Path, config: dict, dtype: torch.dtype | None) -> None:
 
 
 def copy_aux_files(folder: Path, ingredient: Ingredient) -> list[str]:
-    """Copy the tokenizer / processor / generation files of ``ingredient`` that exist."""
+    """Copy the tokenizer / processor / generation files of ``ingredient`` that exist.
+
+    Each goes through the source's ``local_file``, so a local ingredient's file that is a
+    symlink out of its folder is refused like its weights are.
+
+    Raises:
+        IngredientNotFoundError: a local file points outside its folder or is not a regular file.
+    """
     copied = []
     for name in AUX_FILES:
         if name in ingredient.files:
@@ -209,6 +297,7 @@ def copy_aux_files(folder: Path, ingredient: Ingredient) -> list[str]:
 
 __all__ = [
     "ShardWriter",
+    "check_output_target",
     "copy_aux_files",
     "partial_dir",
     "shard_filename",

@@ -37,7 +37,7 @@ MAX_CARD_BYTES = 16 << 20
 MAX_DEPTH = 32
 """How deeply a recipe's mappings and lists may nest."""
 
-MAX_NODES = 100_000
+MAX_NODES = 20_000
 """How many YAML values (scalars, mappings, lists) a recipe may hold."""
 
 SOUP_RECIPE_FILE = "hfsoup_recipe.yaml"

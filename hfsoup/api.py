@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from hfsoup.tensors import (
     parse_size,
     plan_shards,
 )
+from hfsoup.untrusted import check_resolved, check_soup_recipe, plan_lines
 from hfsoup.writer import (
     ShardWriter,
     check_output_target,
@@ -43,6 +45,8 @@ from hfsoup.writer import (
     staged_output,
     write_config,
 )
+
+log = logging.getLogger("hfsoup")
 
 IngredientLike = str | Path | IngredientSpec | IngredientEntry | dict
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -236,12 +240,20 @@ def run(
     device_map: str | None = None,
     max_memory: str | list[str] | dict | None = None,
     score_dtype: str = "float32",
+    allow_local: bool = False,
 ) -> SoupResult:
     """Run a recipe (a YAML file, a soup's README.md, or a :class:`Recipe`).
+
+    A recipe from a soup (its ``README.md`` or ``hfsoup_recipe.yaml``) writes only to
+    ``output`` (required), pushes only to ``push_to`` given here, reads only from the Hub unless
+    ``allow_local``, and is announced (what it reads and writes) on the ``hfsoup`` logger
+    before anything is read; see :mod:`hfsoup.untrusted`.
 
     Args:
         output / push_to: override the recipe's ``output.dir`` / ``output.push_to``.
         private: create the pushed repo as private (else ``output.private`` decides).
+        allow_local: let a recipe from a soup name local ingredient folders, local datasets,
+            data files, dataset options and metric scripts.
         overwrite: replace a non-empty output folder.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``. Under
             ``accelerate launch``, ``auto`` is each process's own GPU.
@@ -267,18 +279,9 @@ def run(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    out = recipe.output.model_copy(
-        update={
-            k: v
-            for k, v in {
-                "dir": output and str(output),
-                "push_to": push_to,
-                "private": private,
-            }.items()
-            if v
-        }
-    )
-    recipe = recipe.model_copy(update={"output": out})
+    recipe = _with_output(recipe, output=output, push_to=push_to, private=private,
+                          allow_local=allow_local)  # fmt: skip
+    out = recipe.output
     if allow_nonfinite:
         recipe = recipe.model_copy(update={"allow_nonfinite": True})
     procs = processes()
@@ -301,10 +304,15 @@ def run(
         # Nothing to score: the main process streams and writes the soup alone.
         return SoupResult(target, recipe.method, [], {}, timings=timings)
 
+    if recipe.from_soup is not None and procs.is_main:
+        for line in plan_lines(recipe, output=target, push_to=out.push_to, private=out.private):
+            log.warning("%s", line)
     local = [p for e in recipe.ingredients for p in _local_paths(_spec(e))]
     check_output_target(target, overwrite=overwrite, inputs=local)  # before anything is read
     t0 = time.perf_counter()
     indexes = load_ingredients(recipe.ingredients, token=token, allow_pickle=allow_pickle)
+    check_resolved(recipe, [(ix.ingredient.spec.label, ix.ingredient.spec.path is not None)
+                            for ix in indexes], allow_local=allow_local)  # fmt: skip
     check_compatible(indexes)
     timings["resolve"] = time.perf_counter() - t0
     placement = plan_placement(
@@ -352,6 +360,27 @@ def run(
         results = results_base(pinned, indexes, weights, timings, shards, hardware)
         write_soup_files(tmp, pinned, indexes, weights, results)
     return _finish(recipe, target, weights, results, timings, token)
+
+
+def _with_output(
+    recipe: Recipe, *, output: str | Path | None, push_to: str | None, private: bool,
+    allow_local: bool,
+) -> Recipe:  # fmt: skip
+    """The recipe with the caller's output, push target and privacy over the recipe's own.
+
+    A recipe from a soup names none of them (:func:`hfsoup.recipe.load_recipe` drops them): its
+    output must be given, and it is pushed only when ``push_to`` is; nor may it read local
+    things unless ``allow_local`` (:func:`hfsoup.untrusted.check_soup_recipe`).
+    """
+    if recipe.from_soup is not None and not output:
+        raise RecipeError(
+            f"the recipe from {recipe.from_soup} does not choose where to write: "
+            "give the output folder (--output DIR)"
+        )
+    given = {"dir": output and str(output), "push_to": push_to, "private": private}
+    out = recipe.output.model_copy(update={k: v for k, v in given.items() if v})
+    check_soup_recipe(recipe, allow_local=allow_local)
+    return recipe.model_copy(update={"output": out})
 
 
 def _check_run(

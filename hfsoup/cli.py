@@ -223,8 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common], help="run a recipe YAML (or a soup's README.md)")
     p.add_argument("recipe", metavar="RECIPE")
-    p.add_argument("--output", "-o", metavar="DIR", help="override output.dir")
-    p.add_argument("--push-to", metavar="REPO_ID", help="override output.push_to")
+    p.add_argument("--output", "-o", metavar="DIR",
+                   help="override output.dir (required for a soup's README.md or "
+                        "hfsoup_recipe.yaml: a soup's recipe chooses no output)")  # fmt: skip
+    p.add_argument("--push-to", metavar="REPO_ID",
+                   help="override output.push_to (a soup's recipe is pushed only with it)")  # fmt: skip
+    p.add_argument("--allow-local", action="store_true",
+                   help="let a soup's recipe read local folders, data files, dataset options "
+                        "and metric scripts (it reads only from the Hub otherwise)")  # fmt: skip
     _soup_options(p)
 
     p = sub.add_parser(
@@ -366,7 +372,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             _print_evaluation(report, args.json)
     elif args.command == "run":
         result = api.run(args.recipe, output=args.output, push_to=args.push_to,
-                         private=args.private, **run_options)  # fmt: skip
+                         private=args.private, allow_local=args.allow_local,
+                         **run_options)  # fmt: skip
         if _is_main():
             _print_soup(result, args.json)
     elif args.command == "push":

@@ -2,18 +2,49 @@
 
 Unknown keys are errors (``extra="forbid"``), reported with the key and its line in the file, so
 a misspelt option never silently does nothing.
+
+Recipes are read with bounded effort, whoever wrote them: a recipe file holds at most
+:data:`MAX_RECIPE_BYTES` (a card at most :data:`MAX_CARD_BYTES`, its recipe block at most
+:data:`MAX_RECIPE_BYTES`), is parsed once, and may not use YAML anchors or aliases (an alias
+"bomb" expands exponentially once validated), nest deeper than :data:`MAX_DEPTH` levels, hold more
+than :data:`MAX_NODES` values, or use keys that are not strings or appear twice.
+
+A recipe read from a soup (:func:`load_recipe` on a model card or on the ``hfsoup_recipe.yaml``
+written beside the weights) remembers where it came from (:attr:`Recipe.from_soup`) and chooses
+neither the output folder nor a push target: the card's ``output.dir``, ``output.push_to`` and
+``output.private`` are dropped when it is read (see :mod:`hfsoup.untrusted` for the rest).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.resolver import Resolver
 
 from hfsoup.errors import RecipeError
+
+MAX_RECIPE_BYTES = 1 << 20
+"""The largest recipe read: a YAML file, or the recipe block of a card (1 MiB)."""
+
+MAX_CARD_BYTES = 16 << 20
+"""The largest model card (README.md) a recipe is read from (16 MiB)."""
+
+MAX_DEPTH = 32
+"""How deeply a recipe's mappings and lists may nest."""
+
+MAX_NODES = 20_000
+"""How many YAML values (scalars, mappings, lists) a recipe may hold."""
+
+SOUP_RECIPE_FILE = "hfsoup_recipe.yaml"
+"""The pinned recipe every soup writes beside its weights (the same as its card's)."""
+
+_BLOCK_OPENERS = ("```yaml hfsoup-recipe", "```yml hfsoup-recipe")
+_STR_TAG = "tag:yaml.org,2002:str"
 
 Method = Literal["uniform", "greedy", "learned"]
 DType = Literal["float32", "float16", "bfloat16"]
@@ -70,6 +101,19 @@ class Recipe(_Strict):
     task: Any = None
     learned: LearnedConfig | None = None
     output: OutputConfig = Field(default_factory=OutputConfig)
+    # Where a recipe read from a soup came from, and the output that soup's recipe named.
+    _soup: str | None = PrivateAttr(None)
+    _soup_output: OutputConfig | None = PrivateAttr(None)
+
+    @property
+    def from_soup(self) -> str | None:
+        """The card or ``hfsoup_recipe.yaml`` this recipe was read from; None for others."""
+        return self._soup
+
+    @property
+    def soup_output(self) -> OutputConfig | None:
+        """What the soup's recipe named as output (not used: see :func:`load_recipe`)."""
+        return self._soup_output
 
     @field_validator("task", mode="before")
     @classmethod
@@ -107,45 +151,172 @@ def _compact(entry: dict) -> str | dict:
     return entry["repo"] if set(entry) == {"repo"} else entry
 
 
+def is_soup_recipe(source: str | Path) -> bool:
+    """Whether ``source`` is a recipe written by a soup: a card (``*.md``) or its recipe file."""
+    path = Path(source)
+    return path.suffix.lower() == ".md" or path.name == SOUP_RECIPE_FILE
+
+
 def load_recipe(source: str | Path) -> Recipe:
     """Read a recipe from a YAML file, or from the recipe block of a soup's model card.
 
+    A recipe from a soup (a ``*.md`` card, or a file named ``hfsoup_recipe.yaml``) comes back
+    without ``output.dir``, ``output.push_to`` and ``output.private`` (kept aside in
+    :attr:`Recipe.soup_output`) and with :attr:`Recipe.from_soup` set: the caller chooses where
+    the rebuilt soup goes, and whether it is pushed.
+
     Raises:
-        RecipeError: unreadable file, invalid YAML, an unknown key or a value of the wrong type
+        RecipeError: unreadable or oversized file, invalid YAML (anchors, aliases, absurd
+            nesting, keys that are not strings), an unknown key or a value of the wrong type
             (naming the key and its line).
     """
     path = Path(source)
+    card = path.suffix.lower() == ".md"
+    cap = MAX_CARD_BYTES if card else MAX_RECIPE_BYTES
     try:
-        text = path.read_text(encoding="utf-8")
+        # A bounded read: a huge file, /dev/zero or a pipe is refused after cap + 1 bytes.
+        with path.open("rb") as f:
+            raw = f.read(cap + 1)
     except OSError as exc:
-        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from exc
-    if path.suffix.lower() == ".md":
-        text = _recipe_block(text, path)
-    return parse_recipe(text, where=str(path))
-
-
-def _recipe_block(card: str, path: Path) -> str:
-    match = re.search(r"^```ya?ml hfsoup-recipe\n(.*?)^```", card, re.S | re.M)
-    if not match:
-        raise RecipeError(f"{path} holds no hfsoup recipe block")
-    return match.group(1)
-
-
-def parse_recipe(text: str, *, where: str = "<recipe>") -> Recipe:
-    """Validate recipe YAML text; see :func:`load_recipe`."""
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from exc
+    if len(raw) > cap:
+        raise RecipeError(f"recipe {path} is larger than {_mib(cap)}, the most hfsoup reads")
     try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe {path} is not UTF-8 text (byte {exc.start})") from exc
+    offset = 0
+    if card:
+        text, offset = _recipe_block(text, path)
+    recipe = parse_recipe(text, where=str(path), line_offset=offset)
+    if is_soup_recipe(path):
+        given = recipe.output
+        dropped = given.model_copy(update={"dir": None, "push_to": None, "private": False})
+        recipe = recipe.model_copy(update={"output": dropped})
+        recipe._soup, recipe._soup_output = str(path), given
+    return recipe
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB"
+
+
+def _recipe_block(card: str, path: Path) -> tuple[str, int]:
+    """The first ```` ```yaml hfsoup-recipe ```` block of a card, and the line it starts after."""
+    lines = card.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() in _BLOCK_OPENERS), None)
+    if start is None:
+        raise RecipeError(f"{path} holds no hfsoup recipe block")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("```")), None)
+    if end is None:
+        raise RecipeError(f"{path}:{start + 1}: the hfsoup recipe block is not closed (```)")
+    block = "".join(lines[start + 1 : end])
+    if len(block.encode("utf-8")) > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            f"{path}:{start + 1}: the recipe block is larger than {_mib(MAX_RECIPE_BYTES)}, "
+            "the most hfsoup reads"
+        )
+    return block, start + 1
+
+
+try:  # libyaml's parser: fast, and not recursive
+    from yaml._yaml import CParser as _Parser
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+
+    class _Parser(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
+        def __init__(self, text: str) -> None:
+            yaml.reader.Reader.__init__(self, text)
+            yaml.scanner.Scanner.__init__(self)
+            yaml.parser.Parser.__init__(self)
+
+
+class _RecipeLoader(Composer, _Parser, SafeConstructor, Resolver):
+    """PyYAML's safe loader with its composer in Python, so that every node passes a check.
+
+    Events come from libyaml when it is there (fast, and not recursive); nodes are composed here,
+    refusing anchors and aliases, nesting past :data:`MAX_DEPTH` and more than :data:`MAX_NODES`
+    values before any of them is built (libyaml's own composer crashes on deep nesting).
+    """
+
+    def __init__(self, text: str) -> None:
+        _Parser.__init__(self, text)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+        Composer.__init__(self)
+        self.depth = self.nodes = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise _Refused(line, "YAML anchors and aliases (&name, *name) are not allowed")
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _Refused(line, f"more than {MAX_NODES:,} values; a recipe is not that big")
+        if self.depth >= MAX_DEPTH:
+            raise _Refused(line, f"nested deeper than {MAX_DEPTH} levels")
+        self.depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        if isinstance(node, yaml.MappingNode):
+            _check_keys(node)
+        return node
+
+
+class _Refused(Exception):
+    def __init__(self, line: int, problem: str) -> None:
+        super().__init__(problem)
+        self.line, self.problem = line, problem
+
+
+def _check_keys(node: yaml.MappingNode) -> None:
+    seen: set[str] = set()
+    for key, _ in node.value:
+        line = key.start_mark.line + 1
+        if not isinstance(key, yaml.ScalarNode) or key.tag != _STR_TAG:
+            shown = repr(key.value) if isinstance(key, yaml.ScalarNode) else f"(a {key.id})"
+            raise _Refused(line, f"key {shown} is not a string")
+        if key.value in seen:
+            raise _Refused(line, f"key {key.value!r} appears twice")
+        seen.add(key.value)
+
+
+def parse_recipe(text: str, *, where: str = "<recipe>", line_offset: int = 0) -> Recipe:
+    """Validate recipe YAML text; see :func:`load_recipe`.
+
+    Args:
+        text: the YAML (at most :data:`MAX_RECIPE_BYTES` in UTF-8).
+        where: the file named in messages.
+        line_offset: lines before ``text`` in that file (a card's recipe block).
+    """
+    if len(text) > MAX_RECIPE_BYTES or len(text.encode("utf-8")) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{where}: a recipe is at most {_mib(MAX_RECIPE_BYTES)}")
+    loader = _RecipeLoader(text)
+    try:
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
+    except _Refused as exc:
+        raise RecipeError(f"{where}:{exc.line + line_offset}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
+        line = f" line {mark.line + 1 + line_offset}" if mark else ""
         raise RecipeError(f"{where}:{line} invalid YAML") from exc
+    except (ValueError, OverflowError) as exc:  # a scalar YAML resolves but cannot build
+        raise RecipeError(
+            f"{where}: invalid YAML value ({' '.join(str(exc).split())[:80]})"
+        ) from exc
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a YAML mapping (name, method, ingredients, ...)")
-    return build_recipe(data, where=where, root=root)
+    return build_recipe(data, where=where, root=root, line_offset=line_offset)
 
 
-def build_recipe(data: dict[str, Any], *, where: str = "options", root: Any = None) -> Recipe:
+def build_recipe(
+    data: dict[str, Any], *, where: str = "options", root: Any = None, line_offset: int = 0
+) -> Recipe:
     """Validate a recipe given as a mapping (``root``: its YAML node, for line numbers)."""
     try:
         return Recipe.model_validate(data)
@@ -154,7 +325,7 @@ def build_recipe(data: dict[str, Any], *, where: str = "options", root: Any = No
         loc = [p for p in err["loc"] if p not in ("str", "IngredientEntry")]
         key = ".".join(str(p) for p in loc) or "(top level)"
         line = _line_of(root, loc)
-        at = f"{where}:{line}" if line else where
+        at = f"{where}:{line + line_offset}" if line else where
         if err["type"] == "extra_forbidden":
             raise RecipeError(f"{at}: unknown key {key!r}") from exc
         raise RecipeError(f"{at}: {key}: {err['msg']}") from exc

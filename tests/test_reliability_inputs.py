@@ -124,7 +124,8 @@ def test_allow_nonfinite_soups_and_is_recorded_in_the_recipe(tmp_path, cli):
     assert torch.isnan(load_state_dict(tmp_path / "soup")[name][3, 5])
     recipe = yaml.safe_load((tmp_path / "soup" / "hfsoup_recipe.yaml").read_text())
     assert recipe["allow_nonfinite"] is True
-    proc = cli("run", tmp_path / "soup" / "README.md", "--output", tmp_path / "again", "-q")
+    proc = cli("run", tmp_path / "soup" / "README.md", "--output", tmp_path / "again",
+               "--allow-local", "-q")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
 
 

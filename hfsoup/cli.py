@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -463,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ.setdefault(name, value)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    notices = _Notices()
+    logging.getLogger("hfsoup").addHandler(notices)
     try:
         return _dispatch(args)
     except HfsoupError as exc:
@@ -479,8 +482,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         _INTERRUPTED.set()
         return 128 + (signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)
     finally:
+        logging.getLogger("hfsoup").removeHandler(notices)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+class _Notices(logging.Handler):
+    """The library's notices (the ``hfsoup`` logger) as ``hfsoup: ...`` lines on stderr.
+
+    One line each, scrubbed of credentials like the error line; written to the current
+    ``sys.stderr`` so that an in-process caller's capture sees them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from hfsoup.errors import scrub
+
+        try:
+            text = scrub(" ".join(record.getMessage().split()))
+            print(f"{_who()}: {text}", file=sys.stderr, flush=True)
+        except Exception:  # a notice must never turn into an error of its own
+            self.handleError(record)
 
 
 def _is_main() -> bool:

@@ -222,7 +222,7 @@ def test_card_recipe_community_metric_is_refused(tmp_path, cli):
 
 @reliability(
     "Rebuilding from a card: what it will do",
-    "two notice lines on stderr before anything is read: 'recipe from SOUP/README.md: reads "
+    "two notice lines on stderr before anything is read: 'hfsoup: recipe from SOUP/README.md: reads "
     "org/a@SHA, ...' and '... writes DIR; pushes nowhere (...)'",
 )
 def test_card_recipe_plan_is_printed_before_reading(bert_soup_ingredients, tmp_path, hub):
@@ -237,10 +237,9 @@ def test_card_recipe_plan_is_printed_before_reading(bert_soup_ingredients, tmp_p
     assert proc.returncode == 2
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
-    assert lines[0] == f"recipe from {card}: reads {', '.join(names)}"
-    assert (
-        lines[1]
-        == f"recipe from {card}: writes {tmp_path / 'new'}; pushes nowhere (--push-to to push)"
+    assert lines[0] == f"hfsoup: recipe from {card}: reads {', '.join(names)}"
+    assert lines[1] == (
+        f"hfsoup: recipe from {card}: writes {tmp_path / 'new'}; pushes nowhere (--push-to to push)"
     )
     assert lines[2].startswith("hfsoup: error: ")
 

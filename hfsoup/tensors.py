@@ -371,6 +371,7 @@ def index_ingredient(ingredient: Ingredient, *, allow_pickle: bool = False) -> I
     if "config.json" not in ingredient.files:
         raise IncompatibleIngredientsError(f"{ingredient.label} has no config.json")
     config = ingredient.source.read_json("config.json")
+    _check_config(config, ingredient.source.where("config.json"))
     files, pickle, weight_map = _weight_files(ingredient, allow_pickle=allow_pickle)
     if pickle:
         from hfsoup.pickled import pickle_refs
@@ -387,6 +388,43 @@ def index_ingredient(ingredient: Ingredient, *, allow_pickle: bool = False) -> I
     if not tensors:
         raise CorruptWeightsError(f"{ingredient.label} holds no tensors")
     return IngredientIndex(ingredient=ingredient, tensors=tensors, config=config, pickle=pickle)
+
+
+def _check_config(config: dict, where: str) -> None:
+    """The config fields hfsoup itself reads (to compare ingredients, tag and label the card)
+    must have the types ``transformers`` writes: ``model_type`` a string, ``architectures`` a
+    list of strings, ``id2label`` an object from integer ids to strings, ``label2id`` an object.
+
+    Raises:
+        CorruptWeightsError: naming the file and the field.
+    """
+
+    def refuse(key: str, expected: str) -> None:
+        raise CorruptWeightsError(f"{where}: {key} must be {expected}, got {_brief(config[key])}")
+
+    if config.get("model_type") is not None and not isinstance(config["model_type"], str):
+        refuse("model_type", "a string")
+    arch = config.get("architectures")
+    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+        refuse("architectures", "a list of strings")
+    labels = config.get("id2label")
+    if labels is not None and not (
+        isinstance(labels, dict)
+        and all(isinstance(v, str) for v in labels.values())
+        and all(map(_is_id, labels))
+    ):
+        refuse("id2label", "an object from integer ids to label names")
+    if config.get("label2id") is not None and not isinstance(config["label2id"], dict):
+        refuse("label2id", "an object from label names to ids")
+
+
+def _is_id(key: str) -> bool:
+    # transformers reads id2label keys with int().
+    try:
+        int(key)
+    except ValueError:
+        return False
+    return True
 
 
 def check_compatible(indexes: Sequence[IngredientIndex]) -> None:

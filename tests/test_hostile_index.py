@@ -456,3 +456,33 @@ def test_a_deep_config_on_the_hub_is_refused(hub, tmp_path, publish, cli, good):
     repo = publish(bad)[0]
     proc = soup(cli, tmp_path, publish(good)[0], repo)
     assert_refused(proc, tmp_path, f"{repo}/config.json", "nested more than 100 levels deep")
+
+
+FIELDS = {
+    "architectures a list of objects": ({"architectures": [{"a": 1}]}, "architectures must be"),
+    "architectures a string": ({"architectures": "BertModel"}, "architectures must be a list"),
+    "model_type a number": ({"model_type": 5}, "model_type must be a string, got 5"),
+    "id2label a list": ({"id2label": ["negative", "positive"]}, "id2label must be an object"),
+    "id2label with object labels": ({"id2label": {"0": {}, "1": "x"}}, "id2label must be"),
+    "id2label with a non-integer id": ({"id2label": {"0": "a", "x": "b"}}, "id2label must be"),
+    "label2id a list": ({"label2id": [0, 1]}, "label2id must be an object"),
+}
+
+
+@reliability(
+    "config.json whose model_type, architectures, id2label or label2id has the wrong type (in "
+    "every ingredient alike, so no comparison catches it)",
+    "one line: '<ing>/config.json: architectures must be a list of strings, got ...' "
+    "(CorruptWeightsError); nothing written",
+)
+@pytest.mark.parametrize("case", sorted(FIELDS))
+def test_config_fields_of_the_wrong_type_are_refused(tmp_path, cli, no_weight_reads, case):
+    patch, message = FIELDS[case]
+    folders = []
+    for seed in (1, 2):
+        folder = save_ingredient(tmp_path / f"ing{seed}", tiny_bert_config(), seed=seed)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **patch}))
+        folders.append(folder)
+    proc = soup(cli, tmp_path, *folders)
+    assert_refused(proc, tmp_path, "/config.json: ", message)

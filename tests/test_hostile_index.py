@@ -486,3 +486,21 @@ def test_config_fields_of_the_wrong_type_are_refused(tmp_path, cli, no_weight_re
         folders.append(folder)
     proc = soup(cli, tmp_path, *folders)
     assert_refused(proc, tmp_path, "/config.json: ", message)
+
+
+@reliability(
+    "Empty (0-byte) or 5-byte model.safetensors, locally and on the Hub",
+    "one line: '<ing>: model.safetensors: truncated safetensors header (0 bytes)' "
+    "(CorruptWeightsError); nothing written",
+)
+@pytest.mark.parametrize("size", [0, 5])
+def test_a_weight_file_shorter_than_its_length_field_is_refused(
+    hub, tmp_path, publish, cli, good, no_weight_reads, size
+):
+    bad = hostile(tmp_path, {"model.safetensors": bytes(size)})
+    message = f"model.safetensors: truncated safetensors header ({size} bytes)"
+    proc = soup(cli, tmp_path, good, bad)
+    assert_refused(proc, tmp_path, f"{bad}: {message}")
+    repo = publish(bad)[0]
+    proc = soup(cli, tmp_path, good, repo)
+    assert_refused(proc, tmp_path, f"{repo}: {message}")

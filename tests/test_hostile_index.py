@@ -504,3 +504,22 @@ def test_a_weight_file_shorter_than_its_length_field_is_refused(
     repo = publish(bad)[0]
     proc = soup(cli, tmp_path, good, repo)
     assert_refused(proc, tmp_path, f"{repo}: {message}")
+
+
+@reliability(
+    "Pickle index (with --allow-pickle) that lists a tensor its shard does not hold",
+    "one line: '<ing>: pytorch_model.bin.index.json lists 1 tensor(s) that no shard holds: "
+    "'X' (listed for SHARD)' (CorruptWeightsError)",
+)
+def test_a_pickle_index_that_disagrees_with_its_shard_is_refused(tmp_path, cli, good):
+    shard = "pytorch_model-00001-of-00001.bin"
+    files = {
+        "pytorch_model.bin.index.json": json.dumps({"weight_map": {"w": shard, "ghost": shard}}),
+        shard: _pickled({"w": torch.zeros(2)}),
+    }
+    bad = hostile(tmp_path, files)
+    proc = soup(cli, tmp_path, good, bad, extra=("--allow-pickle",))
+    assert_refused(
+        proc, tmp_path, f"{bad}: pytorch_model.bin.index.json lists 1 tensor(s) that no shard "
+        f"holds: 'ghost' (listed for {shard})",
+    )  # fmt: skip

@@ -150,19 +150,83 @@ class Source(ABC):
     def local_file(self, filename: str) -> Path:
         """A local path holding the whole file (downloaded into the HF cache if needed)."""
 
-    def read_json(self, filename: str) -> dict[str, Any]:
-        """A JSON object file of the ingredient (config.json, ...).
+    # Caps on the JSON files an ingredient holds (config.json, weight indexes); see read_json.
+    MAX_JSON_BYTES = 64 * 2**20
+    MAX_JSON_DEPTH = 100
+
+    def read_json(self, filename: str, *, unique_keys: bool = False) -> dict[str, Any]:
+        """A JSON object file of the ingredient (config.json, a weight index, ...).
+
+        The file must be UTF-8, at most 64 MiB (``MAX_JSON_BYTES``; no config or index comes
+        near, and a larger one is refused before it is downloaded when the Hub lists its size)
+        and nested at most 100 levels deep (``MAX_JSON_DEPTH``).
+
+        Args:
+            filename: the file's name in the ingredient.
+            unique_keys: refuse an object that names a key twice (``json`` silently keeps the
+                last), as a weight index must.
 
         Raises:
-            CorruptWeightsError: the file is not a JSON object.
+            CorruptWeightsError: the file is too large, cannot be read, is not UTF-8, not valid
+                JSON, nested too deeply, not a JSON object, or (``unique_keys``) repeats a key;
+                the message names the file.
         """
-        text = self.local_file(filename).read_text(encoding="utf-8")
+        where = self.where(filename)
+        limit = f"more than the {self.MAX_JSON_BYTES // 2**20} MiB hfsoup reads for a JSON file"
+        size = self.files.get(filename)
+        if size is not None and size > self.MAX_JSON_BYTES:
+            raise CorruptWeightsError(f"{where}: {size} bytes, {limit}")
+        path = self.local_file(filename)
         try:
-            data = json.loads(text)
+            with open(path, "rb") as f:
+                raw = f.read(self.MAX_JSON_BYTES + 1)
+        except OSError as exc:
+            raise CorruptWeightsError(f"{where}: cannot be read ({exc.strerror})") from exc
+        if len(raw) > self.MAX_JSON_BYTES:
+            raise CorruptWeightsError(f"{where}: {limit}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CorruptWeightsError(
+                f"{where}: not UTF-8 text (invalid byte at offset {exc.start})"
+            ) from exc
+        repeated: list[str] = []
+
+        def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+            obj = dict(items)
+            if len(obj) != len(items):
+                seen: set[str] = set()
+                repeated.extend(k for k, _ in items if k in seen or seen.add(k))
+            return obj
+
+        try:
+            data = json.loads(text, object_pairs_hook=pairs if unique_keys else None)
+        except RecursionError as exc:
+            raise CorruptWeightsError(
+                f"{where}: JSON nested more than {self.MAX_JSON_DEPTH} levels deep"
+            ) from exc
         except ValueError as exc:
-            raise CorruptWeightsError(f"{self.where(filename)}: not valid JSON ({exc})") from exc
+            raise CorruptWeightsError(f"{where}: not valid JSON ({exc})") from exc
         if not isinstance(data, dict):
-            raise CorruptWeightsError(f"{self.where(filename)}: a JSON object was expected")
+            raise CorruptWeightsError(f"{where}: a JSON object was expected")
+        # How deeply lists and objects nest, without recursion (transformers and json.dump
+        # recurse, and would fail far from here).
+        deepest, stack = 0, [(data, 1)]
+        while stack and deepest <= self.MAX_JSON_DEPTH:
+            item, depth = stack.pop()
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+        if deepest > self.MAX_JSON_DEPTH:
+            raise CorruptWeightsError(
+                f"{where}: JSON nested more than {self.MAX_JSON_DEPTH} levels deep"
+            )
+        if repeated:
+            shown = ", ".join(repr(k)[:120] for k in sorted(set(repeated))[:3])
+            more = len(set(repeated)) - 3
+            raise CorruptWeightsError(
+                f"{where}: names {shown}{f' and {more} more' if more > 0 else ''} more than once"
+            )
         return data
 
     def where(self, filename: str) -> str:

@@ -74,7 +74,7 @@ def test_repo_shaped_folder_does_not_shadow_the_hub_repo(tmp_path, cli, publish,
 
 @reliability(
     "Repo-shaped ingredient with no such Hub repo, but a local folder of that name",
-    "a warning: 'no Hub repo org/name; using the local folder ./org/name — write ./org/name to "
+    "a warning: 'hfsoup: no Hub repo org/name; using the local folder ./org/name — write ./org/name to "
     "say so'; the soup is made and its card marks the ingredient 'local folder, not on the Hub'",
 )
 def test_repo_shaped_folder_is_a_fallback_only_when_the_hub_has_no_such_repo(tmp_path, publish):
@@ -87,7 +87,7 @@ def test_repo_shaped_folder_is_a_fallback_only_when_the_hub_has_no_such_repo(tmp
                    cwd=tmp_path / "work")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == (
-        "no Hub repo test-org/never-published; using the local folder ./test-org/never-published"
+        "hfsoup: no Hub repo test-org/never-published; using the local folder ./test-org/never-published"
         " — write ./test-org/never-published to say so"
     )
     assert_same_tensors(load_state_dict(tmp_path / "soup"), plain_average(on_hub, local))

@@ -12,6 +12,7 @@ import struct
 import time
 from email.utils import formatdate
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -255,7 +256,13 @@ def test_altered_bytes_in_an_ingredient_read_out_of_order_are_refused(
     weights = dirs[1] / "model.safetensors"
     tamper(weights, header_end(weights) + 4)
     proc = cli("soup", *repos, "--output", tmp_path / "soup", "--max-shard-size", "8KB", "-q")
-    assert_one_line_error(proc, f"{repos[1]}/model.safetensors", "do not match", "sha256")
+    # The notice that the file is downloaded whole to be checked comes first, then the error.
+    notice, error = proc.stderr.strip().splitlines()
+    assert "downloading it whole to check its sha256" in notice
+    assert_one_line_error(
+        SimpleNamespace(returncode=proc.returncode, stderr=error),
+        f"{repos[1]}/model.safetensors", "do not match", "sha256",
+    )  # fmt: skip
     assert_nothing_written(tmp_path)
 
 

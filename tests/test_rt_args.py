@@ -1,0 +1,140 @@
+"""Hostile command lines, local folders and output targets: links planted under hfsoup's working
+names or given as the output, names the file system cannot hold, usage mistakes, option values
+that overflow or do nothing, pipes where a file is expected, a push folder whose index nests
+absurdly deep, and the local output folder in a soup's card."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+from factories import load_state_dict, save_ingredient, tiny_bert_config
+from test_errors import assert_nothing_written, assert_one_line_error
+from test_hostile_local import assert_same_tensors, plain_average
+
+from hfsoup.cli import main
+
+reliability = pytest.mark.reliability
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """Two tiny local ingredients of one init."""
+    config = tiny_bert_config()
+    return [save_ingredient(tmp_path / f"ing{i}", config, seed=i + 1) for i in range(2)]
+
+
+def soup_args(pair, output, *extra):
+    return ("soup", *map(str, pair), "--output", str(output), "-q", *extra)
+
+
+def usage(capfd, *args):
+    """Run the CLI in this process when argparse itself may refuse the command line."""
+    capfd.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capfd.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
+# --- 1. hfsoup's working names beside the output are never followed --------------------------
+
+
+@reliability(
+    "A symlink planted under the output's lock name (.NAME.hfsoup-lock -> a file elsewhere)",
+    "nothing: the link is removed and the lock made in its place; the file it pointed to is "
+    "neither truncated nor written; the soup is made",
+)
+def test_a_lock_name_that_is_a_symlink_is_not_written_through(tmp_path, cli, pair):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / ".soup.hfsoup-lock").symlink_to(victim)
+
+    proc = cli(*soup_args(pair, tmp_path / "soup"))
+    assert proc.returncode == 0, proc.stderr
+    assert victim.read_text() == "precious"
+    assert_same_tensors(load_state_dict(tmp_path / "soup"), plain_average(*pair))
+    assert not os.path.lexists(tmp_path / ".soup.hfsoup-lock")
+
+
+@reliability(
+    "A symlink (to a folder elsewhere) left under the output's partial or old name "
+    "(.NAME.hfsoup-partial, .NAME.hfsoup-old), with or without --overwrite",
+    "nothing: the link itself is removed, never followed: the folder it points to keeps its "
+    "files; the soup is made (it was a traceback)",
+)
+@pytest.mark.parametrize("suffix", ["partial", "old"])
+def test_working_names_that_are_symlinks_are_removed_not_followed(tmp_path, cli, pair, suffix):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep")
+    (tmp_path / f".soup.hfsoup-{suffix}").symlink_to(elsewhere, target_is_directory=True)
+    (tmp_path / "soup").mkdir()
+    (tmp_path / "soup" / "old.txt").write_text("old soup")
+
+    proc = cli(*soup_args(pair, tmp_path / "soup", "--overwrite"))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]
+    assert (tmp_path / "soup" / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".soup.hfsoup")]
+
+
+# --- 2. the output itself ---------------------------------------------------------------------
+
+
+@reliability(
+    "--output that is a symlink (to a folder elsewhere, or dangling), with or without --overwrite",
+    "one line: 'output DIR is a symlink (to X); hfsoup writes no soup through a link and replaces "
+    "no folder it points to: give the folder itself (--output X)' (OutputExistsError); the "
+    "folder it points to is untouched (--overwrite replaced it before)",
+)
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_that_is_a_symlink_is_refused(tmp_path, cli, pair, overwrite):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep")
+    (tmp_path / "soup").symlink_to(elsewhere, target_is_directory=True)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    extra = ("--overwrite",) if overwrite else ()
+
+    for link in ("soup", "dangling"):
+        proc = cli(*soup_args(pair, tmp_path / link, *extra))
+        assert_one_line_error(proc, f"output {tmp_path / link} is a symlink", "--output")
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]
+    assert not (tmp_path / "nowhere").exists()
+    assert not [p for p in tmp_path.iterdir() if ".hfsoup-" in p.name]
+
+
+@reliability(
+    "--output named like hfsoup's own working folders (.NAME.hfsoup-partial, -lock, -old)",
+    "one line: 'output folder DIR is named like hfsoup's working folders ..., which another run "
+    "removes; choose another name' (OutputExistsError); nothing written",
+)
+@pytest.mark.parametrize("suffix", ["partial", "lock", "old"])
+def test_an_output_named_like_a_working_folder_is_refused(tmp_path, cli, pair, suffix):
+    name = f".soup.hfsoup-{suffix}"
+    proc = cli(*soup_args(pair, tmp_path / name))
+    assert_one_line_error(proc, "is named like hfsoup's working folders")
+    assert_nothing_written(tmp_path, name)
+
+
+@reliability(
+    "--output whose name the file system cannot hold (over 255 bytes; over 239, leaving no room "
+    "for .NAME.hfsoup-partial) or holding a NUL byte (Python API / in-process)",
+    "one line: 'output folder name 'xxx...'... is 300 bytes long; at most 239 ...' / '... holds a "
+    "NUL byte' (OutputExistsError), before anything is read (it was a traceback)",
+)
+@pytest.mark.parametrize("name", ["x" * 300, "y" * 240, "bad\0name"])
+def test_an_output_name_the_file_system_cannot_hold_is_one_line(tmp_path, cli, pair, name):
+    proc = cli(*soup_args(pair, f"{tmp_path}/{name}"))
+    assert_one_line_error(proc, "NUL byte" if "\0" in name else "at most 239")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ing0", "ing1"]
+
+
+def test_the_longest_allowed_output_name_is_written(tmp_path, cli, pair):
+    proc = cli(*soup_args(pair, tmp_path / ("z" * 239)))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / ("z" * 239) / "model.safetensors").is_file()

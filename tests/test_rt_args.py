@@ -13,7 +13,9 @@ from factories import load_state_dict, save_ingredient, tiny_bert_config
 from test_errors import assert_nothing_written, assert_one_line_error
 from test_hostile_local import assert_same_tensors, plain_average
 
+import hfsoup
 from hfsoup.cli import main
+from hfsoup.errors import RecipeError
 
 reliability = pytest.mark.reliability
 
@@ -138,3 +140,91 @@ def test_the_longest_allowed_output_name_is_written(tmp_path, cli, pair):
     proc = cli(*soup_args(pair, tmp_path / ("z" * 239)))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / ("z" * 239) / "model.safetensors").is_file()
+
+
+# --- 3. the command line itself ---------------------------------------------------------------
+
+
+@reliability(
+    "A command line argparse refuses (a weight that is not a number, an unknown --dtype or "
+    "command, a missing ingredient or --output)",
+    "one line: 'hfsoup: error: argument --weights: invalid float value: 'abc' (see hfsoup soup "
+    "--help)', exit 2 (it was the whole usage text and a second line)",
+)
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("soup", "a/b", "-o", "x", "--weights", "abc"), "invalid float value: 'abc'"),
+        (("soup", "a/b", "-o", "x", "--dtype", "int8"), "invalid choice: 'int8'"),
+        (("inspect",), "required: INGREDIENT"),
+        (("soup", "a/b"), "required: --output"),
+        (("bake",), "invalid choice: 'bake'"),
+    ],
+)
+def test_a_usage_error_is_one_line(capfd, args, fragment):
+    proc = usage(capfd, *args)
+    assert_one_line_error(proc, fragment, "--help)")
+
+
+@reliability(
+    "--max-memory with a size too large for a number (cpu=1e400GB)",
+    "one line: '--max-memory: cannot read ['cpu=1e400GB'] as sizes (...)' (RecipeError), before "
+    "anything is read (it was a traceback)",
+)
+def test_a_max_memory_that_overflows_is_one_line(tmp_path, cli, pair):
+    proc = cli(*soup_args(pair, tmp_path / "soup", "--device-map", "auto",
+                          "--max-memory", "cpu=1e400GB"))  # fmt: skip
+    assert_one_line_error(proc, "--max-memory", "1e400GB")
+    assert_nothing_written(tmp_path)
+
+
+@reliability(
+    "--memory-budget on a soup that is not learned (where it did nothing), or not a size",
+    "one line: '--memory-budget (memory_budget) applies to method 'learned', not 'uniform'' "
+    "(RecipeError); nothing written",
+)
+def test_a_memory_budget_that_would_do_nothing_is_refused(tmp_path, cli, pair):
+    proc = cli(*soup_args(pair, tmp_path / "soup", "--memory-budget", "8GB"))
+    assert_one_line_error(proc, "applies to method 'learned', not 'uniform'")
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "lots"])
+def test_max_in_flight_must_be_a_positive_byte_count(tmp_path, pair, value):
+    with pytest.raises(RecipeError, match="max_in_flight must be a positive number of bytes"):
+        hfsoup.soup(pair, output=tmp_path / "soup", progress=False, max_in_flight=value)
+    assert_nothing_written(tmp_path)
+
+
+# --- 4. pipes and devices where a file is expected ----------------------------------------------
+
+
+@reliability(
+    "`hfsoup run` on a recipe that is a named pipe nothing writes to",
+    "one line at once: 'recipe R is a named pipe, not a file; hfsoup reads recipes from files' "
+    "(RecipeError) (it waited forever)",
+)
+def test_a_recipe_that_is_a_named_pipe_fails_at_once(tmp_path, cli):
+    os.mkfifo(tmp_path / "recipe.yaml")
+    proc = cli("run", tmp_path / "recipe.yaml", "--output", tmp_path / "soup", "-q")
+    assert_one_line_error(proc, "is a named pipe, not a file")
+    assert_nothing_written(tmp_path)
+
+
+@reliability(
+    "--task FILE.yaml that is a named pipe, a folder, /dev/zero (endless) or over 1 MiB",
+    "one line: 'cannot read task file F: it is a named pipe or socket, not a file' / 'task file F "
+    "is larger than 1 MiB, the most hfsoup reads' (RecipeError), at once (it waited forever or "
+    "read without end)",
+)
+@pytest.mark.parametrize("kind", ["fifo", "folder", "dev-zero"])
+def test_a_task_file_that_is_not_a_small_file_fails_at_once(tmp_path, cli, pair, kind):
+    task = tmp_path / "task.yaml"
+    if kind == "fifo":
+        os.mkfifo(task)
+    elif kind == "folder":
+        task.mkdir()
+    else:
+        task.symlink_to("/dev/zero")
+    proc = cli("evaluate", *map(str, pair), "--task", task, "-q")
+    assert_one_line_error(proc, "larger than 1 MiB" if kind == "dev-zero" else "not a file")

@@ -228,3 +228,20 @@ def test_a_task_file_that_is_not_a_small_file_fails_at_once(tmp_path, cli, pair,
         task.symlink_to("/dev/zero")
     proc = cli("evaluate", *map(str, pair), "--task", task, "-q")
     assert_one_line_error(proc, "larger than 1 MiB" if kind == "dev-zero" else "not a file")
+
+
+# --- 5. push folders ----------------------------------------------------------------------------
+
+
+@reliability(
+    "push DIR whose model.safetensors.index.json nests 100,000 levels deep, or is over 8 MiB",
+    "one line: 'DIR/model.safetensors.index.json is not a readable weight index (JSON nested too "
+    "deep)' (PushError); nothing uploaded (it was a traceback)",
+)
+@pytest.mark.parametrize("content", ["[" * 100_000 + "]" * 100_000, " " * (9 << 20) + "{}"])
+def test_a_push_folder_with_an_absurd_index_is_one_line(tmp_path, cli, pair, repo_id, content):
+    soup = tmp_path / "soup"
+    assert cli(*soup_args(pair, soup, "--max-shard-size", "10KB")).returncode == 0
+    (soup / "model.safetensors.index.json").write_text(content)
+    proc = cli("push", soup, repo_id("deep-index"))
+    assert_one_line_error(proc, "model.safetensors.index.json")

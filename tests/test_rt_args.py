@@ -6,9 +6,11 @@ absurdly deep, and the local output folder in a soup's card."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from factories import load_state_dict, save_ingredient, tiny_bert_config
 from test_errors import assert_nothing_written, assert_one_line_error
 from test_hostile_local import assert_same_tensors, plain_average
@@ -245,3 +247,29 @@ def test_a_push_folder_with_an_absurd_index_is_one_line(tmp_path, cli, pair, rep
     (soup / "model.safetensors.index.json").write_text(content)
     proc = cli("push", soup, repo_id("deep-index"))
     assert_one_line_error(proc, "model.safetensors.index.json")
+
+
+# --- 6. the card names no local output folder --------------------------------------------------
+
+
+@reliability(
+    "A soup's card and hfsoup_recipe.yaml, locally and as pushed to the Hub",
+    "neither names the local output folder (output.dir is not recorded: a recipe from a soup "
+    "never chooses its output); push_to and the rest of the recipe are kept",
+)
+def test_the_pushed_card_names_no_local_output_folder(tmp_path, cli, publish, repo_id, api):
+    config = tiny_bert_config()
+    repos = [publish(save_ingredient(tmp_path / f"ing{i}", config, seed=i + 1))[0] for i in (0, 1)]
+    out = tmp_path / "private-place" / "soup"
+    target = repo_id("pushed-soup")
+    proc = cli("soup", *repos, "--output", out, "--push-to", target, "-q")
+    assert proc.returncode == 0, proc.stderr
+
+    for name in ("README.md", "hfsoup_recipe.yaml"):
+        local = (out / name).read_text(encoding="utf-8")
+        remote = Path(api.hf_hub_download(target, name)).read_text(encoding="utf-8")
+        assert local == remote
+        assert str(tmp_path) not in remote
+    recipe = yaml.safe_load((out / "hfsoup_recipe.yaml").read_text(encoding="utf-8"))
+    assert recipe["output"] == {"push_to": target}
+    assert str(tmp_path) not in (out / "results.json").read_text(encoding="utf-8")

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -278,7 +280,7 @@ def run(
             memory available on the device.
     """
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
+        recipe = load_recipe(_recipe_file(recipe))
     recipe = _with_output(recipe, output=output, push_to=push_to, private=private,
                           allow_local=allow_local)  # fmt: skip
     out = recipe.output
@@ -287,7 +289,8 @@ def run(
     procs = processes()
     _check_run(recipe, resume=resume, accumulate=accumulate, score_dtype=score_dtype,
                device_map=device_map, procs=procs)  # fmt: skip
-    budgets = parse_max_memory(max_memory)
+    _check_options(recipe, max_in_flight=max_in_flight, memory_budget=memory_budget)
+    budgets = _max_memory(max_memory)
     # Weights are checked before any network call (their count is the ingredients').
     given = [e.weight for e in recipe.ingredients]
     if any(w is not None for w in given) and any(w is None for w in given):
@@ -420,6 +423,55 @@ def _check_run(
         )
 
 
+def _recipe_file(source: str | Path) -> str | Path:
+    """``source``, unless it is a named pipe or socket: reading one waits for a writer that
+    may never come (save the recipe to a file instead).
+
+    Raises:
+        RecipeError: naming the file.
+    """
+    try:
+        mode = os.stat(source).st_mode
+    except (OSError, ValueError):  # missing, a NUL byte: load_recipe says so in one line
+        return source
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        kind = "a named pipe" if stat.S_ISFIFO(mode) else "a socket"
+        raise RecipeError(
+            f"recipe {source} is {kind}, not a file; hfsoup reads recipes from files "
+            "(save it to a file first)"
+        )
+    return source
+
+
+def _check_options(
+    recipe: Recipe, *, max_in_flight: Any, memory_budget: str | int | None
+) -> None:  # fmt: skip
+    """Refuse an option value that could not work, or would do nothing, before any read."""
+    if max_in_flight is not None and (
+        isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1
+    ):
+        raise RecipeError(
+            f"max_in_flight must be a positive number of bytes, got {max_in_flight!r}"
+        )
+    if memory_budget is not None:
+        if recipe.method != "learned":
+            raise RecipeError(
+                f"--memory-budget (memory_budget) applies to method 'learned', not {recipe.method!r}"
+            )
+        try:
+            parse_size(memory_budget)
+        except ValueError as exc:
+            raise RecipeError(f"memory_budget: {exc}") from exc
+
+
+def _max_memory(max_memory: str | list[str] | dict | None) -> dict[int | str, int]:
+    """:func:`parse_max_memory`, with a size too large to be a number one line too."""
+    try:
+        return parse_max_memory(max_memory)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise RecipeError(f"--max-memory: cannot read {max_memory!r} as sizes ({exc})") from exc
+
+
 def _check_push_to(repo_id: str) -> None:
     """Refuse a push target that is not a repo ID before any ingredient is read."""
     try:
@@ -509,7 +561,7 @@ def evaluate(
     task = resolve_task(task)
     procs = processes()
     target_device = resolve_device(device, procs)
-    budgets = parse_max_memory(max_memory)
+    budgets = _max_memory(max_memory)
     t0 = time.perf_counter()
     indexes = load_ingredients(ingredients, token=token, allow_pickle=allow_pickle)
     check_compatible(indexes)

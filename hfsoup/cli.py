@@ -16,11 +16,21 @@ import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hfsoup.errors import HfsoupError, IncompatibleIngredientsError, RecipeError
 
 EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line like every other user error (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        from hfsoup.errors import scrub
+
+        text = scrub(" ".join(message.split()))
+        self.exit(EXIT_USER_ERROR, f"hfsoup: error: {text} (see {self.prog} --help)\n")
 
 
 def _common() -> argparse.ArgumentParser:
@@ -152,7 +162,7 @@ def _read_yaml(path: str | None, what: str, *, text: str | None = None) -> Any:
 
     try:
         if text is None:
-            text = Path(path).read_text(encoding="utf-8")
+            text = _read_small_text(path, what)
         return yaml.safe_load(text)
     except OSError as exc:
         raise RecipeError(f"cannot read {what} {path}: {exc.strerror}") from exc
@@ -160,9 +170,32 @@ def _read_yaml(path: str | None, what: str, *, text: str | None = None) -> Any:
         raise RecipeError(f"{what} {path or ''}: not valid YAML ({exc.problem})") from exc
 
 
+_MAX_OPTION_FILE = 1 << 20  # bytes of a task or search-space file, like a recipe's cap
+
+
+def _read_small_text(path: str, what: str) -> str:
+    """The UTF-8 text of a file named by an option, read with bounded effort: a named pipe (which
+    waits for a writer), a file over 1 MiB (or /dev/zero) or bytes that are not UTF-8 are refused.
+    """
+    import stat
+
+    mode = os.stat(path).st_mode
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISDIR(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a named pipe or socket"
+        raise RecipeError(f"cannot read {what} {path}: it is {kind}, not a file")
+    with open(path, "rb") as f:
+        raw = f.read(_MAX_OPTION_FILE + 1)
+    if len(raw) > _MAX_OPTION_FILE:
+        raise RecipeError(f"{what} {path} is larger than 1 MiB, the most hfsoup reads")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hfsoup",
         description="Model soups from the Hugging Face Hub: average fine-tunes of one model.",
     )
@@ -527,7 +560,11 @@ def _left_behind(args: argparse.Namespace) -> str:
 
     # Only resumable (greedy) runs keep their partial folder after an interruption.
     output = getattr(args, "output", None)
-    if output and partial_dir(Path(output).expanduser().resolve()).exists():
+    try:
+        kept = bool(output) and partial_dir(Path(output).expanduser().resolve()).exists()
+    except (OSError, ValueError):  # an output name the file system refuses
+        kept = False
+    if kept:
         return "no output was written; the greedy run's progress is kept (rerun with --resume)"
     return "no output was written"
 

@@ -19,7 +19,13 @@ from hfsoup.writer import ShardWriter, copy_aux_files, write_config
 
 
 def pin_recipe(recipe: Recipe, indexes: Sequence[IngredientIndex]) -> Recipe:
-    """The recipe with every revision replaced by the commit SHA that was read."""
+    """The recipe with every revision replaced by the commit SHA that was read, as the soup
+    records it (card, ``hfsoup_recipe.yaml``).
+
+    Without ``output.dir``: a recipe read from a soup never chooses its output (the rebuild
+    names one), and the folder it was written to is a path of this machine, which a pushed card
+    would publish.
+    """
     entries = []
     for entry, ix in zip(recipe.ingredients, indexes, strict=True):
         sha, path = ix.ingredient.sha, ix.ingredient.spec.path
@@ -28,7 +34,8 @@ def pin_recipe(recipe: Recipe, indexes: Sequence[IngredientIndex]) -> Recipe:
             # A repo-shaped name read from a local folder: the recipe says which folder.
             update = {"repo": str(path), "revision": None}
         entries.append(entry.model_copy(update=update))
-    return recipe.model_copy(update={"ingredients": entries})
+    output = recipe.output.model_copy(update={"dir": None})
+    return recipe.model_copy(update={"ingredients": entries, "output": output})
 
 
 def write_card(

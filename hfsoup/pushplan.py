@@ -190,11 +190,21 @@ def _own_files(folder: Path, found: Sequence[str]) -> list[str]:
 def _indexed_shards(folder: Path, present: set[str]) -> list[str]:
     from hfsoup.writer import INDEX_NAME
 
+    path = folder / INDEX_NAME
+    content = open_regular(folder, INDEX_NAME)
+    if not isinstance(content, bytes):  # over the read-at-once size: no index is that big
+        content.close()
+        raise PushError(
+            f"{path} is larger than {_READ_AT_ONCE >> 20} MiB, which no weight index is; "
+            "nothing was uploaded"
+        )
     try:
-        index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
+        index = json.loads(content.decode("utf-8"))
         shards = set(index["weight_map"].values())
+    except RecursionError:
+        raise PushError(f"{path} is not a readable weight index (JSON nested too deep)") from None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise PushError(f"{folder / INDEX_NAME} is not a readable weight index ({exc!r})") from exc
+        raise PushError(f"{path} is not a readable weight index ({exc!r})") from exc
     if not shards or not all(isinstance(s, str) for s in shards):
         raise PushError(f"{folder / INDEX_NAME} names no weight files")
     # Only shard names hfsoup writes: an index naming ".env" must not get it uploaded.

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +53,52 @@ def partial_dir(target: Path) -> Path:
     return target.parent / f".{target.name}.hfsoup-partial"
 
 
+# hfsoup's own names beside an output: the partial folder, the lock, the previous output.
+_WORKING_SUFFIXES = (".hfsoup-partial", ".hfsoup-lock", ".hfsoup-old")
+_WORKING_NAME = re.compile(r"^\..+\.hfsoup-(partial|lock|old)$", re.DOTALL)
+_MAX_NAME_BYTES = 255  # NAME_MAX of Linux and macOS file systems
+# The longest output name whose working names (".NAME.hfsoup-partial") still fit in a name.
+MAX_OUTPUT_NAME_BYTES = _MAX_NAME_BYTES - 1 - max(len(s) for s in _WORKING_SUFFIXES)
+
+
+def check_output_name(target: Path) -> None:
+    """Refuse an output path hfsoup cannot write, or whose name is one of its working names.
+
+    The path as given (before symlinks are resolved): it may hold no NUL byte; its last part
+    may not be a symlink (a soup is never written, nor a folder replaced, through a link), nor
+    named like hfsoup's working folders (``.NAME.hfsoup-partial``, ``-lock``, ``-old``, which
+    another run of ``NAME`` removes), nor be so long that those names would not fit.
+
+    Raises:
+        OutputExistsError: naming the output and the problem.
+    """
+    text = os.fspath(target)
+    if "\0" in text:
+        raise OutputExistsError(f"output folder {text!r} holds a NUL byte; choose another name")
+    path = Path(text).expanduser()
+    name = path.resolve().name if path.name in ("", ".", "..") else path.name
+    if len(os.fsencode(name)) > MAX_OUTPUT_NAME_BYTES:
+        raise OutputExistsError(
+            f"output folder name {name[:40]!r}... is {len(os.fsencode(name))} bytes long; at most "
+            f"{MAX_OUTPUT_NAME_BYTES} (hfsoup assembles it in .NAME.hfsoup-partial beside it)"
+        )
+    if _WORKING_NAME.match(name):
+        raise OutputExistsError(
+            f"output folder {path} is named like hfsoup's working folders (.NAME.hfsoup-partial, "
+            "-lock, -old), which another run removes; choose another name"
+        )
+    try:
+        link = path.is_symlink()
+    except OSError as exc:
+        raise OutputWriteError(f"cannot use output {path}: {exc.strerror}") from exc
+    if link:
+        raise OutputExistsError(
+            f"output {path} is a symlink (to {os.readlink(path)}); hfsoup writes no soup through "
+            f"a link and replaces no folder it points to: give the folder itself "
+            f"(--output {path.resolve()})"
+        )
+
+
 def is_nonempty(target: Path) -> bool:
     return target.exists() and (not target.is_dir() or any(target.iterdir()))
 
@@ -69,7 +116,15 @@ def check_output_target(
     Raises:
         OutputExistsError: naming the target and what it holds.
     """
+    check_output_name(target)
     target = target.expanduser().resolve()
+    try:
+        _check_target(target, overwrite=overwrite, inputs=inputs)
+    except OSError as exc:  # a name too long for the file system, a folder that cannot be read
+        raise OutputWriteError(f"cannot use output {target}: {exc.strerror}") from exc
+
+
+def _check_target(target: Path, *, overwrite: bool, inputs: Iterable[Path]) -> None:
     if os.path.ismount(target):
         raise OutputExistsError(
             f"output folder {target} is a mount point, which cannot be replaced; "
@@ -129,16 +184,16 @@ def staged_output(
             process is writing it.
         OutputWriteError: the disk filled up or the folder cannot be written.
     """
+    check_output_target(target, overwrite=overwrite)
     target = target.expanduser().resolve()
     if is_nonempty(target) and not overwrite:
         raise OutputExistsError(f"output folder {target} exists and is not empty (use --overwrite)")
-    check_output_target(target, overwrite=overwrite)
     lock = _lock(target)
     tmp = partial_dir(target)
     try:
         try:
-            if tmp.exists() and not keep_partial:
-                shutil.rmtree(tmp)
+            if not keep_partial or not _is_real_dir(tmp):
+                _remove(tmp)  # a leftover of a killed run; a link or file there is not followed
             tmp.mkdir(exist_ok=True)
             yield tmp
             _swap_into_place(tmp, target)
@@ -150,10 +205,11 @@ def staged_output(
             raise OutputWriteError(f"{what} while writing {target}{kept}") from exc
     except BaseException:
         if not keep_partial:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp, ignore_errors=True)
         raise
     finally:
-        os.unlink(lock.name) if os.path.exists(lock.name) else None
+        lock_path = lock_file(target)
+        os.unlink(lock_path) if os.path.lexists(lock_path) else None
         lock.close()
 
 
@@ -169,14 +225,48 @@ def _is_write_error(exc: OSError, parent: Path) -> bool:
     return exc.errno in _DENIED_ERRNOS and str(exc.filename or "").startswith(str(parent))
 
 
+def lock_file(target: Path) -> Path:
+    """The lock file beside ``target`` that its writer holds."""
+    return target.parent / f".{target.name}.hfsoup-lock"
+
+
+def _is_real_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder itself, not a symlink to one."""
+    return path.is_dir() and not path.is_symlink()
+
+
+def _remove(path: Path, *, ignore_errors: bool = False) -> None:
+    """Remove ``path``: a folder with what it holds; a symlink or file by its name only."""
+    try:
+        if _is_real_dir(path):
+            shutil.rmtree(path, ignore_errors=ignore_errors)
+        elif path.is_symlink() or path.exists():
+            path.unlink()
+    except OSError:
+        if not ignore_errors:
+            raise
+
+
 def _lock(target: Path) -> IO[str]:
-    """Hold an exclusive lock on ``.NAME.hfsoup-lock`` beside ``target`` (no waiting)."""
-    path = target.parent / f".{target.name}.hfsoup-lock"
+    """Hold an exclusive lock on ``.NAME.hfsoup-lock`` beside ``target`` (no waiting).
+
+    The lock file is opened without following a symlink and never truncated: a link planted
+    under that name is removed, not written through.
+    """
+    path = lock_file(target)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path, "w")  # noqa: SIM115  (held until staged_output ends)
+        if path.is_symlink():
+            path.unlink()
+        fd = os.open(path, flags, 0o644)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EEXIST, "not a regular file", str(path))
+        lock = os.fdopen(fd, "w")  # held until staged_output ends
     except OSError as exc:
-        raise OutputWriteError(f"cannot write to {target.parent}: {exc.strerror}") from exc
+        where = path if exc.errno in (errno.ELOOP, errno.EISDIR, errno.EEXIST) else target.parent
+        raise OutputWriteError(f"cannot write to {where}: {exc.strerror}") from exc
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         # The holder unlinks the file when done; a lock on an unlinked file guards nothing.
@@ -191,7 +281,7 @@ def _lock(target: Path) -> IO[str]:
 def _swap_into_place(tmp: Path, target: Path) -> None:
     old = target.parent / f".{target.name}.hfsoup-old"
     if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)  # what a killed run left there; a link there is removed, not followed
         os.replace(target, old)
     try:
         os.replace(tmp, target)
@@ -199,7 +289,7 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         if old.exists():  # put the previous output back rather than leave it hidden
             os.replace(old, target)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old, ignore_errors=True)
 
 
 def shard_filename(i: int, n: int) -> str:

@@ -8,15 +8,14 @@ A lock file beside the target keeps two hfsoup processes from writing the same o
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -24,6 +23,9 @@ from safetensors.torch import save_file
 
 from hfsoup.errors import NonFiniteWeightsError, OutputExistsError, OutputWriteError
 from hfsoup.hub import Ingredient
+
+if TYPE_CHECKING:
+    from filelock import BaseFileLock
 
 # Files a user expects beside the weights so that the soup loads and runs like its ingredients.
 AUX_FILES = (
@@ -153,8 +155,7 @@ def staged_output(
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        os.unlink(lock.name) if os.path.exists(lock.name) else None
-        lock.close()
+        _unlock(lock)
 
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -169,23 +170,59 @@ def _is_write_error(exc: OSError, parent: Path) -> bool:
     return exc.errno in _DENIED_ERRNOS and str(exc.filename or "").startswith(str(parent))
 
 
-def _lock(target: Path) -> IO[str]:
-    """Hold an exclusive lock on ``.NAME.hfsoup-lock`` beside ``target`` (no waiting)."""
+def _lock(target: Path) -> BaseFileLock:
+    """Hold an exclusive lock on ``.NAME.hfsoup-lock`` beside ``target`` (no waiting).
+
+    ``filelock`` (flock on POSIX, msvcrt on Windows; imported here, so that importing hfsoup
+    needs neither). The holder removes the file when done (:func:`_unlock`), so a lock won on a
+    file that is gone, or was replaced meanwhile, guards nothing and counts as held.
+    """
+    from filelock import FileLock, Timeout
+
     path = target.parent / f".{target.name}.hfsoup-lock"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path, "w")  # noqa: SIM115  (held until staged_output ends)
     except OSError as exc:
         raise OutputWriteError(f"cannot write to {target.parent}: {exc.strerror}") from exc
+    lock = FileLock(str(path), timeout=0)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        # The holder unlinks the file when done; a lock on an unlinked file guards nothing.
-        if not path.exists() or os.stat(path).st_ino != os.fstat(lock.fileno()).st_ino:
-            raise BlockingIOError
-    except BlockingIOError as exc:
-        lock.close()
+        lock.acquire(timeout=0)
+    except Timeout as exc:
         raise OutputExistsError(f"another hfsoup process is writing {target}") from exc
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write to {target.parent}: {exc.strerror}") from exc
+    if not _holds(lock, path):
+        lock.release()
+        raise OutputExistsError(f"another hfsoup process is writing {target}")
     return lock
+
+
+def _holds(lock: BaseFileLock, path: Path) -> bool:
+    """Whether ``lock`` is held on the file now at ``path`` (not on one unlinked meanwhile)."""
+    # filelock keeps the locked descriptor in its context (3.x and 4.x); without it, the
+    # file's existence is what can be checked.
+    fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
+    try:
+        now = os.stat(path)
+        return fd is None or os.path.samestat(now, os.fstat(fd))
+    except OSError:
+        return False
+
+
+def _unlock(lock: BaseFileLock) -> None:
+    """Remove the lock file, then release it: removed while still held, so that a process that
+    opened it meanwhile sees it gone (:func:`_holds`). Windows cannot remove an open file: there
+    it is removed after the release, when no other process has opened it since."""
+    path = Path(lock.lock_file)
+    try:
+        path.unlink(missing_ok=True)
+        removed = True
+    except OSError:
+        removed = False
+    lock.release()
+    if not removed:
+        with suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:

@@ -43,6 +43,8 @@ class CardRow:
     extra: dict[str, Any] = field(default_factory=dict)
     # A local folder, not a Hub repo: marked as such in the table, never in base_model.
     local: bool = False
+    # A candidate the greedy soup left out (weight 0): in the table, marked, never in base_model.
+    rejected: bool = False
 
 
 @dataclass
@@ -67,25 +69,38 @@ def pipeline_tag(config: dict[str, Any]) -> str | None:
     return None
 
 
+def base_models(rows: list[CardRow]) -> list[str]:
+    """The Hub models the soup is made of: ingredients with a weight, read from a Hub commit.
+
+    Candidates a greedy soup rejected contributed nothing, and local folders have no Hub ID:
+    neither is a parent in the Hub's model tree.
+    """
+    return [r.repo for r in rows if r.sha and not r.local and not r.rejected and r.weight != 0]
+
+
 def card_metadata(info: CardInfo) -> dict[str, Any]:
-    """The YAML front matter: valid Hub metadata for a merge of the ingredients."""
-    meta: dict[str, Any] = {
-        # Local folders have no Hub ID; base_model may only name Hub repos.
-        "base_model": [r.repo for r in info.rows if r.sha and not r.local],
-        "base_model_relation": "merge",
-        "library_name": "transformers",
-        "tags": ["hfsoup", "model-soup", "merge", f"{info.recipe.method}-soup"],
-    }
-    tag = pipeline_tag(info.config)
-    if tag:
-        meta["pipeline_tag"] = tag
+    """The YAML front matter: valid Hub metadata for a merge of the ingredients.
+
+    Built with huggingface_hub's ``ModelCardData``. ``base_model`` (and ``base_model_relation``)
+    are left out when no ingredient of the soup is a Hub model: an empty list would claim a
+    merge of nothing.
+    """
+    from huggingface_hub import ModelCardData
+
+    parents = base_models(info.rows)
     # An ingredient's card is untrusted: only a plain string is taken as its license.
     licenses = [x if isinstance(x, str) else None for x in info.licenses]
-    if licenses and licenses[0] and len(set(licenses)) == 1:
-        meta["license"] = licenses[0]
-    if info.model_index:
-        meta["model-index"] = info.model_index
-    return meta
+    data = ModelCardData(
+        base_model=parents or None,
+        library_name="transformers",
+        license=licenses[0] if licenses and licenses[0] and len(set(licenses)) == 1 else None,
+        pipeline_tag=pipeline_tag(info.config),
+        tags=["hfsoup", "model-soup", "merge", f"{info.recipe.method}-soup"],
+        base_model_relation="merge" if parents else None,
+        # In the Hub's format already (hfsoup.report.model_index); parsed and checked again.
+        **({"model-index": info.model_index} if info.model_index else {}),
+    )
+    return data.to_dict()
 
 
 def render_card(info: CardInfo) -> str:
@@ -133,8 +148,9 @@ def _table(rows: list[CardRow]) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(rows, 1):
         sha = "local folder, not on the Hub" if r.local or not r.sha else f"`{r.sha}`"
+        weight = f"{r.weight:.4g}" + (" (rejected by greedy)" if r.rejected else "")
         cells = [str(i), f"`{r.repo}`", f"`{r.revision}`" if r.revision else "(default)",
-                 sha, f"{r.weight:.4g}",
+                 sha, weight,
                  *(_cell(r.extra.get(k)) for k in extra_keys)]  # fmt: skip
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)

@@ -175,14 +175,23 @@ def run_greedy_soup(
 def task_model_index(
     recipe: Recipe, target: Path, table: dict[str, Any], method: str, config: dict
 ) -> list[dict[str, Any]]:
-    """``model-index`` results of ``method``'s row of ``table`` on the task's report splits."""
+    """``model-index`` results of ``method``'s row of ``table`` on the task's report splits.
+
+    Only for a Hub dataset, with the commit it points at (else the revision asked for): the
+    Hub's model-index names datasets by Hub ID, so local data files give none.
+    """
     from hfsoup.card import pipeline_tag
+    from hfsoup.hub import dataset_commit, hub_dataset
 
     task = recipe.task
-    dataset = task.dataset if isinstance(task.dataset, str) else task.dataset.get("path", "local")
+    found = hub_dataset(task.dataset)
+    if found is None:
+        return []
+    dataset, revision = found
     return model_index(
         recipe.name or target.name, table, method, dataset=dataset, config=task.config,
         report_splits=task.report_splits, task_type=pipeline_tag(config),
+        revision=dataset_commit(dataset, revision) or revision,
     )  # fmt: skip
 
 

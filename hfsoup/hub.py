@@ -122,10 +122,14 @@ def parse_ingredient(text: str, *, weight: float | None = None) -> IngredientSpe
     repo, sep, revision = text.partition("@")
     # A revision may hold slashes (refs/pr/1, feature/x); only the repo part may not.
     if _REPO_RE.match(repo) and not (sep and not revision) and ".." not in repo:
-        fallback = local.resolve() if local.is_dir() else None
-        return IngredientSpec(
-            repo=repo, revision=revision or None, weight=weight, local_fallback=fallback
-        )
+        invalid = _invalid_repo_id(repo)
+        if invalid is None:
+            fallback = local.resolve() if local.is_dir() else None
+            return IngredientSpec(
+                repo=repo, revision=revision or None, weight=weight, local_fallback=fallback
+            )
+        if not local.is_dir():  # a folder of that name is meant: no Hub repo can have it
+            raise IngredientSpecError(f"ingredient {text!r} is not a valid Hub repo ID: {invalid}")
     if local.is_dir():  # not a repo ID, so it cannot hide one
         return IngredientSpec(path=local.resolve(), weight=weight)
     if text.startswith(".") or repo.count("/") > 1:
@@ -133,6 +137,18 @@ def parse_ingredient(text: str, *, weight: float | None = None) -> IngredientSpe
     raise IngredientSpecError(
         f"ingredient {text!r} is not 'org/name', 'org/name@revision' or a local directory"
     )
+
+
+def _invalid_repo_id(repo: str) -> str | None:
+    """Why the Hub would refuse ``repo`` as a repo ID (huggingface_hub's rules), or None."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        return str(exc)
+    return None
 
 
 class Source(ABC):
@@ -606,18 +622,35 @@ def _network_problem(exc: BaseException, timeout: float) -> str:
 
 
 def _retry_after(headers: Any) -> float | None:
-    """Seconds the server asked us to wait (``Retry-After``: seconds or an HTTP date); None if
-    it did not say (or said something unreadable)."""
-    value = (headers.get("Retry-After") or "").strip() if headers is not None else ""
+    """Seconds the server asked us to wait, None if it did not say (or said something
+    unreadable): ``Retry-After`` (seconds or an HTTP date) first, else the Hub's ``RateLimit``
+    header (``"api";r=0;t=55``: no requests left in this window, which resets in 55 s)."""
+    if headers is None:
+        return None
+    value = (headers.get("Retry-After") or "").strip()
     if value.isdigit():
         return float(value)
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
+        when = None
+    if when is not None and when.tzinfo is not None:  # RFC 9110 dates are GMT
+        return float(max(0, math.ceil(when.timestamp() - time.time())))
+    return _ratelimit_reset(headers)
+
+
+def _ratelimit_reset(headers: Any) -> float | None:
+    """Seconds until the rate-limit window resets, when the ``RateLimit`` header says that no
+    request is left in it; None otherwise."""
+    from huggingface_hub.utils import parse_ratelimit_headers
+
+    try:
+        info = parse_ratelimit_headers(headers)
+    except (TypeError, ValueError):  # a header the parser cannot read says nothing
         return None
-    if when.tzinfo is None:  # RFC 9110 dates are GMT
+    if info is None or info.remaining > 0 or info.reset_in_seconds < 0:
         return None
-    return float(max(0, math.ceil(when.timestamp() - time.time())))
+    return float(info.reset_in_seconds)
 
 
 def _is_transient(status: int | None) -> bool:
@@ -809,6 +842,40 @@ def _resolve_fallback(spec: IngredientSpec, exc: HfsoupError) -> Ingredient:
         written,
     )
     return resolve(IngredientSpec(path=folder, weight=spec.weight))
+
+
+def hub_dataset(dataset: str | dict[str, Any]) -> tuple[str, str | None] | None:
+    """The Hub dataset a task reads, as ``(repo ID, requested revision)``; None when it reads
+    local files (a packaged builder such as ``csv`` or ``parquet``, or a local folder).
+
+    ``dataset`` is a task's dataset: a Hub ID or ``datasets.load_dataset`` keyword arguments.
+    """
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    kwargs = dataset if isinstance(dataset, dict) else {"path": dataset}
+    path, revision = kwargs.get("path"), kwargs.get("revision")
+    if not isinstance(path, str) or path in _PACKAGED_DATASETS_MODULES or looks_like_path(path):
+        return None
+    if _invalid_repo_id(path) is not None or Path(path).expanduser().exists():
+        return None
+    return path, revision if isinstance(revision, str) else None
+
+
+def dataset_commit(
+    repo: str, revision: str | None = None, *, token: str | None = None
+) -> str | None:
+    """The commit SHA a Hub dataset's ``revision`` (default branch if None) points at now;
+    None when the Hub cannot say (offline, unreachable, no access): a card then names the
+    revision asked for, or none. One request, no retries: it only labels a card.
+    """
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        return HfApi(token=token).dataset_info(repo, revision=revision).sha
+    except Exception:  # any failure only leaves the revision unpinned
+        return None
 
 
 # A card's metadata is read from at most this many bytes (front matter comes first).

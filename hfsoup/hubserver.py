@@ -72,6 +72,7 @@ class Fault:
         status: answer this status (with a JSON error body) instead of serving the request.
         retry_after: sent in ``Retry-After`` with ``status``: seconds, or an HTTP date.
         error_code: sent in ``X-Error-Code`` with ``status`` (``"GatedRepo"``, ``"RepoNotFound"``).
+        headers: more headers sent with ``status`` (``{"RateLimit": '"api";r=0;t=55'}``).
         drop_after_bytes: serve normally but close the connection after this many body bytes.
         stall_seconds: wait this long before answering (a server or network that hangs).
         corrupt: serve the body with its first byte flipped: same length, wrong sha256.
@@ -92,6 +93,7 @@ class Fault:
     status: int | None = None
     retry_after: int | str | None = None
     error_code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
     drop_after_bytes: int | None = None
     stall_seconds: float | None = None
     corrupt: bool = False
@@ -370,6 +372,7 @@ class _Handler(BaseHTTPRequestHandler):
                 extra = {"Retry-After": str(fault.retry_after)} if fault.retry_after else {}
                 if fault.error_code:
                     extra.update({"X-Error-Code": fault.error_code, "X-Error-Message": "Injected"})
+                extra.update(fault.headers)
                 self._send_json(fault.status, {"error": "Injected fault"}, extra)
             else:
                 self._route(method, url.path)

@@ -57,6 +57,7 @@ def write_card(
             weight=w,
             extra=sweep_hparams(ix),
             local=ix.ingredient.spec.path is not None,
+            rejected=recipe.method == "greedy" and w == 0,
         )  # fmt: skip
         for ix, w in zip(indexes, weights, strict=True)
     ]

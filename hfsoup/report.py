@@ -95,9 +95,12 @@ def plot_trajectory(
 
 def model_index(
     name: str, table: dict[str, Scores], method: str, *, dataset: str, config: str | None,
-    report_splits: Sequence[str], task_type: str | None,
+    report_splits: Sequence[str], task_type: str | None, revision: str | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """``model-index`` eval results for the soup on the report splits (huggingface_hub's format)."""
+    """``model-index`` eval results for the soup on the report splits (huggingface_hub's format).
+
+    ``dataset`` is a Hub dataset ID and ``revision`` the commit its scores were read from.
+    """
     from huggingface_hub import EvalResult, ModelCardData
 
     results = [
@@ -107,6 +110,7 @@ def model_index(
             dataset_name=dataset,
             dataset_config=config,
             dataset_split=split,
+            dataset_revision=revision,
             metric_type=metric,
             metric_value=value,
         )

@@ -8,16 +8,15 @@ A lock file beside the target keeps two hfsoup processes from writing the same o
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import re
 import shutil
 import stat
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -25,6 +24,9 @@ from safetensors.torch import save_file
 
 from hfsoup.errors import NonFiniteWeightsError, OutputExistsError, OutputWriteError
 from hfsoup.hub import Ingredient
+
+if TYPE_CHECKING:
+    from filelock import BaseFileLock
 
 # Files a user expects beside the weights so that the soup loads and runs like its ingredients.
 AUX_FILES = (
@@ -208,9 +210,7 @@ def staged_output(
             _remove(tmp, ignore_errors=True)
         raise
     finally:
-        lock_path = lock_file(target)
-        os.unlink(lock_path) if os.path.lexists(lock_path) else None
-        lock.close()
+        _unlock(lock)
 
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -247,35 +247,66 @@ def _remove(path: Path, *, ignore_errors: bool = False) -> None:
             raise
 
 
-def _lock(target: Path) -> IO[str]:
+def _lock(target: Path) -> BaseFileLock:
     """Hold an exclusive lock on ``.NAME.hfsoup-lock`` beside ``target`` (no waiting).
 
-    The lock file is opened without following a symlink and never truncated: a link planted
-    under that name is removed, not written through.
+    ``filelock`` (flock on POSIX, msvcrt on Windows; imported here, so that importing hfsoup
+    needs neither). filelock opens the file for writing and truncates it, so a symlink planted
+    under that name is removed first (never written through) and anything there that is not a
+    regular file is refused. The holder removes the file when done (:func:`_unlock`), so a lock
+    won on a file that is gone, or was replaced meanwhile, guards nothing and counts as held.
     """
+    from filelock import FileLock, Timeout
+
     path = lock_file(target)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         if path.is_symlink():
             path.unlink()
-        fd = os.open(path, flags, 0o644)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
+        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
             raise OSError(errno.EEXIST, "not a regular file", str(path))
-        lock = os.fdopen(fd, "w")  # held until staged_output ends
     except OSError as exc:
         where = path if exc.errno in (errno.ELOOP, errno.EISDIR, errno.EEXIST) else target.parent
         raise OutputWriteError(f"cannot write to {where}: {exc.strerror}") from exc
+    lock = FileLock(str(path), timeout=0)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        # The holder unlinks the file when done; a lock on an unlinked file guards nothing.
-        if not path.exists() or os.stat(path).st_ino != os.fstat(lock.fileno()).st_ino:
-            raise BlockingIOError
-    except BlockingIOError as exc:
-        lock.close()
+        lock.acquire(timeout=0)
+    except Timeout as exc:
         raise OutputExistsError(f"another hfsoup process is writing {target}") from exc
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write to {target.parent}: {exc.strerror}") from exc
+    if not _holds(lock, path):
+        lock.release()
+        raise OutputExistsError(f"another hfsoup process is writing {target}")
     return lock
+
+
+def _holds(lock: BaseFileLock, path: Path) -> bool:
+    """Whether ``lock`` is held on the file now at ``path`` (not on one unlinked meanwhile)."""
+    # filelock keeps the locked descriptor in its context (3.x and 4.x); without it, the
+    # file's existence is what can be checked.
+    fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
+    try:
+        now = os.stat(path)
+        return fd is None or os.path.samestat(now, os.fstat(fd))
+    except OSError:
+        return False
+
+
+def _unlock(lock: BaseFileLock) -> None:
+    """Remove the lock file, then release it: removed while still held, so that a process that
+    opened it meanwhile sees it gone (:func:`_holds`). Windows cannot remove an open file: there
+    it is removed after the release, when no other process has opened it since."""
+    path = Path(lock.lock_file)
+    try:
+        path.unlink(missing_ok=True)
+        removed = True
+    except OSError:
+        removed = False
+    lock.release()
+    if not removed:
+        with suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:

@@ -9,7 +9,8 @@ their absolute path.
 
 from __future__ import annotations
 
-import sys
+import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ BUNDLED_DIR = Path(__file__).resolve().parent.parent / "metrics"
 """Where hfsoup's own ``evaluate`` modules live: ``BUNDLED_DIR/<name>/<name>.py``."""
 
 CANONICAL_ORG = "evaluate-metric"
+log = logging.getLogger("hfsoup")
 
 MEAN_OVER_EXAMPLES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "accuracy": lambda predictions, references: predictions == references,
@@ -72,8 +74,12 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
     Raises:
         TaskError: The metric is neither on the Hub (nor cached) nor shipped by hfsoup.
 
-    When the Hub copy cannot be loaded and hfsoup ships the metric, one notice line goes to
-    stderr. The working directory is never searched for a bare name.
+    When the Hub copy cannot be loaded, for any reason, and hfsoup ships the metric, its bundled
+    copy is used and one notice (the ``hfsoup`` logger) says why the Hub's could not be: a
+    package its script imports is not installed (the Hub's f1, matthews_correlation, pearsonr
+    and spearmanr import scikit-learn or scipy, which hfsoup does not need), the Hub cannot be
+    reached, the Hub has no such module, or the script failed otherwise. The working directory
+    is never searched for a bare name.
 
     Example:
         ```py
@@ -88,7 +94,7 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
     try:
         return _load_from_hub(space)
     except Exception as err:  # evaluate raises anything from ConnectionError to HTTPError
-        reason = type(err).__name__
+        reason = why_not_loaded(err)
     short = _short_name(name)
     script = BUNDLED_DIR / short / f"{short}.py"
     if space != f"{CANONICAL_ORG}/{short}" or not script.is_file():
@@ -96,12 +102,56 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
             f"metric {name!r} could not be loaded from the Hub ({reason}) and hfsoup ships no "
             f"copy of it (bundled: {', '.join(bundled_metrics())})"
         )
-    print(
-        f"hfsoup: metric {short!r} not reachable on the Hub ({reason}); "
-        "using hfsoup's bundled copy",
-        file=sys.stderr,
-    )
+    log.warning("metric %r: %s; using hfsoup's bundled copy", short, reason)
     return _load_local(script)
+
+
+# How evaluate names the packages a script needs: "... dependencies['scikit-learn', ...]".
+_NEEDED_RE = re.compile(r"dependencies\s*\[([^\]]*)\]")
+# Import names whose pip package is called otherwise.
+_PIP_NAMES = {"sklearn": "scikit-learn"}
+
+
+def why_not_loaded(err: BaseException) -> str:
+    """Why a Hub metric failed to load, in words: a missing package (named), the Hub out of
+    reach, no such module on the Hub, or the error itself.
+
+    Example:
+        ```py
+        >>> why_not_loaded(ModuleNotFoundError("No module named 'sklearn'", name="sklearn"))
+        "the Hub's script needs scikit-learn, which is not installed"
+        ```
+    """
+    if isinstance(err, ImportError):
+        # evaluate checks a script's imports before running it and lists what is missing; a
+        # script cached earlier fails on its import statement instead.
+        listed = _NEEDED_RE.search(str(err))
+        names = re.findall(r"'([^']+)'", listed.group(1)) if listed else []
+        if not names and err.name:
+            names = [err.name.partition(".")[0]]
+        names = sorted({_PIP_NAMES.get(n, n) for n in names})
+        if names:
+            verb = "is" if len(names) == 1 else "are"
+            return f"the Hub's script needs {' and '.join(names)}, which {verb} not installed"
+        return f"the Hub's script could not be imported ({_first_line(err)})"
+    if _is_unreachable(err):
+        return f"not reachable on the Hub ({type(err).__name__})"
+    if isinstance(err, FileNotFoundError):
+        return "not found on the Hub"
+    return f"the Hub's copy could not be loaded ({type(err).__name__}: {_first_line(err)})"
+
+
+def _is_unreachable(err: BaseException) -> bool:
+    """A network failure, as requests, httpx or the standard library report one."""
+    if isinstance(err, ConnectionError | TimeoutError):
+        return True
+    kinds = {cls.__name__ for cls in type(err).__mro__}
+    return bool(kinds & {"ConnectionError", "Timeout", "TimeoutException", "TransportError"})
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def compute(

@@ -174,6 +174,30 @@ def test_dense_head_weights_are_averaged(dense_pair, tmp_path, cli):
         torch.testing.assert_close(got[name], tensor, rtol=1e-6, atol=1e-6)
 
 
+def test_dense_head_weights_follow_the_soups_weights(dense_pair, tmp_path):
+    dirs, repos = dense_pair
+    hfsoup.soup(repos, output=tmp_path / "soup", weights=[3, 1], progress=False)
+    got = load_file(tmp_path / "soup" / "2_Dense" / "model.safetensors")
+    a, b = (load_file(d / "2_Dense" / "model.safetensors") for d in dirs)
+    for name in a:
+        expected = (0.75 * a[name].double() + 0.25 * b[name].double()).float()
+        torch.testing.assert_close(got[name], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_plain_soup_pushed_over_a_sentence_transformers_one_removes_its_modules(
+    dense_pair, tmp_path, api, repo_id
+):
+    target = repo_id("st-then-plain")
+    hfsoup.soup(dense_pair[1], output=tmp_path / "st", progress=False)
+    hfsoup.push(tmp_path / "st", target)
+    plain = [str(save_ingredient(tmp_path / f"p{i}", tiny_bert_config(), seed=i)) for i in (1, 2)]
+    hfsoup.soup(plain, output=tmp_path / "plain", progress=False)
+    hfsoup.push(tmp_path / "plain", target)
+    remote = set(api.list_repo_files(target))
+    st_files = {"modules.json", "config_sentence_transformers.json", "sentence_bert_config.json"}
+    assert not [f for f in remote if f in st_files or "/" in f], remote
+
+
 def test_soup_with_a_dense_head_embeds_like_an_independent_average(dense_pair, tmp_path):
     dirs, repos = dense_pair
     hfsoup.soup(repos, output=tmp_path / "soup", progress=False)
@@ -191,6 +215,8 @@ def test_pushed_sentence_transformers_soup_loads_from_the_hub(dense_pair, tmp_pa
     soup = tmp_path / "soup"
     hfsoup.soup(repos, output=soup, progress=False)
     (soup / "3_Normalize" / "notes.txt").write_text("not the soup's")  # left out of the push
+    (soup / "4_Extra").mkdir()  # shaped like a module folder, but not one of the soup's
+    (soup / "4_Extra" / "config.json").write_text("{}")
     target = repo_id("st-soup")
     hfsoup.push(soup, target)
 
@@ -199,6 +225,7 @@ def test_pushed_sentence_transformers_soup_loads_from_the_hub(dense_pair, tmp_pa
                  "3_Normalize/config.json", "sentence_bert_config.json"):  # fmt: skip
         assert name in remote
     assert "3_Normalize/notes.txt" not in remote
+    assert "4_Extra/config.json" not in remote
     from_hub = load_st(target)
     torch.testing.assert_close(embed(from_hub), embed(load_st(soup)), rtol=0, atol=0)
 

@@ -28,6 +28,7 @@ from hfsoup.errors import (
     RecipeError,
 )
 from hfsoup.hub import IngredientSpec, parse_ingredient, push_folder, resolve
+from hfsoup.layouts import check_layouts, read_layout
 from hfsoup.outputs import hardware_record, pin_recipe, results_base, write_soup_files
 from hfsoup.placement import SCORE_DTYPES, parse_max_memory, plan_placement
 from hfsoup.pushplan import check_repo_id, plan_push
@@ -120,7 +121,11 @@ def load_ingredients(
         raise RecipeError("no ingredients given")
 
     def one(spec: IngredientSpec) -> IngredientIndex:
-        return index_ingredient(resolve(spec, token=token), allow_pickle=allow_pickle)
+        ingredient = resolve(spec, token=token)
+        layout = read_layout(ingredient, allow_pickle=allow_pickle)  # an adapter is refused first
+        index = index_ingredient(ingredient, allow_pickle=allow_pickle)
+        index.layout = layout
+        return index
 
     with ThreadPoolExecutor(max_workers=min(8, len(specs))) as pool:
         return list(pool.map(one, specs))
@@ -138,6 +143,7 @@ def inspect(
     indexes = load_ingredients(ingredients, token=token, allow_pickle=allow_pickle)
     try:
         check_compatible(indexes)
+        check_layouts(indexes)
     except IncompatibleIngredientsError as exc:
         return Inspection(indexes, compatible=False, problem=str(exc))
     return Inspection(indexes, compatible=True)
@@ -317,6 +323,7 @@ def run(
     check_resolved(recipe, [(ix.ingredient.spec.label, ix.ingredient.spec.path is not None)
                             for ix in indexes], allow_local=allow_local)  # fmt: skip
     check_compatible(indexes)
+    check_layouts(indexes)
     timings["resolve"] = time.perf_counter() - t0
     placement = plan_placement(
         indexes[0].config, device=target_device, device_map=device_map, max_memory=budgets,
@@ -565,6 +572,7 @@ def evaluate(
     t0 = time.perf_counter()
     indexes = load_ingredients(ingredients, token=token, allow_pickle=allow_pickle)
     check_compatible(indexes)
+    check_layouts(indexes)
     placement = plan_placement(
         indexes[0].config, device=target_device, device_map=device_map, max_memory=budgets,
         score_dtype=SCORE_DTYPES[score_dtype], all_gpus=device == "auto" and not procs.distributed,

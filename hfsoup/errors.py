@@ -106,3 +106,8 @@ def scrub(text: str) -> str:
         if len(value) >= 8:  # a short value would mask ordinary words
             text = text.replace(value, "***")
     return text
+
+
+class UnsupportedLayoutError(IncompatibleIngredientsError):
+    """An ingredient is laid out in a way hfsoup cannot soup yet (a PEFT adapter repo, an older
+    sentence-transformers layout), as opposed to two ingredients that differ."""

@@ -12,6 +12,7 @@ import torch
 from hfsoup.card import CardInfo, CardRow, render_card
 from hfsoup.distributed import Processes
 from hfsoup.hub import looks_like_path
+from hfsoup.layout_writer import write_modules
 from hfsoup.placement import Placement
 from hfsoup.recipe import Recipe
 from hfsoup.tensors import IngredientIndex
@@ -211,10 +212,14 @@ def write_soup_files(
     sections: Sequence[str] = (),
     model_index: list[dict] | None = None,
 ) -> None:
-    """The card (with the hardware and time section last), the pinned recipe and results.json.
+    """The card (with the hardware and time section last), the pinned recipe and results.json;
+    first, a sentence-transformers soup's module folders (:func:`write_modules`, mixed with
+    ``weights``).
 
     ``recipe`` is the pinned recipe (:func:`pin_recipe`).
     """
+    dtype = getattr(torch, recipe.output.dtype) if recipe.output.dtype else None
+    write_modules(folder, indexes, weights, dtype=dtype, allow_nonfinite=recipe.allow_nonfinite)
     sections = [*sections, hardware_section(results)]
     write_card(folder, recipe, indexes, weights, sections=sections, model_index=model_index)
     (folder / "hfsoup_recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")

@@ -67,13 +67,21 @@ def check_repo_id(repo_id: object) -> None:
     )
 
 
-def is_soup_file(path: str) -> bool:
-    """Whether a repo path is one hfsoup writes into a soup (and so replaces on a push)."""
-    from hfsoup.writer import AUX_FILES
+def is_soup_file(path: str, module_folders: Sequence[str] | None = None) -> bool:
+    """Whether a repo path is one hfsoup writes into a soup (and so replaces on a push).
 
+    Files in subfolders are a named chat template, or a file of a sentence-transformers module
+    folder: one of ``module_folders`` (those the soup's modules.json names) when given, else a
+    folder named as sentence-transformers names them (``1_Pooling``).
+    """
+    from hfsoup.layouts import is_module_file
+    from hfsoup.writer import is_aux_file
+
+    if is_aux_file(path) or is_module_file(path, module_folders):
+        return True
     if "/" in path:
         return False
-    fixed = (CONFIG_NAME, CARD_NAME, RECIPE_NAME, RESULTS_NAME, *CARD_IMAGES, *AUX_FILES)
+    fixed = (CONFIG_NAME, CARD_NAME, RECIPE_NAME, RESULTS_NAME, *CARD_IMAGES)
     return path in fixed or any(fnmatch.fnmatchcase(path, p) for p in WEIGHT_PATTERNS)
 
 
@@ -179,12 +187,29 @@ def _own_files(folder: Path, found: Sequence[str]) -> list[str]:
         weights = [SINGLE_WEIGHTS]
     else:
         raise PushError(f"{folder} holds no weights ({SINGLE_WEIGHTS} or {INDEX_NAME})")
+    modules = _module_folders(folder, present)
     others = [
         f
         for f in found
-        if is_soup_file(f) and not any(fnmatch.fnmatchcase(f, p) for p in WEIGHT_PATTERNS)
+        if is_soup_file(f, modules) and not any(fnmatch.fnmatchcase(f, p) for p in WEIGHT_PATTERNS)
     ]
     return [*weights, *others]
+
+
+def _module_folders(folder: Path, present: set[str]) -> list[str]:
+    """The module folders the soup's modules.json names (none without one)."""
+    from hfsoup.layouts import MODULES_FILE, module_folders
+
+    if MODULES_FILE not in present:
+        return []
+    try:
+        with open(folder / MODULES_FILE, "rb") as f:
+            return module_folders(json.loads(f.read(1 << 20)))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise PushError(
+            f"{folder / MODULES_FILE} is not a readable modules.json ({exc!r}); nothing was "
+            "uploaded"
+        ) from exc
 
 
 def _indexed_shards(folder: Path, present: set[str]) -> list[str]:

@@ -12,6 +12,7 @@ import posixpath
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from hfsoup.errors import (
     UnsafeWeightsError,
 )
 from hfsoup.hub import Ingredient
+
+if TYPE_CHECKING:
+    from hfsoup.layouts import Layout
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -76,6 +80,8 @@ class IngredientIndex:
     # read as ``rows[row_perm]`` for the tensors in ``head_tensors``.
     row_perm: list[int] | None = None
     head_tensors: frozenset[str] = frozenset()
+    # The sentence-transformers modules beside the weights (hfsoup.layouts), if any.
+    layout: Layout | None = None
 
     @property
     def num_parameters(self) -> int:

@@ -24,11 +24,13 @@ from safetensors.torch import save_file
 
 from hfsoup.errors import NonFiniteWeightsError, OutputExistsError, OutputWriteError
 from hfsoup.hub import Ingredient
+from hfsoup.layouts import MODULES_FILE, SETTINGS_FILES
 
 if TYPE_CHECKING:
     from filelock import BaseFileLock
 
 # Files a user expects beside the weights so that the soup loads and runs like its ingredients.
+# (A sentence-transformers model's module folders are written by hfsoup.layout_writer.)
 AUX_FILES = (
     "generation_config.json",
     "tokenizer.json",
@@ -46,7 +48,11 @@ AUX_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
     "image_processor_config.json",
+    MODULES_FILE,
+    *SETTINGS_FILES,
 )
+# transformers saves a tokenizer's named chat templates beside the default one, one file each.
+TEMPLATES_DIR = "additional_chat_templates"
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -399,8 +405,18 @@ def write_config(folder: Path, config: dict, dtype: torch.dtype | None) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def is_aux_file(path: str) -> bool:
+    """Whether a repo path is a tokenizer / processor / generation file a soup copies from its
+    first ingredient (:data:`AUX_FILES`, or a named chat template in :data:`TEMPLATES_DIR`)."""
+    folder, _, name = path.rpartition("/")
+    if not folder:
+        return name in AUX_FILES
+    return folder == TEMPLATES_DIR and name.endswith(".jinja") and not name.startswith(".")
+
+
 def copy_aux_files(folder: Path, ingredient: Ingredient) -> list[str]:
-    """Copy the tokenizer / processor / generation files of ``ingredient`` that exist.
+    """Copy the tokenizer / processor / generation files of ``ingredient`` that exist
+    (:func:`is_aux_file`), and a sentence-transformers model's top-level files.
 
     Each goes through the source's ``local_file``, so a local ingredient's file that is a
     symlink out of its folder is refused like its weights are.
@@ -409,8 +425,9 @@ def copy_aux_files(folder: Path, ingredient: Ingredient) -> list[str]:
         IngredientNotFoundError: a local file points outside its folder or is not a regular file.
     """
     copied = []
-    for name in AUX_FILES:
-        if name in ingredient.files:
+    for name in [*AUX_FILES, *sorted(f for f in ingredient.files if "/" in f)]:
+        if name in ingredient.files and is_aux_file(name):
+            (folder / name).parent.mkdir(exist_ok=True)
             shutil.copyfile(ingredient.source.local_file(name), folder / name)
             copied.append(name)
     return copied
@@ -420,6 +437,7 @@ __all__ = [
     "ShardWriter",
     "check_output_target",
     "copy_aux_files",
+    "is_aux_file",
     "partial_dir",
     "shard_filename",
     "staged_output",

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from hfsoup.errors import NonFiniteWeightsError, OutputExistsError, OutputWriteError
 from hfsoup.hub import Ingredient
+from hfsoup.tensors import all_finite
 
 # Files a user expects beside the weights so that the soup loads and runs like its ingredients.
 AUX_FILES = (
@@ -230,7 +231,7 @@ class ShardWriter:
         """
         if not self.allow_nonfinite:
             for key, t in tensors.items():
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                if not all_finite(t):
                     raise NonFiniteWeightsError(
                         f"the soup's tensor {key!r} holds NaN or Inf values as {_dtype_name(t)} "
                         "(its average overflows that dtype); write a wider dtype (float32), or "

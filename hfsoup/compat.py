@@ -246,7 +246,8 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
     """Nested configs (``text_config``, ...) as dotted keys, so each field is compared alone."""
     out: dict[str, object] = {}
     for key, value in config.items():
-        if isinstance(value, dict) and key not in _OWN_CHECKS and value:
+        # A functional field is compared whole (rope_scaling's "factor" means nothing alone).
+        if isinstance(value, dict) and value and key not in _OWN_CHECKS | FUNCTIONAL_FIELDS:
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value

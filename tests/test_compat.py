@@ -135,6 +135,24 @@ def test_a_functional_field_left_out_is_compared_with_its_default(pair):
         check_compatible(indexed(a, b))
 
 
+def test_nested_config_fields_are_compared_one_by_one(pair):
+    a, b = pair
+    edit_config(a, text_config={"hidden_act": "gelu", "dropout": 0.1})
+    edit_config(b, text_config={"hidden_act": "gelu", "dropout": 0.2})
+    assert check_compatible(indexed(a, b)).config_fields == {str(b): ["text_config.dropout"]}
+    edit_config(b, text_config={"hidden_act": "silu", "dropout": 0.1})
+    with pytest.raises(IncompatibleIngredientsError, match="text_config.hidden_act 'silu'"):
+        check_compatible(indexed(a, b))
+
+
+def test_a_functional_field_holding_an_object_is_compared_whole(pair):
+    a, b = pair
+    edit_config(a, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    edit_config(b, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    with pytest.raises(IncompatibleIngredientsError, match=r"rope_scaling \{.*4\.0.*\} != "):
+        check_compatible(indexed(a, b))
+
+
 # --- the most serious difference leads ------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from hfsoup.combine import fetch_plan_bytes, normalise_weights, stream_average
+from hfsoup.compat import align_ingredients, check_compatible
 from hfsoup.distributed import Processes, processes
 from hfsoup.errors import (
     IncompatibleIngredientsError,
@@ -35,7 +36,6 @@ from hfsoup.pushplan import check_repo_id, plan_push
 from hfsoup.recipe import IngredientEntry, OutputConfig, Recipe, build_recipe, load_recipe
 from hfsoup.tensors import (
     IngredientIndex,
-    check_compatible,
     index_ingredient,
     parse_size,
     plan_shards,
@@ -322,7 +322,7 @@ def run(
     indexes = load_ingredients(recipe.ingredients, token=token, allow_pickle=allow_pickle)
     check_resolved(recipe, [(ix.ingredient.spec.label, ix.ingredient.spec.path is not None)
                             for ix in indexes], allow_local=allow_local)  # fmt: skip
-    check_compatible(indexes)
+    indexes = align_ingredients(indexes)
     check_layouts(indexes)
     timings["resolve"] = time.perf_counter() - t0
     placement = plan_placement(
@@ -570,8 +570,9 @@ def evaluate(
     target_device = resolve_device(device, procs)
     budgets = _max_memory(max_memory)
     t0 = time.perf_counter()
-    indexes = load_ingredients(ingredients, token=token, allow_pickle=allow_pickle)
-    check_compatible(indexes)
+    indexes = align_ingredients(
+        load_ingredients(ingredients, token=token, allow_pickle=allow_pickle)
+    )
     check_layouts(indexes)
     placement = plan_placement(
         indexes[0].config, device=target_device, device_map=device_map, max_memory=budgets,

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hfsoup.compat import check_compatible
 from hfsoup.errors import (
     CorruptWeightsError,
     IncompatibleIngredientsError,
@@ -30,7 +31,7 @@ from hfsoup.errors import (
     UnsupportedLayoutError,
 )
 from hfsoup.hub import Ingredient
-from hfsoup.tensors import IngredientIndex, _brief, _read_header, check_compatible
+from hfsoup.tensors import IngredientIndex, _brief, _read_header
 
 MODULES_FILE = "modules.json"
 # The top-level files of a sentence-transformers model besides modules.json: its settings and

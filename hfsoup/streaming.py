@@ -22,7 +22,7 @@ import torch
 
 from hfsoup.errors import NonFiniteWeightsError
 from hfsoup.integrity import Read, StreamCheck
-from hfsoup.tensors import DTYPES, FLOAT_DTYPES, IngredientIndex, TensorRef
+from hfsoup.tensors import DTYPES, FLOAT_DTYPES, IngredientIndex, TensorRef, all_finite
 
 # Tensors closer than this in a file are read together: a few wasted bytes beat a round trip.
 _GAP = 256 * 1024
@@ -158,7 +158,7 @@ def check_finite(index: IngredientIndex, name: str, tensor: torch.Tensor) -> Non
     Raises:
         NonFiniteWeightsError: naming the ingredient and the tensor.
     """
-    if index.tensors[name].dtype in FLOAT_DTYPES and not bool(torch.isfinite(tensor).all()):
+    if index.tensors[name].dtype in FLOAT_DTYPES and not all_finite(tensor):
         raise NonFiniteWeightsError(
             f"{index.ingredient.label}: tensor {name!r} holds NaN or Inf values; "
             "pass --allow-nonfinite (allow_nonfinite=True) to soup it anyway"

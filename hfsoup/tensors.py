@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import posixpath
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,14 +30,22 @@ DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
     "I64": torch.int64,
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+# Averaged (in float32); every other dtype is an integer buffer, taken from the first ingredient.
+FLOAT_DTYPES = {name for name, dtype in DTYPES.items() if dtype.is_floating_point}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _HEADER_PROBE = 64 * 1024
 _MAX_HEADER = 100 * 1024 * 1024
@@ -433,79 +440,6 @@ def _is_id(key: str) -> bool:
     return True
 
 
-def check_compatible(indexes: Sequence[IngredientIndex]) -> None:
-    """Check every ingredient against the first: architecture, labels, tensor names and shapes.
-
-    Raises:
-        IncompatibleIngredientsError: naming the ingredient and the first differing field or
-            tensors.
-    """
-    first = indexes[0]
-    for other in indexes[1:]:
-        who = f"{other.ingredient.label} differs from {first.ingredient.label}"
-        for key in ("model_type", "architectures"):
-            if first.config.get(key) != other.config.get(key):
-                raise IncompatibleIngredientsError(
-                    f"{who}: {key} {other.config.get(key)!r} != {first.config.get(key)!r}"
-                )
-        a, b = _labels(first.config), _labels(other.config)
-        if a != b:
-            _align_labels(first, other, who)
-        missing = sorted(first.tensors.keys() - other.tensors.keys())
-        extra = sorted(other.tensors.keys() - first.tensors.keys())
-        if missing or extra:
-            parts = [
-                f"missing {_few(missing)}" if missing else "",
-                f"extra {_few(extra)}" if extra else "",
-            ]
-            raise IncompatibleIngredientsError(
-                f"{who}: tensor names: {'; '.join(p for p in parts if p)}"
-            )
-        for name, ref in first.tensors.items():
-            o = other.tensors[name]
-            if o.shape != ref.shape:
-                raise IncompatibleIngredientsError(
-                    f"{who}: tensor {name!r} has shape {list(o.shape)}, expected {list(ref.shape)}"
-                )
-            if (o.dtype in FLOAT_DTYPES) != (ref.dtype in FLOAT_DTYPES) or (
-                ref.dtype not in FLOAT_DTYPES and o.dtype != ref.dtype
-            ):
-                raise IncompatibleIngredientsError(
-                    f"{who}: tensor {name!r} has dtype {o.dtype}, expected {ref.dtype}"
-                )
-
-
-_HEAD_PARTS = ("classifier", "score", "head")
-
-
-def _align_labels(first: IngredientIndex, other: IngredientIndex, who: str) -> None:
-    """Same label names in another order: permute the head's rows; anything else: refuse."""
-    from hfsoup.evaluation.labels import label_permutation
-
-    a, b = _labels(first.config), _labels(other.config)
-    if a is None or b is None:
-        raise IncompatibleIngredientsError(f"{who}: id2label {b} != {a}")
-    try:
-        perm = label_permutation(a, b)
-    except IncompatibleIngredientsError as exc:
-        raise IncompatibleIngredientsError(f"{who}: id2label {b} != {a} ({exc})") from exc
-    heads = frozenset(
-        name
-        for name, ref in other.tensors.items()
-        if ref.shape and ref.shape[0] == len(a) and any(p in name.split(".") for p in _HEAD_PARTS)
-    )
-    if not heads:
-        raise IncompatibleIngredientsError(
-            f"{who}: labels are ordered differently and no classification head was found to align"
-        )
-    other.row_perm, other.head_tensors = perm, heads
-
-
-def _labels(config: dict) -> dict[str, str] | None:
-    labels = config.get("id2label")
-    return {str(k): v for k, v in labels.items()} if isinstance(labels, dict) else None
-
-
 def _few(names: list[str], n: int = 3, *, quote: bool = True) -> str:
     shown = ", ".join(_brief(x) if quote else x for x in names[:n])
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
@@ -552,6 +486,26 @@ def parse_size(value: str | int) -> int:
 def output_dtype(ref: TensorRef, dtype: torch.dtype | None) -> torch.dtype:
     """The dtype a tensor is written in: ``dtype`` for float tensors if given, else its own."""
     return dtype if dtype is not None and ref.dtype in FLOAT_DTYPES else DTYPES[ref.dtype]
+
+
+_FINITE_CHUNK = 1 << 24
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or Inf (integer tensors always do).
+
+    torch has no ``isfinite`` for most float8 dtypes, so those are widened to float32 a chunk
+    at a time (a whole float32 copy would be four times the tensor).
+    """
+    if not tensor.is_floating_point():
+        return True
+    if tensor.element_size() > 1:
+        return bool(torch.isfinite(tensor).all())
+    flat = tensor.reshape(-1)
+    return all(
+        bool(torch.isfinite(flat[i : i + _FINITE_CHUNK].float()).all())
+        for i in range(0, flat.numel(), _FINITE_CHUNK)
+    )
 
 
 def plan_shards(

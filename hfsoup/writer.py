@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from hfsoup.errors import NonFiniteWeightsError, OutputExistsError, OutputWriteError
 from hfsoup.hub import Ingredient
 from hfsoup.layouts import MODULES_FILE, SETTINGS_FILES
+from hfsoup.tensors import all_finite
 
 if TYPE_CHECKING:
     from filelock import BaseFileLock
@@ -357,7 +358,7 @@ class ShardWriter:
         """
         if not self.allow_nonfinite:
             for key, t in tensors.items():
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                if not all_finite(t):
                     raise NonFiniteWeightsError(
                         f"the soup's tensor {key!r} holds NaN or Inf values as {_dtype_name(t)} "
                         "(its average overflows that dtype); write a wider dtype (float32), or "

@@ -106,3 +106,9 @@ def scrub(text: str) -> str:
         if len(value) >= 8:  # a short value would mask ordinary words
             text = text.replace(value, "***")
     return text
+
+
+class HubResponseError(HubConnectionError):
+    """The server at ``HF_ENDPOINT`` answered something no working Hub sends: a repo listing
+    that is not JSON or not an object, no commit SHA, unsafe or repeated file names, sizes or
+    digests of the wrong form, a redirect loop, a body of another length than it announced."""

@@ -786,14 +786,69 @@ def _leave_on_retryable(response: Any) -> None:
         )
 
 
+def _bound_slow_bodies(response: Any) -> None:
+    """Response hook: inside :func:`_call_hub`, a body arriving slower than
+    :data:`MIN_BYTES_PER_S` over a whole ``HF_HUB_DOWNLOAD_TIMEOUT`` ends the library call.
+
+    huggingface_hub's downloads time out only when no byte comes at all, and resume (with fresh
+    retries) whenever some did: a server trickling bytes would hold the run for hours. Raised
+    here, the slow answer reaches hfsoup's loop, which retries within its bounds.
+    """
+    if getattr(_IN_CALL, "active", False):
+        response.stream = _min_rate(response.stream)
+
+
+def _min_rate_stream_class() -> type:
+    import httpx2
+    from huggingface_hub import constants
+
+    class MinRateStream(httpx2.SyncByteStream):
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __iter__(self) -> Any:
+            timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
+            start, got = time.monotonic(), 0
+            for chunk in self.inner:
+                got += len(chunk)
+                yield chunk
+                elapsed = time.monotonic() - start
+                if elapsed >= timeout:
+                    if got < MIN_BYTES_PER_S * elapsed:
+                        raise _Retryable(
+                            f"the Hub sent only {got} bytes in {elapsed:.1f}s "
+                            f"(slower than {MIN_BYTES_PER_S} bytes/s)"
+                        )
+                    start, got = time.monotonic(), 0
+
+        def close(self) -> None:
+            close = getattr(self.inner, "close", None)
+            if close is not None:
+                close()
+
+    return MinRateStream
+
+
+def _min_rate(inner: Any) -> Any:
+    """``inner`` (an httpx2 byte stream) wrapped in the stream class, made on first use."""
+    global _MIN_RATE_STREAM
+    if _MIN_RATE_STREAM is None:
+        _MIN_RATE_STREAM = _min_rate_stream_class()
+    return _MIN_RATE_STREAM(inner)
+
+
+_MIN_RATE_STREAM: type | None = None
+
+
 def _hook_session() -> None:
-    """Add :func:`_leave_on_retryable` to huggingface_hub's HTTP client (once per client; the
-    hook does nothing outside hfsoup's calls)."""
+    """Add :func:`_leave_on_retryable` and :func:`_bound_slow_bodies` to huggingface_hub's HTTP
+    client (once per client; the hooks do nothing outside hfsoup's calls)."""
     from huggingface_hub import get_session
 
     hooks = get_session().event_hooks["response"]
-    if _leave_on_retryable not in hooks:
-        hooks.append(_leave_on_retryable)
+    for hook in (_leave_on_retryable, _bound_slow_bodies):
+        if hook not in hooks:
+            hooks.append(hook)
 
 
 @dataclass

@@ -359,3 +359,24 @@ def test_repo_ids_the_hub_refuses_are_one_line(name, faulty_hub, cli):
     proc = cli("inspect", "-q", name)
     assert_one_line_error(proc, "is not 'org/name', 'org/name@revision' or a local directory")
     assert seen.hits == 0
+
+
+@reliability(
+    "Hub that trickles a whole-file download (config.json, tokenizer, a greedy run's weights): "
+    "huggingface_hub resumes with fresh retries whenever a byte came",
+    "one line within seconds: '<repo>/config.json: the Hub sent only N bytes in 0.3s (slower "
+    "than 1024 bytes/s) (gave up after 5 retries)' (HubConnectionError); nothing written",
+)
+def test_a_trickled_whole_file_download_is_bounded(
+    faulty_hub, two_repos, cli, tmp_path, short_timeout, monkeypatch
+):
+    monkeypatch.setenv("HFSOUP_MAX_RETRY_WAIT", "1")
+    faulty_hub.add_fault(
+        method="GET", path=r"/resolve/[0-9a-f]{40}/config\.json$", times=None,
+        trickle_seconds=0.05,
+    )  # fmt: skip
+    started = time.monotonic()
+    proc = cli("soup", "-q", *two_repos, "--output", tmp_path / "soup")
+    assert time.monotonic() - started < 30
+    assert_one_line_error(proc, "config.json", "the Hub sent only")
+    assert_nothing_written(tmp_path)

@@ -9,21 +9,36 @@ with either, so a damaged or tampered file would otherwise be used as it came.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
 Digest = tuple[str, str]  # ("sha256" | "git-sha1", hex digest)
 
 
+_HEX = {"sha256": re.compile(r"[0-9a-fA-F]{64}"), "git-sha1": re.compile(r"[0-9a-fA-F]{40}")}
+
+
 def from_siblings(siblings: list[Any]) -> dict[str, Digest]:
-    """What the Hub says each file hashes to: sha256 for LFS files, the git blob id for others."""
+    """What the Hub says each file hashes to: sha256 for LFS files, the git blob id for others.
+
+    Digests are compared in lower case.
+
+    Raises:
+        ValueError: a digest is not hex of its length (64 for sha256, 40 for a blob id).
+    """
     out: dict[str, Digest] = {}
     for s in siblings:
         lfs = getattr(s.lfs, "sha256", None)
-        if lfs:
-            out[s.rfilename] = ("sha256", lfs)
-        elif s.blob_id:
-            out[s.rfilename] = ("git-sha1", s.blob_id)
+        kind, value = ("sha256", lfs) if lfs else ("git-sha1", s.blob_id)
+        if not value:
+            continue
+        if not isinstance(value, str) or not _HEX[kind].fullmatch(value):
+            raise ValueError(
+                f"the Hub lists {s.rfilename!r} with {kind} {repr(value)[:80]}, which is not "
+                f"{'64' if kind == 'sha256' else '40'} hex digits"
+            )
+        out[s.rfilename] = (kind, value.lower())
     return out
 
 

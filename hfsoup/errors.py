@@ -111,3 +111,9 @@ def scrub(text: str) -> str:
 class UnsupportedLayoutError(IncompatibleIngredientsError):
     """An ingredient is laid out in a way hfsoup cannot soup yet (a PEFT adapter repo, an older
     sentence-transformers layout), as opposed to two ingredients that differ."""
+
+
+class HubResponseError(HubConnectionError):
+    """The server at ``HF_ENDPOINT`` answered something no working Hub sends: a repo listing
+    that is not JSON or not an object, no commit SHA, unsafe or repeated file names, sizes or
+    digests of the wrong form, a redirect loop, a body of another length than it announced."""

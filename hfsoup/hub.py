@@ -27,6 +27,7 @@ from hfsoup.errors import (
     CorruptWeightsError,
     HfsoupError,
     HubConnectionError,
+    HubResponseError,
     IngredientNotFoundError,
     IngredientSpecError,
     PushError,
@@ -45,6 +46,10 @@ _BACKOFF_S = 0.5
 # that a server asking for an hour fails the run at once instead of holding it.
 MAX_RETRY_WAIT_VARIABLE = "HFSOUP_MAX_RETRY_WAIT"
 DEFAULT_MAX_RETRY_WAIT_S = 60.0
+# A range read slower than this over a whole HF_HUB_DOWNLOAD_TIMEOUT is abandoned and retried
+# (from the last byte received), as a stalled one is: a server sending a byte a second would
+# otherwise hold a run for hours without ever tripping the read timeout.
+MIN_BYTES_PER_S = 1024
 # Answers worth retrying: timeouts, rate limits, server errors.
 _TRANSIENT = (408, 429)
 
@@ -116,7 +121,7 @@ def parse_ingredient(text: str, *, weight: float | None = None) -> IngredientSpe
         raise IngredientSpecError("empty ingredient: give 'org/name' or a local directory")
     local = Path(text).expanduser()
     if looks_like_path(text):
-        if not local.is_dir():
+        if not _is_dir(local):
             raise IngredientNotFoundError(f"ingredient {text!r}: no such local directory")
         return IngredientSpec(path=local.resolve(), weight=weight)
     repo, sep, revision = text.partition("@")
@@ -124,13 +129,13 @@ def parse_ingredient(text: str, *, weight: float | None = None) -> IngredientSpe
     if _REPO_RE.match(repo) and not (sep and not revision) and ".." not in repo:
         invalid = _invalid_repo_id(repo)
         if invalid is None:
-            fallback = local.resolve() if local.is_dir() else None
+            fallback = local.resolve() if _is_dir(local) else None
             return IngredientSpec(
                 repo=repo, revision=revision or None, weight=weight, local_fallback=fallback
             )
-        if not local.is_dir():  # a folder of that name is meant: no Hub repo can have it
+        if not _is_dir(local):  # a folder of that name is meant: no Hub repo can have it
             raise IngredientSpecError(f"ingredient {text!r} is not a valid Hub repo ID: {invalid}")
-    if local.is_dir():  # not a repo ID, so it cannot hide one
+    if _is_dir(local):  # not a repo ID, so it cannot hide one
         return IngredientSpec(path=local.resolve(), weight=weight)
     if text.startswith(".") or repo.count("/") > 1:
         raise IngredientNotFoundError(f"ingredient {text!r}: no such local directory")
@@ -149,6 +154,14 @@ def _invalid_repo_id(repo: str) -> str | None:
     except HFValidationError as exc:
         return str(exc)
     return None
+
+
+def _is_dir(path: Path) -> bool:
+    """``path.is_dir()``, False for a name the system cannot even look up (too long, NUL)."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 class Source(ABC):
@@ -446,18 +459,32 @@ class HubSource(Source):
                     self._check_range(response, filename, start + got, end)
                     # As the bytes arrive (no re-chunking): a fixed chunk size would buffer,
                     # and lose on a drop, up to a chunk of bytes already received.
+                    window_start, window_got = time.monotonic(), got
                     for chunk in response.iter_bytes():
                         take = min(len(chunk), len(buf) - got)
                         buf[got : got + take] = chunk[:take]
                         got += take
                         if got == len(buf):
                             break
+                        # A server trickling bytes never trips the read timeout: each window
+                        # of that length must bring MIN_BYTES_PER_S, or the read is retried.
+                        elapsed = time.monotonic() - window_start
+                        if elapsed >= timeout:
+                            if got - window_got < MIN_BYTES_PER_S * elapsed:
+                                raise _Retryable(
+                                    f"the Hub sent only {got - window_got} bytes in "
+                                    f"{elapsed:.1f}s (slower than {MIN_BYTES_PER_S} bytes/s)"
+                                )
+                            window_start, window_got = time.monotonic(), got
                 if got == len(buf):
                     return buf
                 raise _Retryable(f"connection closed after {got} of {len(buf)} bytes")
             except _Retryable as exc:
                 problem, cause, asked, status = str(exc), exc, exc.retry_after, exc.status
             except Exception as exc:  # network errors from the HTTP client
+                broken = _protocol_problem(exc)
+                if broken is not None:
+                    raise HubResponseError(f"{where}: {broken}") from exc
                 if not _is_network_error(exc):
                     raise
                 problem, cause, asked, status = _network_problem(exc, timeout), exc, None, None
@@ -481,7 +508,9 @@ class HubSource(Source):
                 raise HubConnectionError(
                     f"{self.where(filename)}: the server ignored a range request ({asked})"
                 )
+            self._check_length(response, filename, size)
             return
+        self._check_length(response, filename, end - first)
         said = response.headers.get("Content-Range")
         match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", (said or "").strip())
         if (
@@ -493,6 +522,19 @@ class HubSource(Source):
             raise HubConnectionError(
                 f"{self.where(filename)}: asked the Hub for {asked} and got {received}; "
                 "the server answered another range than the one asked"
+            )
+
+    def _check_length(self, response: Any, filename: str, expected: int | None) -> None:
+        """Refuse a body whose ``Content-Length`` is not the length of what was asked (the
+        range, or for a 200 the whole file): it would be cut short, or would never end."""
+        said = response.headers.get("Content-Length")
+        encoding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
+        if said is None or expected is None or encoding not in ("", "identity"):
+            return
+        if said.strip() != str(expected):
+            raise HubResponseError(
+                f"{self.where(filename)}: the Hub announced a body of {said.strip()[:40]!r} bytes "
+                f"for {expected} bytes asked; the server is not answering as the Hub does"
             )
 
     def local_file(self, filename: str) -> Path:
@@ -611,6 +653,20 @@ def _is_network_error(exc: BaseException) -> bool:
     return isinstance(exc, httpx2.TransportError | ConnectionError | TimeoutError)
 
 
+def _protocol_problem(exc: BaseException) -> str | None:
+    """What is wrong when the server answered in a way no retry will mend (a redirect loop, a
+    redirect to no HTTP address, a body that cannot be decoded); None for other errors."""
+    import httpx2
+
+    if isinstance(exc, httpx2.TooManyRedirects):
+        return f"the Hub at {_endpoint()} redirected the request in a loop (too many redirects)"
+    if isinstance(exc, httpx2.UnsupportedProtocol | httpx2.InvalidURL):
+        return f"the Hub at {_endpoint()} redirected the request to an address that is not http(s)"
+    if isinstance(exc, httpx2.DecodingError):
+        return f"the Hub at {_endpoint()} sent a body that cannot be decoded ({exc})"[:300]
+    return None
+
+
 def _network_problem(exc: BaseException, timeout: float) -> str:
     import httpx2
 
@@ -714,6 +770,9 @@ def _call_hub(fn: Callable[[], T], *, what: str) -> T:
             asked = _retry_after(response.headers) if response is not None else None
             problem, cause = f"the Hub answered {status}", exc
         except Exception as exc:
+            broken = _protocol_problem(exc)
+            if broken is not None:
+                raise HubResponseError(f"{what}: {broken}") from exc
             if not _is_network_error(exc):
                 raise
             problem, cause, asked, status = (
@@ -748,14 +807,69 @@ def _leave_on_retryable(response: Any) -> None:
         )
 
 
+def _bound_slow_bodies(response: Any) -> None:
+    """Response hook: inside :func:`_call_hub`, a body arriving slower than
+    :data:`MIN_BYTES_PER_S` over a whole ``HF_HUB_DOWNLOAD_TIMEOUT`` ends the library call.
+
+    huggingface_hub's downloads time out only when no byte comes at all, and resume (with fresh
+    retries) whenever some did: a server trickling bytes would hold the run for hours. Raised
+    here, the slow answer reaches hfsoup's loop, which retries within its bounds.
+    """
+    if getattr(_IN_CALL, "active", False):
+        response.stream = _min_rate(response.stream)
+
+
+def _min_rate_stream_class() -> type:
+    import httpx2
+    from huggingface_hub import constants
+
+    class MinRateStream(httpx2.SyncByteStream):
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __iter__(self) -> Any:
+            timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
+            start, got = time.monotonic(), 0
+            for chunk in self.inner:
+                got += len(chunk)
+                yield chunk
+                elapsed = time.monotonic() - start
+                if elapsed >= timeout:
+                    if got < MIN_BYTES_PER_S * elapsed:
+                        raise _Retryable(
+                            f"the Hub sent only {got} bytes in {elapsed:.1f}s "
+                            f"(slower than {MIN_BYTES_PER_S} bytes/s)"
+                        )
+                    start, got = time.monotonic(), 0
+
+        def close(self) -> None:
+            close = getattr(self.inner, "close", None)
+            if close is not None:
+                close()
+
+    return MinRateStream
+
+
+def _min_rate(inner: Any) -> Any:
+    """``inner`` (an httpx2 byte stream) wrapped in the stream class, made on first use."""
+    global _MIN_RATE_STREAM
+    if _MIN_RATE_STREAM is None:
+        _MIN_RATE_STREAM = _min_rate_stream_class()
+    return _MIN_RATE_STREAM(inner)
+
+
+_MIN_RATE_STREAM: type | None = None
+
+
 def _hook_session() -> None:
-    """Add :func:`_leave_on_retryable` to huggingface_hub's HTTP client (once per client; the
-    hook does nothing outside hfsoup's calls)."""
+    """Add :func:`_leave_on_retryable` and :func:`_bound_slow_bodies` to huggingface_hub's HTTP
+    client (once per client; the hooks do nothing outside hfsoup's calls)."""
     from huggingface_hub import get_session
 
     hooks = get_session().event_hooks["response"]
-    if _leave_on_retryable not in hooks:
-        hooks.append(_leave_on_retryable)
+    for hook in (_leave_on_retryable, _bound_slow_bodies):
+        if hook not in hooks:
+            hooks.append(hook)
 
 
 @dataclass
@@ -799,24 +913,110 @@ def resolve(spec: IngredientSpec, *, token: str | None = None) -> Ingredient:
     from huggingface_hub import HfApi
 
     try:
-        info = _call_hub(
-            lambda: HfApi(token=token).model_info(
-                spec.repo, revision=spec.revision, files_metadata=True
-            ),
-            what=spec.label,
-        )
+        info = _call_hub(lambda: _model_info(HfApi(token=token), spec), what=spec.label)
     except HfsoupError as exc:
         if spec.local_fallback is None:
             raise
         return _resolve_fallback(spec, exc)
-    files = {s.rfilename: s.size for s in info.siblings or []}
-    source = HubSource(
-        spec.repo, info.sha, files, token, digests=checksums.from_siblings(info.siblings or [])
-    )
-    card = dict(info.card_data.to_dict()) if info.card_data else {}
+    sha, files, digests = _checked_listing(spec.label, info)
+    source = HubSource(spec.repo, sha, files, token, digests=digests)
+    card = _card_data(info)
     if not card and "README.md" in files:
         card = _front_matter(source.local_file("README.md"))
-    return Ingredient(spec=spec, sha=info.sha, source=source, card=card)
+    return Ingredient(spec=spec, sha=sha, source=source, card=card)
+
+
+_NOT_A_HUB = "the server at HF_ENDPOINT does not answer as the Hub does"
+
+
+def _model_info(api: Any, spec: IngredientSpec) -> Any:
+    """``model_info`` with file metadata; an answer huggingface_hub cannot read (not JSON, not
+    an object, fields missing or of the wrong type) is one line, not the parser's traceback."""
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return api.model_info(spec.repo, revision=spec.revision, files_metadata=True)
+    except HFValidationError as exc:
+        raise IngredientSpecError(f"ingredient {spec.label!r}: {exc}") from exc
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        # JSONDecodeError is a ValueError; ModelInfo(**data) fails with the others.
+        raise HubResponseError(
+            f"{spec.label}: the Hub's answer about the repo cannot be read "
+            f"({type(exc).__name__}: {str(exc)[:100]}); {_NOT_A_HUB}"
+        ) from exc
+
+
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+def _checked_listing(
+    label: str, info: Any
+) -> tuple[str, dict[str, int | None], dict[str, checksums.Digest]]:
+    """The commit SHA, files (name -> size) and digests of a ``model_info`` answer, checked.
+
+    Every later read is pinned to the SHA, so an answer without a well-formed one cannot be
+    used (reads would follow the branch). File names must be relative paths inside the repo,
+    each listed once; sizes non-negative integers; digests hex of the right length.
+
+    Raises:
+        HubResponseError: any of these does not hold; naming the field.
+    """
+    sha = info.sha
+    if not isinstance(sha, str) or not _COMMIT_SHA.fullmatch(sha):
+        shown = "none" if sha is None else repr(sha)[:60]
+        raise HubResponseError(
+            f"{label}: the Hub's answer names no commit SHA (40 hex digits) to pin the "
+            f"ingredient to (sha: {shown}); {_NOT_A_HUB}"
+        )
+    siblings = info.siblings or []
+    files: dict[str, int | None] = {}
+    for s in siblings:
+        name = getattr(s, "rfilename", None)
+        if not _is_repo_path(name):
+            raise HubResponseError(
+                f"{label}: the Hub lists a file named {repr(name)[:120]}, which is not a path "
+                f"inside a repo; {_NOT_A_HUB}"
+            )
+        if name in files:
+            raise HubResponseError(
+                f"{label}: the Hub lists the file {name!r} more than once; {_NOT_A_HUB}"
+            )
+        size = s.size
+        if size is not None and (type(size) is not int or size < 0):
+            raise HubResponseError(
+                f"{label}: the Hub lists {name!r} with size {repr(size)[:40]}, not a number of "
+                f"bytes; {_NOT_A_HUB}"
+            )
+        files[name] = size
+    try:
+        digests = checksums.from_siblings(siblings)
+    except ValueError as exc:
+        raise HubResponseError(f"{label}: {exc}; {_NOT_A_HUB}") from exc
+    return sha, files, digests
+
+
+def _is_repo_path(name: Any) -> bool:
+    """Whether ``name`` is a file path a repo can hold: relative, '/'-separated, no empty,
+    '.' or '..' part, no backslash or control character."""
+    if not isinstance(name, str) or not name or len(name) > 4096:
+        return False
+    if "\\" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def _card_data(info: Any) -> dict[str, Any]:
+    """The card metadata the Hub parsed, or {} when it sent none or something that is not one
+    (the README's front matter is read instead)."""
+    from huggingface_hub import ModelCardData
+
+    data = info.card_data
+    if not isinstance(data, ModelCardData):
+        return {}
+    try:
+        return dict(data.to_dict())
+    except Exception:  # metadata is a nicety: a strange one must not stop a soup
+        return {}
 
 
 def _resolve_fallback(spec: IngredientSpec, exc: HfsoupError) -> Ingredient:

@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -81,6 +81,14 @@ class Fault:
         shift_bytes: on a range request, serve the bytes ``shift_bytes`` further into the file
             (zeros past its end) under the ``Content-Range`` of the range asked: plausible
             headers, wrong bytes.
+        rewrite_json: serve normally, but pass each JSON reply's data through this function
+            first (a model_info whose ``sha`` or siblings lie, a list instead of an object).
+        body: answer ``status`` (200 if not given) with these raw bytes instead of serving the
+            request (HTML, truncated JSON, ...), as ``content_type``.
+        content_type: the ``Content-Type`` sent with ``body``.
+        headers: extra headers sent with the reply (a ``Location``, a huge header, ...).
+        hang_up: close the connection without answering (a server that dies before headers).
+        trickle_seconds: send the body one byte at a time, waiting this long before each.
         hits: how many requests it has been applied to so far.
         ranges: the ``Range`` header (or ``None``) of each request it was applied to; a rule
             with no misbehaviour only records what it sees.
@@ -99,6 +107,12 @@ class Fault:
     corrupt: bool = False
     content_range: str | None = None
     shift_bytes: int = 0
+    rewrite_json: Callable[[Any], Any] | None = None
+    body: bytes | None = None
+    content_type: str = "application/json"
+    headers: dict[str, str] | None = None
+    hang_up: bool = False
+    trickle_seconds: float | None = None
     hits: int = 0
     ranges: list[str | None] = field(default_factory=list)
 
@@ -368,7 +382,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._budget = fault.drop_after_bytes
             if fault is not None:
                 self._corrupt = fault.corrupt
-            if fault is not None and fault.status is not None:
+            if fault is not None and fault.hang_up:
+                self.close_connection = True
+                _shutdown(self.connection)
+            elif fault is not None and fault.body is not None:
+                headers = {"Content-Type": fault.content_type}
+                self._respond(fault.status or 200, headers, [fault.body], len(fault.body))
+            elif fault is not None and fault.status is not None:
                 extra = {"Retry-After": str(fault.retry_after)} if fault.retry_after else {}
                 if fault.error_code:
                     extra.update({"X-Error-Code": fault.error_code, "X-Error-Message": "Injected"})
@@ -492,6 +512,8 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         served = length
         headers, length = self._fault_headers(status, headers, length)
+        if self._fault is not None and self._fault.headers:
+            headers = {**headers, **self._fault.headers}
         headers = {"Content-Length": str(length), **headers}
         self._settle_body(headers)
         self.send_response(status)
@@ -507,6 +529,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._write(bytes(length - served))
 
     def _write(self, data: bytes) -> None:
+        if self._fault is not None and self._fault.trickle_seconds and len(data) > 1:
+            for i in range(len(data)):
+                self._write(data[i : i + 1])
+            return
+        if self._fault is not None and self._fault.trickle_seconds:
+            time.sleep(self._fault.trickle_seconds)
         if self._corrupt and data:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
             self._corrupt = False
@@ -514,10 +542,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data[: self._budget])
             raise _DropConnection
         self.wfile.write(data)
+        if self._fault is not None and self._fault.trickle_seconds:
+            self.wfile.flush()
         if self._budget is not None:
             self._budget -= len(data)
 
     def _send_json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
+        if self._fault is not None and self._fault.rewrite_json is not None:
+            data = self._fault.rewrite_json(data)
         body = json.dumps(data).encode()
         headers = {"Content-Type": "application/json; charset=utf-8", **(headers or {})}
         self._respond(status, headers, [body], len(body))

@@ -118,10 +118,14 @@ _TASK_FLAGS = {
 
 def task_from_args(args: argparse.Namespace) -> Any:
     """The task the flags describe: a preset/file, a custom mapping, or None."""
+    # "is not None", not truthiness: --limit 0 or --holdout-fraction 0 is a value to check (and
+    # refuse), not an absent flag that silently scores every row or drops the holdout.
     overrides = {
-        key: getattr(args, flag) for flag, key in _TASK_FLAGS.items() if getattr(args, flag)
+        key: getattr(args, flag)
+        for flag, key in _TASK_FLAGS.items()
+        if getattr(args, flag) is not None
     }
-    if args.holdout_fraction:
+    if args.holdout_fraction is not None:
         overrides["holdout"] = {"from": args.holdout_from, "fraction": args.holdout_fraction,
                                 "seed": args.holdout_seed}  # fmt: skip
     if args.allow_overlap:
@@ -147,17 +151,47 @@ def task_from_args(args: argparse.Namespace) -> Any:
 
 
 def _read_yaml(path: str | None, what: str, *, text: str | None = None) -> Any:
-    """YAML (or JSON) from ``path``, or ``text``; a missing file or bad YAML is a RecipeError."""
+    """YAML (or JSON) from ``path``, or ``text``, read with a recipe's bounds.
+
+    At most 1 MiB of UTF-8, no anchors or aliases, bounded nesting and values, string keys
+    given once (hfsoup.recipe's loader): a task or search-space file is as untrusted as a recipe.
+    A missing, oversized or undecodable file, or bad YAML, is a RecipeError.
+    """
     import yaml
 
+    from hfsoup.recipe import MAX_RECIPE_BYTES, _RecipeLoader, _Refused
+
+    where = f"{what} {path}" if path is not None else what
+    if text is None:
+        try:
+            # A bounded read: a huge file, /dev/zero or a pipe is refused after the cap.
+            with Path(path).open("rb") as f:
+                raw = f.read(MAX_RECIPE_BYTES + 1)
+        except OSError as exc:
+            raise RecipeError(f"cannot read {where}: {exc.strerror or exc}") from exc
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{where} is larger than 1 MiB, the most hfsoup reads")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"{where} is not UTF-8 text (byte {exc.start})") from exc
+    elif len(text.encode("utf-8")) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{where} is larger than 1 MiB, the most hfsoup reads")
+    loader = _RecipeLoader(text)
     try:
-        if text is None:
-            text = Path(path).read_text(encoding="utf-8")
-        return yaml.safe_load(text)
-    except OSError as exc:
-        raise RecipeError(f"cannot read {what} {path}: {exc.strerror}") from exc
+        root = loader.get_single_node()
+        return loader.construct_document(root) if root is not None else None
+    except _Refused as exc:
+        raise RecipeError(f"{where}: line {exc.line}: {exc.problem}") from None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{what} {path or ''}: not valid YAML ({exc.problem})") from exc
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{where}: not valid YAML ({problem})") from None
+    except (ValueError, OverflowError) as exc:  # a scalar YAML resolves but cannot build
+        raise RecipeError(
+            f"{where}: invalid YAML value ({' '.join(str(exc).split())[:80]})"
+        ) from None
+    finally:
+        loader.dispose()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -245,6 +245,35 @@ def test_zero_and_out_of_range_task_options_are_refused(tiny_greedy, cli, tmp_pa
     assert_nothing_written(tmp_path)
 
 
+# --- 5. a metric undefined on the split -------------------------------------------------------
+
+
+@reliability(
+    "Greedy soup or evaluate where every ingredient scores NaN (pearsonr of constant predictions)",
+    "one line: \"every ingredient scores NaN on selection split 'validation' by 'pearsonr': the "
+    'metric is undefined there ..." (TaskError); no soup chosen on NaN comparisons',
+)
+@pytest.mark.parametrize("command", ["greedy", "evaluate"])
+def test_every_ingredient_scoring_nan_is_refused(tiny_greedy, cli, tmp_path, command):
+    task = {**tiny_greedy["task"], "metrics": ["pearsonr"]}
+    if command == "greedy":
+        proc = greedy(cli, tiny_greedy, tmp_path, task)
+    else:
+        proc = cli("evaluate", *tiny_greedy["repos"], "--task", write_task(tmp_path, task), "-q")
+    assert_error_after_notices(proc, "every ingredient scores NaN", "'pearsonr'")
+    assert_nothing_written(tmp_path)
+
+
+def test_nan_scores_never_win_and_all_nan_is_undecidable():
+    from hfsoup.greedy import best_index, check_decidable
+
+    assert best_index([math.nan, 0.2, 0.7, math.nan]) == 2
+    assert best_index([math.nan, None, 0.1]) == 2
+    check_decidable([{"v": {"m": math.nan}}, {"v": {"m": 0.5}}], "v", "m")
+    with pytest.raises(TaskError, match="every ingredient scores NaN"):
+        check_decidable([{"v": {"m": math.nan}}, {"v": {"m": math.nan}}], "v", "m")
+
+
 # --- 6. inputs longer than the model takes ----------------------------------------------------
 
 
@@ -311,3 +340,19 @@ def test_a_corrupt_image_is_one_line_naming_its_row(tmp_path, bad):
     processor = ViTImageProcessor(size={"height": 8, "width": 8})
     with pytest.raises(TaskError, match=r"row 5 of split 'validation': the image .* decoded"):
         prepare_split(split, task, processor, name="validation")
+
+
+# --- 8. learned options -----------------------------------------------------------------------
+
+
+@reliability(
+    "--learned-lr inf",
+    "one line: 'learned.lr: must be a finite positive number, got inf' (RecipeError), before "
+    "any ingredient is scored; not a soup of NaN refused as an overflow",
+)
+def test_an_infinite_learning_rate_is_refused(tiny_greedy, cli, tmp_path):
+    proc = cli("soup", *tiny_greedy["repos"], "--method", "learned", "--learned-lr", "inf",
+               "--task", write_task(tmp_path, tiny_greedy["task"]), "--output", tmp_path / "soup",
+               "-q")  # fmt: skip
+    assert_one_line_error(proc, "learned.lr: must be a finite positive number, got inf")
+    assert_nothing_written(tmp_path)

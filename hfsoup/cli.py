@@ -128,10 +128,14 @@ _TASK_FLAGS = {
 
 def task_from_args(args: argparse.Namespace) -> Any:
     """The task the flags describe: a preset/file, a custom mapping, or None."""
+    # "is not None", not truthiness: --limit 0 or --holdout-fraction 0 is a value to check (and
+    # refuse), not an absent flag that silently scores every row or drops the holdout.
     overrides = {
-        key: getattr(args, flag) for flag, key in _TASK_FLAGS.items() if getattr(args, flag)
+        key: getattr(args, flag)
+        for flag, key in _TASK_FLAGS.items()
+        if getattr(args, flag) is not None
     }
-    if args.holdout_fraction:
+    if args.holdout_fraction is not None:
         overrides["holdout"] = {"from": args.holdout_from, "fraction": args.holdout_fraction,
                                 "seed": args.holdout_seed}  # fmt: skip
     if args.allow_overlap:
@@ -157,17 +161,40 @@ def task_from_args(args: argparse.Namespace) -> Any:
 
 
 def _read_yaml(path: str | None, what: str, *, text: str | None = None) -> Any:
-    """YAML (or JSON) from ``path``, or ``text``; a missing file or bad YAML is a RecipeError."""
+    """YAML (or JSON) from ``path``, or ``text``, read with a recipe's bounds.
+
+    At most 1 MiB of UTF-8 from a regular file (a pipe, socket or folder is refused), no anchors
+    or aliases, bounded nesting and values, string keys given once (hfsoup.recipe's loader): a
+    task or search-space file is as untrusted as a recipe. Any of these, a missing file or bad
+    YAML is a RecipeError.
+    """
     import yaml
 
-    try:
-        if text is None:
+    from hfsoup.recipe import _RecipeLoader, _Refused
+
+    where = f"{what} {path}" if path is not None else what
+    if text is None:
+        try:
             text = _read_small_text(path, what)
-        return yaml.safe_load(text)
-    except OSError as exc:
-        raise RecipeError(f"cannot read {what} {path}: {exc.strerror}") from exc
+        except OSError as exc:
+            raise RecipeError(f"cannot read {where}: {exc.strerror or exc}") from exc
+    elif len(text.encode("utf-8")) > _MAX_OPTION_FILE:
+        raise RecipeError(f"{where} is larger than 1 MiB, the most hfsoup reads")
+    loader = _RecipeLoader(text)
+    try:
+        root = loader.get_single_node()
+        return loader.construct_document(root) if root is not None else None
+    except _Refused as exc:
+        raise RecipeError(f"{where}: line {exc.line}: {exc.problem}") from None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{what} {path or ''}: not valid YAML ({exc.problem})") from exc
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{where}: not valid YAML ({problem})") from None
+    except (ValueError, OverflowError) as exc:  # a scalar YAML resolves but cannot build
+        raise RecipeError(
+            f"{where}: invalid YAML value ({' '.join(str(exc).split())[:80]})"
+        ) from None
+    finally:
+        loader.dispose()
 
 
 _MAX_OPTION_FILE = 1 << 20  # bytes of a task or search-space file, like a recipe's cap

@@ -10,6 +10,7 @@ cache. Never more than the live model, ``S`` and one streamed tensor group are h
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from hfsoup.distributed import Processes
+from hfsoup.errors import TaskError
 from hfsoup.evaluation.ensemble import reaches
 from hfsoup.evaluation.scorer import Scorer
 from hfsoup.live import LiveModel, build_model
@@ -316,7 +318,41 @@ def score_ingredients(
             state.save_logits(i, logits)
             state.data["individual"][str(i)] = individual[-1]
             state.save()
+    check_decidable(individual, scorer.selection_split, scorer.selection_metric)
     return individual
+
+
+def check_decidable(individual: Sequence[Scores], split: str, metric: str) -> None:
+    """Refuse a run in which no ingredient has a selection score to rank or accept by.
+
+    NaN compares false both ways: with every ingredient at NaN (a metric undefined on the
+    split, e.g. a correlation of constant predictions, or a split too small for it) the
+    order and every acceptance would be arbitrary, and the soup meaningless.
+
+    Raises:
+        TaskError: every ingredient's selection score is NaN (or missing).
+    """
+    values = [scores.get(split, {}).get(metric) for scores in individual]
+    if values and not any(_finite_or_inf(v) for v in values):
+        raise TaskError(
+            f"every ingredient scores NaN on selection split {split!r} by {metric!r}: the "
+            "metric is undefined there (constant predictions or labels, too few examples?), "
+            "so there is nothing to choose by; use another metric or split"
+        )
+
+
+def best_index(scores: Sequence[float | None]) -> int:
+    """The position of the highest score, NaN and None counting as lowest (first on ties)."""
+
+    def key(i: int) -> float:
+        value = scores[i]
+        return value if _finite_or_inf(value) else -math.inf
+
+    return max(range(len(scores)), key=key)
+
+
+def _finite_or_inf(value: float | None) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)
 
 
 def score_uniform(session: SoupSession, scorer: Scorer) -> Scores:

@@ -15,9 +15,16 @@ from typing import Any
 import torch
 
 from hfsoup.distributed import Processes
-from hfsoup.errors import NothingToResumeError
+from hfsoup.errors import NothingToResumeError, TaskError
 from hfsoup.evaluation.scorer import Scorer
-from hfsoup.greedy import STATE_FILE, GreedyResult, SoupSession, run_greedy, saved_fingerprint
+from hfsoup.greedy import (
+    STATE_FILE,
+    GreedyResult,
+    SoupSession,
+    best_index,
+    run_greedy,
+    saved_fingerprint,
+)
 from hfsoup.outputs import (
     hardware_record,
     pin_recipe,
@@ -68,7 +75,7 @@ def fingerprint(recipe: Recipe, indexes: Sequence[IngredientIndex]) -> str:
 
 def comparison_table(result: GreedyResult, selection: str, metric: str) -> dict[str, Any]:
     """The paper's side-by-side: best individual, uniform and greedy soups, ensembles."""
-    best = max(range(len(result.individual)), key=lambda i: result.individual[i][selection][metric])
+    best = best_index([scores[selection][metric] for scores in result.individual])
     return {
         "best_individual": result.individual[best],
         "uniform_soup": result.uniform,
@@ -118,11 +125,18 @@ def run_greedy_soup(
             indexes, accumulate=accumulate, allow_nonfinite=recipe.allow_nonfinite,
             placement=placement,
         )  # fmt: skip
-        result = run_greedy(
-            session, scorer, labels=labels, state_dir=tmp, fingerprint=fingerprint(recipe, indexes),
-            strict=recipe.accept == ">", order=recipe.order, seed=recipe.seed, log=log,
-            processes=procs,
-        )  # fmt: skip
+        try:
+            result = run_greedy(
+                session, scorer, labels=labels, state_dir=tmp,
+                fingerprint=fingerprint(recipe, indexes), strict=recipe.accept == ">",
+                order=recipe.order, seed=recipe.seed, log=log, processes=procs,
+            )  # fmt: skip
+        except TaskError:
+            # Not an interruption (every ingredient scoring NaN, labels the outputs cannot be
+            # scored against): a resume would meet it again, so no state is kept to resume.
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         timings.update(result.timings)
         hardware = hardware_record(procs, placement)
         n = len(result.accepted)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -11,8 +12,14 @@ from typing import Any
 import torch
 
 from hfsoup.distributed import Processes
-from hfsoup.errors import RecipeError
-from hfsoup.greedy import SoupSession, score_ensembles, score_ingredients, score_uniform
+from hfsoup.errors import RecipeError, TaskError
+from hfsoup.greedy import (
+    SoupSession,
+    best_index,
+    score_ensembles,
+    score_ingredients,
+    score_uniform,
+)
 from hfsoup.greedy_run import make_scorer, task_model_index
 from hfsoup.learned import (
     WHOLE_MODEL,
@@ -93,6 +100,8 @@ def run_learned_soup(
     """Run a learned soup and write it to ``target``; returns the results.json content."""
     log = (lambda msg: print(f"hfsoup: {msg}", file=sys.stderr)) if progress else (lambda _: None)
     config, task, k = recipe.learned or LearnedConfig(), recipe.task, len(indexes)
+    if not math.isfinite(config.lr):  # pydantic's gt=0 lets inf through
+        raise RecipeError(f"learned.lr: must be a finite positive number, got {config.lr}")
     plan = plan_learned(config, indexes, max_length=task.max_length, device=device,
                         memory_budget=memory_budget)  # fmt: skip
     first = indexes[0].tensors
@@ -123,10 +132,16 @@ def run_learned_soup(
             batch_size=config.batch_size, param=config.param, seed=recipe.seed, log=log,
         )  # fmt: skip
         timings["learn"] = time.perf_counter() - t0
+        if not (all(math.isfinite(x) for x in result.losses) and result.weights.isfinite().all()
+                and math.isfinite(result.beta)):  # fmt: skip
+            raise TaskError(
+                f"the learned soup diverged (selection loss {result.losses[-1]}) with learning "
+                f"rate {config.lr:g}; give a smaller --learned-lr (learned.lr)"
+            )
         method = "learned_soup_by_layer" if config.by_layer else "learned_soup"
         learned = {s: scorer.scores(scorer.logits(session.model, s), s) for s in task.splits}
         ensemble, greedy_ensemble, members = score_ensembles(scorer, k)
-        best = max(range(k), key=lambda i: individual[i][sel][metric])
+        best = best_index([scores[sel][metric] for scores in individual])
         table = {
             "best_individual": individual[best],
             "uniform_soup": uniform,

@@ -7,10 +7,14 @@ The result maps each split a task scores (selection first, then report splits) t
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import datasets
 import numpy as np
+from datasets.exceptions import DatasetGenerationError
 
 from hfsoup.errors import HubConnectionError, TaskError
 from hfsoup.evaluation.task import HOLDOUT_SPLIT, Task
@@ -86,9 +90,12 @@ def check_columns(dataset: datasets.Dataset, columns: list[str], *, split: str) 
     """Raise TaskError naming the first of ``columns`` that ``dataset`` lacks, and what it has."""
     for column in columns:
         if column not in dataset.column_names:
+            names = dataset.column_names
+            shown = ", ".join(names[:20]) + (
+                f" (and {len(names) - 20} more)" if len(names) > 20 else ""
+            )
             raise TaskError(
-                f"column {column!r} not found in split {split!r}; "
-                f"its columns are: {', '.join(dataset.column_names)}"
+                f"column {column!r} not found in split {split!r}; its columns are: {shown}"
             )
 
 
@@ -100,7 +107,10 @@ def _load_split(task: Task, split: str) -> datasets.Dataset:
         kwargs.setdefault("name", task.config)
     label = kwargs["path"] if isinstance(task.dataset, str) else f"{kwargs['path']} files"
     try:
-        return datasets.load_dataset(**kwargs, split=split)
+        # datasets logs a failure to read a file at ERROR level before it raises: the error
+        # below says it once, on one line, with the cause datasets wraps.
+        with _datasets_quiet():
+            return datasets.load_dataset(**kwargs, split=split)
     except ConnectionError as err:
         raise HubConnectionError(
             f"cannot reach the Hub for dataset {label!r}: {_line(err)}"
@@ -109,6 +119,27 @@ def _load_split(task: Task, split: str) -> datasets.Dataset:
         raise TaskError(f"cannot load split {split!r} of dataset {label!r}: {_line(err)}") from err
 
 
+@contextmanager
+def _datasets_quiet() -> Iterator[None]:
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _line(err: BaseException) -> str:
+    # DatasetGenerationError says only "An error occurred while generating the dataset": the
+    # cause (a file that does not parse, columns that disagree between files) is what helps.
+    cause = err.__cause__
+    if isinstance(err, DatasetGenerationError) and cause is not None:
+        return f"{_first_line(err)}: {_first_line(cause)}"
+    return _first_line(err)
+
+
+def _first_line(err: BaseException) -> str:
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if len(line) <= 300 else line[:300] + "..."

@@ -34,6 +34,7 @@ from hfsoup.evaluation.preprocess import (
     load_preprocessor,
     prepare_split,
 )
+from hfsoup.evaluation.preprocess import max_tokens as model_max_tokens
 from hfsoup.evaluation.task import Task, resolve_task
 
 
@@ -65,6 +66,9 @@ class Scorer:
         processes: Score data-parallel with these processes (``accelerate launch``): each
             runs every ``world``-th batch and the outputs are gathered, so every process gets
             the whole split's outputs and takes the same decisions. Default: this process alone.
+        max_tokens: The most tokens the model takes; longer text is cut to it (see
+            :func:`~hfsoup.evaluation.preprocess.prepare_split`). ``from_pretrained`` reads it
+            from the model's config.
 
     Attributes:
         task: The resolved task.
@@ -91,18 +95,23 @@ class Scorer:
         progress: bool = True,
         splits: dict[str, datasets.Dataset] | None = None,
         processes: Processes | None = None,
+        max_tokens: int | None = None,
     ) -> None:
         self.task = resolve_task(task)
         self.processes = processes or Processes()
         self.progress = progress and self.processes.is_main
         loaded = splits if splits is not None else load_task_splits(self.task)
-        self.metrics = {name: load_metric(name) for name in self.task.metrics}
         self.splits: dict[str, PreparedSplit] = {}
         for name, dataset in loaded.items():
-            prepared = prepare_split(dataset, self.task, preprocessor, name=name, label2id=label2id)
+            prepared = prepare_split(
+                dataset, self.task, preprocessor, name=name, label2id=label2id,
+                max_tokens=max_tokens,
+            )  # fmt: skip
             if device is not None:
                 prepared.batches = [_to(batch, torch.device(device)) for batch in prepared.batches]
             self.splits[name] = prepared
+        # After the data: labels the model cannot have are refused before any metric is fetched.
+        self.metrics = {name: load_metric(name) for name in self.task.metrics}
         self.cache: dict[tuple[str, str], torch.Tensor] = {}
 
     @classmethod
@@ -149,6 +158,7 @@ class Scorer:
             progress=progress,
             splits=loaded,
             processes=processes,
+            max_tokens=None if image else model_max_tokens(config, preprocessor),
         )
 
     @property
@@ -308,6 +318,7 @@ class Scorer:
         return greedy_ensemble(outputs, lambda o: self.selection_score(o, split), strict=strict)
 
     def _metric(self, name: str, outputs: torch.Tensor, labels: torch.Tensor) -> float:
+        _check_fit(outputs, labels)
         kwargs = metric_kwargs(name, outputs.shape[-1])
         return metric_value(
             name, compute(self.metrics[name], _predictions(outputs), labels, **kwargs)
@@ -343,6 +354,31 @@ def required_count(threshold: float, total: int, *, strict: bool = False) -> int
         else:
             low = middle + 1
     return low
+
+
+def _check_fit(outputs: torch.Tensor, labels: torch.Tensor) -> None:
+    """Refuse labels the model's outputs cannot be scored against (a meaningless score).
+
+    Checked on every score, whoever built the scorer: class ids must index the model's
+    classes, and a classification head (several outputs) is not scored against fractional
+    targets.
+    """
+    classes = outputs.shape[-1] if outputs.dim() == 2 else 0
+    if classes < 2 or not len(labels):
+        return
+    if labels.is_floating_point():
+        if not (labels == labels.round()).all():
+            raise TaskError(
+                f"the labels are fractional numbers (regression targets) but the model "
+                f"classifies into {classes} labels; its scores would mean nothing"
+            )
+        labels = labels.long()
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        raise TaskError(
+            f"the labels run from {low} to {high} but the model has {classes} labels "
+            f"(ids 0..{classes - 1}); its scores would mean nothing"
+        )
 
 
 @contextmanager

@@ -61,8 +61,8 @@ class Holdout(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     from_: str = Field("train", alias="from")
-    fraction: float = Field(gt=0.0, lt=1.0)
-    seed: int = 0
+    fraction: float = Field(gt=0.0, lt=1.0, allow_inf_nan=False)
+    seed: int = Field(0, ge=0)  # numpy's generators take no negative seed
 
 
 class Task(BaseModel):

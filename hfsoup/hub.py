@@ -134,7 +134,8 @@ def parse_ingredient(text: str, *, weight: float | None = None) -> IngredientSpe
                 repo=repo, revision=revision or None, weight=weight, local_fallback=fallback
             )
         if not _is_dir(local):  # a folder of that name is meant: no Hub repo can have it
-            raise IngredientSpecError(f"ingredient {text!r} is not a valid Hub repo ID: {invalid}")
+            shown = text if len(text) <= 120 else f"{text[:100]}... ({len(text)} characters)"
+            raise IngredientSpecError(f"ingredient {shown!r} is not a valid Hub repo ID: {invalid}")
     if _is_dir(local):  # not a repo ID, so it cannot hide one
         return IngredientSpec(path=local.resolve(), weight=weight)
     if text.startswith(".") or repo.count("/") > 1:
@@ -152,7 +153,9 @@ def _invalid_repo_id(repo: str) -> str | None:
     try:
         validate_repo_id(repo)
     except HFValidationError as exc:
-        return str(exc)
+        # huggingface_hub quotes the ID again at the end; once (in the caller) is enough.
+        reason = " ".join(str(exc).split())
+        return reason.replace(f": '{repo}'", "").replace(f"'{repo}'", "it").rstrip(" .:")
     return None
 
 

@@ -72,7 +72,6 @@ class Fault:
         status: answer this status (with a JSON error body) instead of serving the request.
         retry_after: sent in ``Retry-After`` with ``status``: seconds, or an HTTP date.
         error_code: sent in ``X-Error-Code`` with ``status`` (``"GatedRepo"``, ``"RepoNotFound"``).
-        headers: more headers sent with ``status`` (``{"RateLimit": '"api";r=0;t=55'}``).
         drop_after_bytes: serve normally but close the connection after this many body bytes.
         stall_seconds: wait this long before answering (a server or network that hangs).
         corrupt: serve the body with its first byte flipped: same length, wrong sha256.
@@ -86,7 +85,8 @@ class Fault:
         body: answer ``status`` (200 if not given) with these raw bytes instead of serving the
             request (HTML, truncated JSON, ...), as ``content_type``.
         content_type: the ``Content-Type`` sent with ``body``.
-        headers: extra headers sent with the reply (a ``Location``, a huge header, ...).
+        headers: extra headers sent with the reply, a ``status`` one or a served one (a
+            ``RateLimit: "api";r=0;t=55``, a ``Location``, a huge header, ...).
         hang_up: close the connection without answering (a server that dies before headers).
         trickle_seconds: send the body one byte at a time, waiting this long before each.
         hits: how many requests it has been applied to so far.
@@ -110,7 +110,6 @@ class Fault:
     rewrite_json: Callable[[Any], Any] | None = None
     body: bytes | None = None
     content_type: str = "application/json"
-    headers: dict[str, str] | None = None
     hang_up: bool = False
     trickle_seconds: float | None = None
     hits: int = 0

@@ -347,9 +347,9 @@ def test_a_trickling_server_is_bounded_by_the_download_timeout(
 @reliability(
     "Ingredient shaped like a repo ID that huggingface_hub refuses (org/a--b, org/x.git, a name "
     "over 96 characters, ending in '-'), or a name too long for the file system",
-    "one line: 'ingredient 'org/a--b' is not 'org/name', 'org/name@revision' or a local "
-    "directory' (IngredientSpecError), before any request; no HFValidationError or OSError "
-    "traceback",
+    "one line: 'ingredient 'org/a--b' is not a valid Hub repo ID: <huggingface_hub's reason>' "
+    "(or 'is not 'org/name', 'org/name@revision' or a local directory') (IngredientSpecError), "
+    "before any request; no HFValidationError or OSError traceback",
 )
 @pytest.mark.parametrize(
     "name", ["org/a--b", "org/x.git", "org/" + "a" * 120, "org/a-", "a" * 5000], ids=str.__len__
@@ -357,7 +357,10 @@ def test_a_trickling_server_is_bounded_by_the_download_timeout(
 def test_repo_ids_the_hub_refuses_are_one_line(name, faulty_hub, cli):
     seen = faulty_hub.add_fault(times=None)  # records every request, changes nothing
     proc = cli("inspect", "-q", name)
-    assert_one_line_error(proc, "is not 'org/name', 'org/name@revision' or a local directory")
+    assert_one_line_error(proc, f"ingredient '{name[:40]}")
+    assert len(proc.stderr) < 800
+    line = proc.stderr.strip()
+    assert "is not a valid Hub repo ID" in line or "is not 'org/name', 'org/name@revision'" in line
     assert seen.hits == 0
 
 

@@ -106,3 +106,8 @@ def scrub(text: str) -> str:
         if len(value) >= 8:  # a short value would mask ordinary words
             text = text.replace(value, "***")
     return text
+
+
+class TokenizerMismatchError(IncompatibleIngredientsError):
+    """The ingredients' tokenizers give some tokens different ids (a soup averages embedding rows
+    by id); the message names the first differing tokens and how many."""

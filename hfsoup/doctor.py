@@ -125,8 +125,8 @@ def examine(
                             max_shard_size=max_shard_size, dtype=dtype, device=device)  # fmt: skip
     if not estimate["fits"]:
         findings.append(Finding("warning", "memory", (
-            f"a {method} soup needs ~{_human(estimate['peak_memory_bytes'])}, more than the "
-            f"{_human(estimate['available_memory_bytes'])} {estimate['available_from']}"
+            f"a {method} soup needs ~{human_bytes(estimate['peak_memory_bytes'])}, more than the "
+            f"{human_bytes(estimate['available_memory_bytes'])} {estimate['available_from']}"
         )))  # fmt: skip
     return Examination(details, findings, estimate, problem, layouts)
 
@@ -262,8 +262,8 @@ def estimate_run(
         shard = max(_shard_bytes(first, names, dtype) for names in shards)
         read = sum(d["weight_bytes"] for d in details)
         peak = min(DEFAULT_IN_FLIGHT + DEFAULT_CHUNK, read) + shard
-        assumes.append(f"reads in flight (up to {_human(DEFAULT_IN_FLIGHT + DEFAULT_CHUNK)}) + "
-                       f"the largest of {len(shards)} output shard(s) ({_human(shard)} with its "
+        assumes.append(f"reads in flight (up to {human_bytes(DEFAULT_IN_FLIGHT + DEFAULT_CHUNK)}) + "
+                       f"the largest of {len(shards)} output shard(s) ({human_bytes(shard)} with its "
                        "float32 sums and serialised copy); fetching overlaps averaging")  # fmt: skip
         path = None
     elif method == "greedy":
@@ -280,14 +280,14 @@ def estimate_run(
         available, _ = available_memory(device)
         path = "memory" if needs["memory"] <= available else "stream"
         peak = needs[path]
-        assumes.append(f"the {path} path (memory path ~{_human(needs['memory'])}, stream path "
-                       f"~{_human(needs['stream'])}), activations at batch size {LEARNED_BATCH} "
+        assumes.append(f"the {path} path (memory path ~{human_bytes(needs['memory'])}, stream path "
+                       f"~{human_bytes(needs['stream'])}), activations at batch size {LEARNED_BATCH} "
                        f"and {LEARNED_LENGTH} tokens; training time is not counted")  # fmt: skip
     available, where = available_memory(device)
     rate = float(bandwidth) if bandwidth else float(DEFAULT_BANDWIDTH)
     seconds = download / rate + local / DISK_BANDWIDTH
-    assumes.append(f"{'the given' if bandwidth else 'an assumed'} {_human(rate)}/s from the "
-                   f"Hub and {_human(DISK_BANDWIDTH)}/s from local folders")  # fmt: skip
+    assumes.append(f"{'the given' if bandwidth else 'an assumed'} {human_bytes(rate)}/s from the "
+                   f"Hub and {human_bytes(DISK_BANDWIDTH)}/s from local folders")  # fmt: skip
     return {
         "method": method,
         "device": str(device),
@@ -316,9 +316,6 @@ def _shard_bytes(index: IngredientIndex, names: Sequence[str], dtype: torch.dtyp
     return total
 
 
-_human = human_bytes
-
-
 def render(report: dict[str, Any]) -> str:
     """The report of :meth:`hfsoup.Inspection.to_dict` as text (the CLI's and the Space's)."""
     lines = []
@@ -345,17 +342,21 @@ def render(report: dict[str, Any]) -> str:
                      f"layout: {layout['kind']}"
                      f"{', pooling ' + layout['pooling'] if layout['pooling'] else ''}"
                      f"{' (' + ', '.join(layout['files']) + ')' if layout['files'] else ''}")  # fmt: skip
-        where = "local folder" if row["local"] else f"{_human(row['cached_bytes'])} in the HF cache"
+        where = (
+            "local folder"
+            if row["local"]
+            else f"{human_bytes(row['cached_bytes'])} in the HF cache"
+        )
         lines.append(f"  weight files: {len(row['weight_files'])}, "
-                     f"{_human(row['weight_bytes'])} ({where})")  # fmt: skip
+                     f"{human_bytes(row['weight_bytes'])} ({where})")  # fmt: skip
     for f in report.get("findings", []):
         lines.append(f"{f['level']}: {f['message']}")
     est = report.get("estimate")
     if est:
         lines.append(
             f"estimate for a {est['method']} soup on this machine ({est['device']}): download "
-            f"{_human(est['download_bytes'])}, ~{est['seconds']:g} s; peak memory "
-            f"~{_human(est['peak_memory_bytes'])} of {_human(est['available_memory_bytes'])} "
+            f"{human_bytes(est['download_bytes'])}, ~{est['seconds']:g} s; peak memory "
+            f"~{human_bytes(est['peak_memory_bytes'])} of {human_bytes(est['available_memory_bytes'])} "
             f"{est['available_from']}{'' if est['fits'] else ' (does not fit)'}"
         )
         lines.append(f"  an estimate, assuming {'; '.join(est['assumes'])}")

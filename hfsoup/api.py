@@ -160,7 +160,8 @@ def inspect(
 
     Args:
         method: ``uniform``, ``greedy`` or ``learned``: the soup to estimate for.
-        bandwidth: bytes per second from the Hub (``"100MB"``); default an assumed 50 MB/s.
+        bandwidth: bytes per second from the Hub (``"100MB"`` or ``"100MB/s"``); default an
+            assumed 50 MB/s.
         dtype / max_shard_size: the output options, as for :func:`soup`.
 
     Example:
@@ -173,6 +174,8 @@ def inspect(
         raise RecipeError(f"unknown method {method!r} (use {', '.join(METHODS)})")
     if dtype is not None and dtype not in _DTYPES:
         raise RecipeError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if isinstance(bandwidth, str):
+        bandwidth = bandwidth.strip().removesuffix("/s")  # "100MB/s" reads as "100MB"
     sizes = {"max_shard_size": max_shard_size, "bandwidth": bandwidth}
     for key, value in sizes.items():
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,7 +65,6 @@ class Examination:
     findings: list[Finding]
     estimate: dict[str, Any]
     tokenizer_problem: str | None = None
-    layouts: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
 
 def examine(
@@ -108,9 +107,10 @@ def examine(
     for ix, tok, lay in zip(indexes[1:], tokenizers[1:], layouts[1:], strict=True):
         who = f"{ix.ingredient.label} differs from {first}"
         diff = compare(tokenizers[0], tok)
-        problem = problem or diff.id_problem(who)
-        if diff.changed:
-            findings.append(Finding("error", "tokenizer", diff.id_problem(who) or ""))
+        error = diff.id_problem(who)
+        if error:
+            problem = problem or error
+            findings.append(Finding("error", "tokenizer", error))
         findings += [Finding("warning", "tokenizer", f"{who}: {m}") for m in diff.warnings]
         findings += [Finding("note", "tokenizer", f"{who}: {m}") for m in diff.notes]
         findings += _label_findings(indexes[0], ix, who)
@@ -128,7 +128,7 @@ def examine(
             f"a {method} soup needs ~{human_bytes(estimate['peak_memory_bytes'])}, more than the "
             f"{human_bytes(estimate['available_memory_bytes'])} {estimate['available_from']}"
         )))  # fmt: skip
-    return Examination(details, findings, estimate, problem, layouts)
+    return Examination(details, findings, estimate, problem)
 
 
 def _sizes(ix: IngredientIndex) -> dict[str, Any]:

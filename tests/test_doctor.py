@@ -142,7 +142,7 @@ def test_a_chat_template_in_one_ingredient_is_a_note(tmp_path):
 
 def test_inspect_json_holds_the_whole_report(tmp_path, publish, cli):
     repos = [publish(ingredient(tmp_path, f"i{i}", seed=i + 1))[0] for i in range(2)]
-    proc = cli("inspect", *repos, "--json", "--method", "greedy", "--bandwidth", "10MB")
+    proc = cli("inspect", *repos, "--json", "--method", "greedy", "--bandwidth", "10MB/s")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert {"compatible", "problem", "ingredients", "findings", "estimate"} <= report.keys()
@@ -331,3 +331,9 @@ def test_the_space_shows_the_same_report(tmp_path):
     shown = inspection_report(report)
     assert render(report) in shown
     assert "error: " in shown and "'[NEW]'" in shown and "compatible: NO" in shown
+
+
+def test_an_unreadable_bandwidth_is_one_line(tmp_path, cli):
+    a = ingredient(tmp_path, "a", seed=1)
+    proc = cli("inspect", a, "--bandwidth", "fast")
+    assert_one_line_error(proc, "bandwidth: cannot read 'fast' as a size")

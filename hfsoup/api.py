@@ -168,7 +168,8 @@ def inspect(
         >>> hfsoup.inspect(["org/ft-1", "org/ft-2"]).compatible  # doctest: +SKIP
         True
     """
-    from hfsoup.doctor import METHODS, examine
+    from hfsoup.doctor import examine
+    from hfsoup.estimates import METHODS
 
     if method not in METHODS:
         raise RecipeError(f"unknown method {method!r} (use {', '.join(METHODS)})")

@@ -16,30 +16,23 @@ from typing import Any
 
 import torch
 
-from hfsoup.errors import CorruptWeightsError, RecipeError
-from hfsoup.estimates import (
-    activation_bytes,
-    available_memory,
-    human_bytes,
-    path_needs,
-    read_ahead_bytes,
-)
+from hfsoup.errors import CorruptWeightsError
+from hfsoup.estimates import estimate_run, human_bytes
 from hfsoup.hub import HubSource, Ingredient
-from hfsoup.streaming import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT
-from hfsoup.tensors import FLOAT_DTYPES, IngredientIndex, output_dtype, plan_shards
+from hfsoup.tensors import FLOAT_DTYPES, IngredientIndex
 from hfsoup.tokenizer_files import compare, read_tokenizers
 
-METHODS = ("uniform", "greedy", "learned")
-# Assumed when none is given: a good home or cloud link to the Hub's CDN, in bytes per second.
-DEFAULT_BANDWIDTH = 50 * 10**6
-DISK_BANDWIDTH = 500 * 10**6  # reading a local ingredient folder
-# The task defaults a learned soup's activations are estimated with (LearnedConfig, Task).
-LEARNED_BATCH, LEARNED_LENGTH = 32, 128
 # Layout files: read to be compared when small JSON files, else only their presence.
-_LAYOUT_NAMES = ("modules.json", "config_sentence_transformers.json",
-                 "sentence_bert_config.json", "adapter_config.json", "generation_config.json",
-                 "preprocessor_config.json", "processor_config.json",
-                 "image_processor_config.json")  # fmt: skip
+_LAYOUT_NAMES = (
+    "modules.json",
+    "config_sentence_transformers.json",
+    "sentence_bert_config.json",
+    "adapter_config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "image_processor_config.json",
+)
 _MODULE_DIR = re.compile(r"^\d+_[^/]+/[^/]+\.json$")  # 1_Pooling/config.json, 2_Dense/...
 _LAYOUT_JSON_LIMIT = 1 << 20
 
@@ -68,10 +61,14 @@ class Examination:
 
 
 def examine(
-    indexes: Sequence[IngredientIndex], *, method: str = "uniform",
-    bandwidth: float | None = None, max_shard_size: int = 5 * 10**9,
-    dtype: torch.dtype | None = None, device: torch.device | None = None,
-) -> Examination:  # fmt: skip
+    indexes: Sequence[IngredientIndex],
+    *,
+    method: str = "uniform",
+    bandwidth: float | None = None,
+    max_shard_size: int = 5 * 10**9,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> Examination:
     """Examine indexed ingredients before any weight byte is read.
 
     Args:
@@ -118,16 +115,29 @@ def examine(
         findings += _dtype_findings(indexes[0], ix, who)
     for ix, lay in zip(indexes, layouts, strict=True):
         if lay["kind"] == "peft-adapter":
-            findings.append(Finding("warning", "layout", f"{ix.ingredient.label} is a PEFT "
-                                    "adapter repo (adapter_config.json): hfsoup soups full "
-                                    "models, not adapters"))  # fmt: skip
-    estimate = estimate_run(indexes, details, method=method, bandwidth=bandwidth,
-                            max_shard_size=max_shard_size, dtype=dtype, device=device)  # fmt: skip
+            findings.append(
+                Finding(
+                    "warning",
+                    "layout",
+                    f"{ix.ingredient.label} is a PEFT "
+                    "adapter repo (adapter_config.json): hfsoup soups full "
+                    "models, not adapters",
+                )
+            )
+    estimate = estimate_run(
+        indexes,
+        details,
+        method=method,
+        bandwidth=bandwidth,
+        max_shard_size=max_shard_size,
+        dtype=dtype,
+        device=device,
+    )
     if not estimate["fits"]:
-        findings.append(Finding("warning", "memory", (
-            f"a {method} soup needs ~{human_bytes(estimate['peak_memory_bytes'])}, more than the "
-            f"{human_bytes(estimate['available_memory_bytes'])} {estimate['available_from']}"
-        )))  # fmt: skip
+        needs = human_bytes(estimate["peak_memory_bytes"])
+        have = f"{human_bytes(estimate['available_memory_bytes'])} {estimate['available_from']}"
+        message = f"a {method} soup needs ~{needs}, more than the {have}"
+        findings.append(Finding("warning", "memory", message))
     return Examination(details, findings, estimate, problem)
 
 
@@ -143,8 +153,7 @@ def _sizes(ix: IngredientIndex) -> dict[str, Any]:
     total = sum(s or 0 for s in sizes.values())
     local = not isinstance(ing.source, HubSource)
     cached = 0 if local else sum(s or 0 for f, s in sizes.items() if _in_cache(ing, f))
-    return {"weight_files": files, "weight_bytes": total, "local": local,
-            "cached_bytes": cached}  # fmt: skip
+    return {"weight_files": files, "weight_bytes": total, "local": local, "cached_bytes": cached}
 
 
 def _in_cache(ingredient: Ingredient, filename: str) -> bool:
@@ -182,8 +191,11 @@ def _layout(ingredient: Ingredient) -> dict[str, Any]:
     pooling = None
     for f, data in read.items():
         if f.endswith("Pooling/config.json"):
-            modes = [re.sub(r"_tokens?$", "", k.removeprefix("pooling_mode_"))
-                     for k, v in sorted(data.items()) if k.startswith("pooling_mode_") and v]  # fmt: skip
+            modes = [
+                re.sub(r"_tokens?$", "", k.removeprefix("pooling_mode_"))
+                for k, v in sorted(data.items())
+                if k.startswith("pooling_mode_") and v
+            ]
             pooling = data.get("pooling_mode") or "+".join(modes) or None
     return {"kind": kind, "files": files, "pooling": pooling, "json": read}
 
@@ -193,8 +205,14 @@ def _label_findings(first: IngredientIndex, other: IngredientIndex, who: str) ->
     if a == b:
         return []
     if other.row_perm is not None:
-        return [Finding("note", "labels", f"{who}: the same labels in another order; its "
-                        "classification head rows are aligned to the first's")]  # fmt: skip
+        return [
+            Finding(
+                "note",
+                "labels",
+                f"{who}: the same labels in another order; its "
+                "classification head rows are aligned to the first's",
+            )
+        ]
     return [Finding("warning", "labels", f"{who}: id2label {b} vs {a}")]
 
 
@@ -202,19 +220,36 @@ def _layout_findings(first: dict, other: dict, who: str) -> list[Finding]:
     out = []
     for f in sorted(set(first["files"]) ^ set(other["files"])):
         where = "only this one" if f in other["files"] else "only the first"
-        out.append(Finding("warning", "layout", f"{who}: {f} is in {where}; the soup keeps "
-                           "the first's layout files"))  # fmt: skip
+        out.append(
+            Finding(
+                "warning",
+                "layout",
+                f"{who}: {f} is in {where}; the soup keeps the first's layout files",
+            )
+        )
     for f in sorted(first["json"].keys() & other["json"].keys()):
         a, b = first["json"][f], other["json"][f]
         if f == "generation_config.json" or a == b:
             continue
         keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
         shown = ", ".join(f"{k} {b.get(k)!r} vs {a.get(k)!r}"[:80] for k in keys[:4])
-        out.append(Finding("warning", "layout", f"{who}: {f} differs ({shown}"
-                           f"{' ...' if len(keys) > 4 else ''}); the soup keeps the first's"))  # fmt: skip
+        out.append(
+            Finding(
+                "warning",
+                "layout",
+                f"{who}: {f} differs ({shown}"
+                f"{' ...' if len(keys) > 4 else ''}); the soup keeps the first's",
+            )
+        )
     if first["pooling"] != other["pooling"] and first["pooling"] and other["pooling"]:
-        out.append(Finding("warning", "layout", f"{who}: pooling {other['pooling']} vs "
-                           f"{first['pooling']}: the soup embeds with the first's"))  # fmt: skip
+        out.append(
+            Finding(
+                "warning",
+                "layout",
+                f"{who}: pooling {other['pooling']} vs "
+                f"{first['pooling']}: the soup embeds with the first's",
+            )
+        )
     return out
 
 
@@ -223,97 +258,15 @@ def _dtype_findings(first: IngredientIndex, other: IngredientIndex, who: str) ->
     b = {r.dtype for r in other.tensors.values() if r.dtype in FLOAT_DTYPES}
     if a == b:
         return []
-    return [Finding("note", "dtypes", f"{who}: float dtypes {', '.join(sorted(b))} vs "
-                    f"{', '.join(sorted(a))}; the soup is written in the first's unless an "
-                    "output dtype is given")]  # fmt: skip
-
-
-def estimate_run(
-    indexes: Sequence[IngredientIndex], details: Sequence[dict[str, Any]], *, method: str,
-    bandwidth: float | None, max_shard_size: int, dtype: torch.dtype | None,
-    device: torch.device | None,
-) -> dict[str, Any]:  # fmt: skip
-    """Download size, peak memory and time of a ``method`` soup, from headers alone.
-
-    Memory follows what each method holds (docs/design.md): a uniform soup the reads in flight
-    plus one output shard (its float32 sums, the finished shard and the bytes serialised from
-    it); a greedy soup the live model and one float32 running sum, plus one ingredient's reads;
-    a learned soup its memory path when that fits, else its stream path (``hfsoup.learned``).
-    """
-    if method not in METHODS:
-        raise RecipeError(f"unknown method {method!r} (use {', '.join(METHODS)})")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    first = indexes[0]
-    floats = [r for r in first.tensors.values() if r.dtype in FLOAT_DTYPES]
-    model32 = 4 * sum(r.numel for r in floats)
-    others = sum(r.nbytes for r in first.tensors.values() if r.dtype not in FLOAT_DTYPES)
-    largest = max(ix.nbytes for ix in indexes)
-    hub = [d for d in details if not d["local"]]
-    weight_bytes = sum(d["weight_bytes"] for d in hub)
-    # A uniform soup streams every Hub weight file whole (each byte is hashed), cached or not;
-    # greedy and learned soups download what the HF cache lacks, then read from disk.
-    download = (
-        weight_bytes if method == "uniform" else weight_bytes - sum(d["cached_bytes"] for d in hub)
-    )
-    local = sum(d["weight_bytes"] for d in details if d["local"])
-    assumes = []
-    if method == "uniform":
-        shards = plan_shards(first, max_shard_size=max_shard_size, dtype=dtype)
-        shard = max(_shard_bytes(first, names, dtype) for names in shards)
-        read = sum(d["weight_bytes"] for d in details)
-        peak = min(DEFAULT_IN_FLIGHT + DEFAULT_CHUNK, read) + shard
-        assumes.append(f"reads in flight (up to {human_bytes(DEFAULT_IN_FLIGHT + DEFAULT_CHUNK)}) + "
-                       f"the largest of {len(shards)} output shard(s) ({human_bytes(shard)} with its "
-                       "float32 sums and serialised copy); fetching overlaps averaging")  # fmt: skip
-        path = None
-    elif method == "greedy":
-        peak = 2 * model32 + 2 * others + read_ahead_bytes(largest)
-        assumes.append("the live model and one float32 running sum (float32 scoring), plus one "
-                       "ingredient's reads; scoring activations (the task's batch size and "
-                       "length) are not counted, nor is scoring time")  # fmt: skip
-        path = None
-    else:
-        activations = activation_bytes(first.config, batch_size=LEARNED_BATCH,
-                                       max_length=LEARNED_LENGTH)  # fmt: skip
-        needs = path_needs(k=len(indexes), model_bytes=model32,
-                           read_ahead=read_ahead_bytes(largest), activations=activations)  # fmt: skip
-        available, _ = available_memory(device)
-        path = "memory" if needs["memory"] <= available else "stream"
-        peak = needs[path]
-        assumes.append(f"the {path} path (memory path ~{human_bytes(needs['memory'])}, stream path "
-                       f"~{human_bytes(needs['stream'])}), activations at batch size {LEARNED_BATCH} "
-                       f"and {LEARNED_LENGTH} tokens; training time is not counted")  # fmt: skip
-    available, where = available_memory(device)
-    rate = float(bandwidth) if bandwidth else float(DEFAULT_BANDWIDTH)
-    seconds = download / rate + local / DISK_BANDWIDTH
-    assumes.append(f"{'the given' if bandwidth else 'an assumed'} {human_bytes(rate)}/s from the "
-                   f"Hub and {human_bytes(DISK_BANDWIDTH)}/s from local folders")  # fmt: skip
-    return {
-        "method": method,
-        "device": str(device),
-        "download_bytes": download,
-        "hub_weight_bytes": weight_bytes,
-        "local_bytes": local,
-        "peak_memory_bytes": peak,
-        "available_memory_bytes": available,
-        "available_from": where,
-        "fits": peak <= available,
-        "seconds": round(seconds, 1),
-        "bandwidth": rate,
-        "learned_path": path,
-        "assumes": assumes,
-        "estimate": True,
-    }
-
-
-def _shard_bytes(index: IngredientIndex, names: Sequence[str], dtype: torch.dtype | None) -> int:
-    """Bytes one output shard holds at once: float32 sums, the shard, its serialised copy."""
-    total = 0
-    for name in names:
-        ref = index.tensors[name]
-        out = ref.numel * torch.empty((), dtype=output_dtype(ref, dtype)).element_size()
-        total += 2 * out + (4 * ref.numel if ref.dtype in FLOAT_DTYPES else out)
-    return total
+    return [
+        Finding(
+            "note",
+            "dtypes",
+            f"{who}: float dtypes {', '.join(sorted(b))} vs "
+            f"{', '.join(sorted(a))}; the soup is written in the first's unless an "
+            "output dtype is given",
+        )
+    ]
 
 
 def render(report: dict[str, Any]) -> str:
@@ -321,47 +274,59 @@ def render(report: dict[str, Any]) -> str:
     lines = []
     for row in report["ingredients"]:
         sha = row["sha"] or "(local)"
-        lines.append(f"{row['ingredient']}\n  sha: {sha}\n  parameters: {row['parameters']:,}  "
-                     f"bytes: {row['bytes']:,}  dtypes: {', '.join(row['dtypes'])}  "
-                     f"model_type: {row['model_type']}  format: {row['format']}")  # fmt: skip
+        lines.append(
+            f"{row['ingredient']}\n  sha: {sha}\n  parameters: {row['parameters']:,}  "
+            f"bytes: {row['bytes']:,}  dtypes: {', '.join(row['dtypes'])}  "
+            f"model_type: {row['model_type']}  format: {row['format']}"
+        )
         if "tokenizer" not in row:
             continue
         tok = row["tokenizer"]
         if tok["files"]:
-            special = ", ".join(f"{k.removesuffix('_token')}={v}"
-                                for k, v in tok["special_tokens"].items() if isinstance(v, str))  # fmt: skip
-            lines.append(f"  tokenizer: vocab {tok['vocab_size'] or '?'} "
-                         f"({tok['vocab_from'] or 'not readable as data'}), "
-                         f"{len(tok['added_tokens'])} added tokens, special: {special or 'none'}"
-                         f"{', chat template' if tok['chat_template'] else ''}")  # fmt: skip
+            special = ", ".join(
+                f"{k.removesuffix('_token')}={v}"
+                for k, v in tok["special_tokens"].items()
+                if isinstance(v, str)
+            )
+            lines.append(
+                f"  tokenizer: vocab {tok['vocab_size'] or '?'} "
+                f"({tok['vocab_from'] or 'not readable as data'}), "
+                f"{len(tok['added_tokens'])} added tokens, special: {special or 'none'}"
+                f"{', chat template' if tok['chat_template'] else ''}"
+            )
         else:
             lines.append("  tokenizer: no tokenizer files")
         labels = row["labels"]
         layout = row["layout"]
-        lines.append(f"  labels: {', '.join(labels.values()) if labels else 'none'}  "
-                     f"layout: {layout['kind']}"
-                     f"{', pooling ' + layout['pooling'] if layout['pooling'] else ''}"
-                     f"{' (' + ', '.join(layout['files']) + ')' if layout['files'] else ''}")  # fmt: skip
+        lines.append(
+            f"  labels: {', '.join(labels.values()) if labels else 'none'}  "
+            f"layout: {layout['kind']}"
+            f"{', pooling ' + layout['pooling'] if layout['pooling'] else ''}"
+            f"{' (' + ', '.join(layout['files']) + ')' if layout['files'] else ''}"
+        )
         where = (
             "local folder"
             if row["local"]
             else f"{human_bytes(row['cached_bytes'])} in the HF cache"
         )
-        lines.append(f"  weight files: {len(row['weight_files'])}, "
-                     f"{human_bytes(row['weight_bytes'])} ({where})")  # fmt: skip
+        lines.append(
+            f"  weight files: {len(row['weight_files'])}, "
+            f"{human_bytes(row['weight_bytes'])} ({where})"
+        )
     for f in report.get("findings", []):
         lines.append(f"{f['level']}: {f['message']}")
     est = report.get("estimate")
     if est:
+        memory = human_bytes(est["peak_memory_bytes"])
+        have = f"{human_bytes(est['available_memory_bytes'])} {est['available_from']}"
         lines.append(
             f"estimate for a {est['method']} soup on this machine ({est['device']}): download "
-            f"{human_bytes(est['download_bytes'])}, ~{est['seconds']:g} s; peak memory "
-            f"~{human_bytes(est['peak_memory_bytes'])} of {human_bytes(est['available_memory_bytes'])} "
-            f"{est['available_from']}{'' if est['fits'] else ' (does not fit)'}"
+            f"{human_bytes(est['download_bytes'])}, ~{est['seconds']:g} s; peak memory ~{memory} "
+            f"of {have}{'' if est['fits'] else ' (does not fit)'}"
         )
         lines.append(f"  an estimate, assuming {'; '.join(est['assumes'])}")
     lines.append("compatible: yes" if report["compatible"] else "compatible: NO")
     return "\n".join(lines)
 
 
-__all__ = ["Examination", "Finding", "METHODS", "estimate_run", "examine", "render"]
+__all__ = ["Examination", "Finding", "examine", "render"]

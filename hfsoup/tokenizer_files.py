@@ -21,17 +21,40 @@ from hfsoup.errors import CorruptWeightsError, TokenizerMismatchError
 from hfsoup.hub import Ingredient
 
 # Read as JSON or text; sentencepiece models are binary and only compared by content.
-JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "added_tokens.json", "vocab.json", "chat_template.json")  # fmt: skip
+JSON_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "chat_template.json",
+)
 TEXT_FILES = ("vocab.txt", "chat_template.jinja")
 BINARY_FILES = ("spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 TOKENIZER_FILES = JSON_FILES + TEXT_FILES + ("merges.txt",) + BINARY_FILES
-SPECIAL_ROLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
-                 "mask_token")  # fmt: skip
+SPECIAL_ROLES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 # tokenizer_config.json entries shown elsewhere, or that say nothing about tokenisation.
-_NOT_SETTINGS = {*SPECIAL_ROLES, "added_tokens_decoder", "additional_special_tokens",
-                 "extra_special_tokens", "chat_template", "model_max_length", "auto_map",
-                 "name_or_path", "_name_or_path", "tokenizer_file", "backend"}  # fmt: skip
+_NOT_SETTINGS = {
+    *SPECIAL_ROLES,
+    "added_tokens_decoder",
+    "additional_special_tokens",
+    "extra_special_tokens",
+    "chat_template",
+    "model_max_length",
+    "auto_map",
+    "name_or_path",
+    "_name_or_path",
+    "tokenizer_file",
+    "backend",
+}
 MAX_TEXT_BYTES = 64 * 2**20
 SHOWN = 5  # differing tokens named in a message
 
@@ -131,8 +154,11 @@ def read_tokenizer(ingredient: Ingredient) -> TokenizerInfo:
     template = text.get("chat_template.jinja", template)
     info.chat_template = None if template is None else str(template)
     info.model_max_length = config.get("model_max_length")
-    info.settings = {k: v for k, v in sorted(config.items())
-                     if k not in _NOT_SETTINGS and isinstance(v, (str, int, float, bool))}  # fmt: skip
+    info.settings = {
+        k: v
+        for k, v in sorted(config.items())
+        if k not in _NOT_SETTINGS and isinstance(v, (str, int, float, bool))
+    }
     return info
 
 
@@ -190,8 +216,11 @@ def compare(first: TokenizerInfo, other: TokenizerInfo) -> TokenizerDiff:
                 )
         if not shared:
             diff.warnings.append("no vocab of both is readable as data: ids not compared")
-    roles = sorted(r for r in first.special.keys() | other.special.keys()
-                   if first.special.get(r) != other.special.get(r))  # fmt: skip
+    roles = sorted(
+        r
+        for r in first.special.keys() | other.special.keys()
+        if first.special.get(r) != other.special.get(r)
+    )
     if roles:
         shown = ", ".join(
             f"{r} {_brief(other.special.get(r))} vs {_brief(first.special.get(r))}" for r in roles
@@ -205,8 +234,11 @@ def compare(first: TokenizerInfo, other: TokenizerInfo) -> TokenizerDiff:
     if first.chat_template != other.chat_template:
         state = "differs" if first.chat_template and other.chat_template else "is in one only"
         diff.notes.append(f"the chat template {state}; the soup keeps the first's")
-    keys = sorted(k for k in first.settings.keys() | other.settings.keys()
-                  if first.settings.get(k) != other.settings.get(k))  # fmt: skip
+    keys = sorted(
+        k
+        for k in first.settings.keys() | other.settings.keys()
+        if first.settings.get(k) != other.settings.get(k)
+    )
     if keys:
         shown = ", ".join(
             f"{k} {_brief(other.settings.get(k))} vs {_brief(first.settings.get(k))}" for k in keys

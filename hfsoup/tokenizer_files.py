@@ -254,6 +254,8 @@ def check_tokenizers(ingredients: Sequence[Ingredient]) -> list[str]:
     Raises:
         TokenizerMismatchError: naming the ingredients, the first differing tokens and how many.
     """
+    if len(ingredients) < 2:
+        return []
     infos = read_tokenizers(ingredients)
     lines: list[str] = []
     for ingredient, info in zip(ingredients[1:], infos[1:], strict=True):

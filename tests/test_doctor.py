@@ -190,6 +190,19 @@ def test_download_size_and_time_are_the_hubs_file_sizes_over_the_bandwidth(tmp_p
     assert est["seconds"] == pytest.approx(total / 1e6 + est["local_bytes"] / 500e6, abs=0.05)
 
 
+def test_greedy_downloads_only_what_the_hf_cache_lacks(tmp_path, publish):
+    from hfsoup.hub import parse_ingredient, resolve
+
+    repos = [publish(ingredient(tmp_path, f"i{i}", seed=i + 1))[0] for i in range(2)]
+    resolve(parse_ingredient(repos[0])).source.local_file("model.safetensors")  # now cached
+    sizes = [(tmp_path / f"i{i}" / "model.safetensors").stat().st_size for i in range(2)]
+    greedy = hfsoup.inspect(repos, method="greedy")
+    assert [r["cached_bytes"] for r in greedy.to_dict()["ingredients"]] == [sizes[0], 0]
+    assert greedy.estimate["download_bytes"] == sizes[1]
+    # A uniform soup streams (and hashes) every Hub byte, cached or not.
+    assert hfsoup.inspect(repos).estimate["download_bytes"] == sum(sizes)
+
+
 def test_uniform_memory_estimate_is_reads_in_flight_plus_one_output_shard(tmp_path):
     folders = [ingredient(tmp_path, f"i{i}", seed=i + 1) for i in range(2)]
     tensors = load_file(folders[0] / "model.safetensors")

@@ -350,3 +350,36 @@ def test_an_unreadable_bandwidth_is_one_line(tmp_path, cli):
     a = ingredient(tmp_path, "a", seed=1)
     proc = cli("inspect", a, "--bandwidth", "fast")
     assert_one_line_error(proc, "bandwidth: cannot read 'fast' as a size")
+
+
+# Peak RSS growth (bytes) of a uniform soup with default options, above a warmed-up baseline.
+_MEASURE = """
+import json, sys
+import hfsoup
+dirs, out, tiny = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+hfsoup.soup([tiny, tiny], output=out + "-warm", progress=False)  # warm imports and pools
+def hwm():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark (Linux >= 4.0)
+before = hwm()
+hfsoup.soup(dirs, output=out, progress=False)
+print(json.dumps({"growth": hwm() - before}))
+"""
+
+
+def test_the_uniform_memory_estimate_bounds_the_measured_peak(tmp_path):
+    import subprocess
+    import sys
+
+    config = tiny_bert_config(hidden_size=384, intermediate_size=1536, num_hidden_layers=4,
+                              vocab_size=512, num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+    dirs = [save_ingredient(tmp_path / f"m{i}", config, seed=i + 1) for i in range(2)]
+    tiny = save_ingredient(tmp_path / "tiny", tiny_bert_config(), seed=0)
+    estimate = hfsoup.inspect(dirs).estimate["peak_memory_bytes"]
+    args = [json.dumps([str(d) for d in dirs]), str(tmp_path / "soup"), str(tiny)]
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, *args], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    growth = json.loads(proc.stdout.strip().splitlines()[-1])["growth"]
+    # An upper bound (it adds what is held at different moments), and not a loose one.
+    assert estimate / 3 < growth <= estimate, (growth, estimate)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hfsoup.combine import fetch_plan_bytes, normalise_weights, stream_average
-from hfsoup.compat import align_ingredients, check_compatible
+from hfsoup.compat import align_ingredients
 from hfsoup.distributed import Processes, processes
 from hfsoup.errors import (
     IncompatibleIngredientsError,
@@ -193,7 +193,8 @@ def inspect(
     indexes = load_ingredients(ingredients, token=token, allow_pickle=allow_pickle)
     problem = None
     try:
-        check_compatible(indexes)
+        # Aligned copies (label rows permuted), so the report sees labels in another order.
+        indexes = align_ingredients(indexes)
         check_layouts(indexes)
     except IncompatibleIngredientsError as exc:
         problem = str(exc)

@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hfsoup.combine import fetch_plan_bytes, normalise_weights, stream_average
-from hfsoup.compat import align_ingredients, check_compatible
+from hfsoup.compat import align_ingredients
 from hfsoup.distributed import Processes, processes
 from hfsoup.errors import (
     IncompatibleIngredientsError,
@@ -40,6 +40,7 @@ from hfsoup.tensors import (
     parse_size,
     plan_shards,
 )
+from hfsoup.tokenizer_files import check_tokenizers
 from hfsoup.untrusted import check_resolved, check_soup_recipe, plan_lines
 from hfsoup.writer import (
     ShardWriter,
@@ -48,6 +49,9 @@ from hfsoup.writer import (
     staged_output,
     write_config,
 )
+
+if TYPE_CHECKING:
+    from hfsoup.doctor import Examination, Finding
 
 log = logging.getLogger("hfsoup")
 
@@ -62,12 +66,30 @@ class Inspection:
     ingredients: list[IngredientIndex]
     compatible: bool
     problem: str | None = None
+    # The doctor's report (hfsoup.doctor): tokenizers, labels, layouts, sizes, estimates.
+    examination: Examination | None = None
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Errors, warnings and notes across the ingredients (see :mod:`hfsoup.doctor`)."""
+        return self.examination.findings if self.examination else []
+
+    @property
+    def estimate(self) -> dict[str, Any]:
+        """Download size, peak memory and time of the chosen method (an estimate)."""
+        return self.examination.estimate if self.examination else {}
 
     def to_dict(self) -> dict[str, Any]:
+        rows = [_describe(ix) for ix in self.ingredients]
+        if self.examination is None:
+            return {"compatible": self.compatible, "problem": self.problem, "ingredients": rows}
+        details = self.examination.details
         return {
             "compatible": self.compatible,
             "problem": self.problem,
-            "ingredients": [_describe(ix) for ix in self.ingredients],
+            "ingredients": [{**r, **d} for r, d in zip(rows, details, strict=True)],
+            "findings": [f.to_dict() for f in self.findings],
+            "estimate": self.estimate,
         }
 
 
@@ -132,21 +154,56 @@ def load_ingredients(
 
 
 def inspect(
-    ingredients: Sequence[IngredientLike], *, token: str | None = None, allow_pickle: bool = False
-) -> Inspection:
-    """Resolve ingredients and check compatibility from headers and configs alone.
+    ingredients: Sequence[IngredientLike], *, token: str | None = None, allow_pickle: bool = False,
+    method: str = "uniform", bandwidth: str | int | None = None, dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+) -> Inspection:  # fmt: skip
+    """Resolve ingredients and examine them from listings, headers and small files alone.
+
+    No weight byte is read: compatibility (tensors, shapes, labels, ``model_type``), the
+    tokenizers (a token with another id in one ingredient makes them incompatible), label
+    maps, layout files, dtypes, download size, and the peak memory and time a ``method`` soup
+    would take on this machine (an estimate; see :mod:`hfsoup.doctor`).
+
+    Args:
+        method: ``uniform``, ``greedy`` or ``learned``: the soup to estimate for.
+        bandwidth: bytes per second from the Hub (``"100MB"`` or ``"100MB/s"``); default an
+            assumed 50 MB/s.
+        dtype / max_shard_size: the output options, as for :func:`soup`.
 
     Example:
         >>> hfsoup.inspect(["org/ft-1", "org/ft-2"]).compatible  # doctest: +SKIP
         True
     """
+    from hfsoup.doctor import examine
+    from hfsoup.estimates import METHODS
+
+    if method not in METHODS:
+        raise RecipeError(f"unknown method {method!r} (use {', '.join(METHODS)})")
+    if dtype is not None and dtype not in _DTYPES:
+        raise RecipeError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if isinstance(bandwidth, str):
+        bandwidth = bandwidth.strip().removesuffix("/s")  # "100MB/s" reads as "100MB"
+    sizes = {"max_shard_size": max_shard_size, "bandwidth": bandwidth}
+    for key, value in sizes.items():
+        try:
+            sizes[key] = None if value is None else parse_size(value)
+        except ValueError as exc:
+            raise RecipeError(f"{key}: {exc}") from exc
     indexes = load_ingredients(ingredients, token=token, allow_pickle=allow_pickle)
+    problem = None
     try:
-        check_compatible(indexes)
+        # Aligned copies (label rows permuted), so the report sees labels in another order.
+        indexes = align_ingredients(indexes)
         check_layouts(indexes)
     except IncompatibleIngredientsError as exc:
-        return Inspection(indexes, compatible=False, problem=str(exc))
-    return Inspection(indexes, compatible=True)
+        problem = str(exc)
+    examination = examine(indexes, method=method, bandwidth=sizes["bandwidth"],
+                          max_shard_size=sizes["max_shard_size"],
+                          dtype=_DTYPES[dtype] if dtype else None)  # fmt: skip
+    problem = problem or examination.tokenizer_problem
+    return Inspection(indexes, compatible=problem is None, problem=problem,
+                      examination=examination)  # fmt: skip
 
 
 def soup(
@@ -324,6 +381,9 @@ def run(
                             for ix in indexes], allow_local=allow_local)  # fmt: skip
     indexes = align_ingredients(indexes)
     check_layouts(indexes)
+    # A soup averages embedding rows by id: tokenizers must agree (before any weight byte).
+    for line in check_tokenizers([ix.ingredient for ix in indexes]):
+        log.warning("%s", line)
     timings["resolve"] = time.perf_counter() - t0
     placement = plan_placement(
         indexes[0].config, device=target_device, device_map=device_map, max_memory=budgets,

@@ -238,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
         "ingredients", nargs="+", metavar="INGREDIENT", help="org/name[@revision] or a directory"
     )
     p.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin weights")
+    p.add_argument("--method", choices=["uniform", "greedy", "learned"], default="uniform",
+                   help="the soup to estimate peak memory and time for")  # fmt: skip
+    p.add_argument("--bandwidth", metavar="SIZE",
+                   help="bytes per second from the Hub for the time estimate, e.g. 100MB "
+                        "(default: an assumed 50MB)")  # fmt: skip
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="output dtype to estimate for (default: the ingredients')")  # fmt: skip
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="output shard size to estimate for (default 5GB)")  # fmt: skip
 
     p = sub.add_parser("soup", parents=[common], help="average ingredients into one model")
     p.add_argument(
@@ -354,15 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_inspection(report: Any, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
-        return
-    for row in report.to_dict()["ingredients"]:
-        sha = row["sha"] or "(local)"
-        print(f"{row['ingredient']}\n  sha: {sha}\n  parameters: {row['parameters']:,}  "
-              f"bytes: {row['bytes']:,}  dtypes: {', '.join(row['dtypes'])}  "
-              f"model_type: {row['model_type']}  format: {row['format']}")  # fmt: skip
-    print("compatible: yes" if report.compatible else "compatible: NO")
+    from hfsoup.doctor import render
+
+    print(json.dumps(report.to_dict(), indent=2) if as_json else render(report.to_dict()))
 
 
 def _print_soup(result: Any, as_json: bool) -> None:
@@ -402,7 +405,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     progress = not args.quiet
     if args.command == "inspect":
-        report = api.inspect(args.ingredients, allow_pickle=args.allow_pickle)
+        report = api.inspect(args.ingredients, allow_pickle=args.allow_pickle, method=args.method,
+                             bandwidth=args.bandwidth, dtype=args.dtype,
+                             max_shard_size=args.max_shard_size)  # fmt: skip
         _print_inspection(report, args.json)
         if not report.compatible:
             raise IncompatibleIngredientsError(report.problem)

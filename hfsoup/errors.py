@@ -117,3 +117,8 @@ class HubResponseError(HubConnectionError):
     """The server at ``HF_ENDPOINT`` answered something no working Hub sends: a repo listing
     that is not JSON or not an object, no commit SHA, unsafe or repeated file names, sizes or
     digests of the wrong form, a redirect loop, a body of another length than it announced."""
+
+
+class TokenizerMismatchError(IncompatibleIngredientsError):
+    """The ingredients' tokenizers give some tokens different ids (a soup averages embedding rows
+    by id); the message names the first differing tokens and how many."""

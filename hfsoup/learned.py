@@ -27,10 +27,17 @@ import torch
 import torch.nn.functional as F
 
 from hfsoup.errors import InsufficientMemoryError, TaskError
+from hfsoup.estimates import (  # noqa: F401  (re-exported: learned_run and callers use them here)
+    activation_bytes,
+    available_memory,
+    human_bytes,
+    path_needs,
+    read_ahead_bytes,
+)
 from hfsoup.evaluation.preprocess import PreparedSplit
 from hfsoup.evaluation.scorer import Scorer
 from hfsoup.greedy import SoupSession
-from hfsoup.streaming import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT, iter_tensors
+from hfsoup.streaming import iter_tensors
 
 WHOLE_MODEL = "all"
 _BLOCK = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.")
@@ -102,10 +109,7 @@ def plan_path(
     Raises:
         InsufficientMemoryError: the forced path, or both paths, need more than is available.
     """
-    needs = {
-        "memory": (k + 3) * model_bytes + activations,  # k resident + live + mixture + its grad
-        "stream": 2 * model_bytes + read_ahead + activations,  # live model + its gradient
-    }
+    needs = path_needs(k=k, model_bytes=model_bytes, read_ahead=read_ahead, activations=activations)
     have = f"{human_bytes(available)} available ({available_from})"
     if forced != "auto":
         if needs[forced] > available:
@@ -125,35 +129,6 @@ def plan_path(
     return PathPlan(path, reason, needs, available, available_from)
 
 
-def available_memory(device: torch.device) -> tuple[int, str]:
-    """Bytes free on ``device`` (GPU memory, or the RAM the OS can give) and where from."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0], f"free on {device}"
-    import psutil
-
-    return psutil.virtual_memory().available, "available RAM"
-
-
-def activation_bytes(config: dict[str, Any], *, batch_size: int, max_length: int) -> int:
-    """Rough float32 activations of one training step of a transformer.
-
-    Korthikanti et al. 2022 count ``s·b·h·(34 + 5·a·s/h)`` bytes per layer in 16-bit; doubled
-    for float32. ``s`` is ``max_length`` tokens, or the patches of an image model.
-    """
-    h = config.get("hidden_size") or config.get("n_embd") or 768
-    layers = config.get("num_hidden_layers") or config.get("n_layer") or 12
-    heads = config.get("num_attention_heads") or config.get("n_head") or 12
-    seq = max_length
-    if "image_size" in config and "patch_size" in config:
-        seq = (config["image_size"] // config["patch_size"]) ** 2 + 1
-    return int(2 * seq * batch_size * h * (34 + 5 * heads * seq / h) * layers)
-
-
-def read_ahead_bytes(ingredient_bytes: int) -> int:
-    """Bytes the stream path holds while reading one ingredient: reads in flight + the current."""
-    return min(DEFAULT_IN_FLIGHT + DEFAULT_CHUNK, ingredient_bytes)
-
-
 def estimate_seconds(*, steps: int, step_seconds: float, read_seconds: float) -> dict[str, float]:
     """Rough wall time per path: the memory path reads every ingredient once, then runs the
     steps; the stream path reads every ingredient twice per step."""
@@ -161,15 +136,6 @@ def estimate_seconds(*, steps: int, step_seconds: float, read_seconds: float) ->
         "memory": read_seconds + steps * step_seconds,
         "stream": steps * (step_seconds + 2 * read_seconds),
     }
-
-
-def human_bytes(n: float) -> str:
-    """``1234567`` -> ``"1.2 MB"`` (decimal units, as ``--max-shard-size`` reads them)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 @dataclass

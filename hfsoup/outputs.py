@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,6 @@ import torch
 
 from hfsoup.card import CardInfo, CardRow, render_card
 from hfsoup.distributed import Processes
-from hfsoup.hub import looks_like_path
 from hfsoup.layout_writer import write_modules
 from hfsoup.placement import Placement
 from hfsoup.recipe import Recipe
@@ -27,16 +27,31 @@ def pin_recipe(recipe: Recipe, indexes: Sequence[IngredientIndex]) -> Recipe:
     names one), and the folder it was written to is a path of this machine, which a pushed card
     would publish.
     """
+    soup_dir = Path(recipe.output.dir).expanduser().resolve() if recipe.output.dir else None
     entries = []
     for entry, ix in zip(recipe.ingredients, indexes, strict=True):
         sha, path = ix.ingredient.sha, ix.ingredient.spec.path
         update: dict = {"revision": sha} if sha else {}
-        if path is not None and not looks_like_path(entry.repo):
-            # A repo-shaped name read from a local folder: the recipe says which folder.
-            update = {"repo": str(path), "revision": None}
+        if path is not None:
+            # Written as a path relative to the soup (a repo-shaped name read from a local
+            # folder too): a pushed card names no folder of this machine, and a recipe read
+            # from the soup finds the folder again (hfsoup.recipe.load_recipe).
+            update = {"repo": local_name(path, soup_dir), "revision": None}
         entries.append(entry.model_copy(update=update))
     output = recipe.output.model_copy(update={"dir": None})
     return recipe.model_copy(update={"ingredients": entries, "output": output})
+
+
+def local_name(path: Path, soup_dir: Path | None) -> str:
+    """How a soup names a local ingredient: a path relative to the soup's folder (``../ft-1``),
+    or ``./NAME`` when there is none (no folder known, or another drive)."""
+    try:
+        rel = Path(os.path.relpath(path, soup_dir)).as_posix() if soup_dir else None
+    except ValueError:  # Windows: another drive
+        rel = None
+    if rel is None:
+        rel = path.name
+    return rel if rel.startswith(("./", "../")) or rel == ".." else f"./{rel}"
 
 
 def write_card(
@@ -101,13 +116,16 @@ def results_base(recipe: Recipe, indexes: Sequence[IngredientIndex], weights: Se
         "method": recipe.method,
         "ingredients": [
             {
-                "repo": ix.ingredient.spec.repo or str(ix.ingredient.spec.path),
+                # A local ingredient as the (pinned) recipe names it: relative to the soup.
+                "repo": entry.repo
+                if ix.ingredient.spec.path is not None
+                else ix.ingredient.spec.repo,
                 "revision": ix.ingredient.spec.revision,
                 "sha": ix.ingredient.sha,
                 "weight": w,
                 "scores": {},
             }  # fmt: skip
-            for ix, w in zip(indexes, weights, strict=True)
+            for entry, ix, w in zip(recipe.ingredients, indexes, weights, strict=True)
         ],
         "output": {"shards": len(shards), "parameters": indexes[0].num_parameters},
         "timings": {k: round(v, 4) for k, v in timings.items()},

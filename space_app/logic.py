@@ -203,6 +203,16 @@ def inspection_status(report: dict[str, Any]) -> str:
     return f"❌ not compatible: {one_line(report['problem'])}"
 
 
+def inspection_report(report: dict[str, Any]) -> str:
+    """The doctor's full report (what ``hfsoup inspect`` prints), as a Markdown code block;
+    empty for a report without one."""
+    if "findings" not in report:
+        return ""
+    from hfsoup.doctor import render
+
+    return f"\n\n```text\n{render(report)}\n```"
+
+
 def score_table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Per-ingredient scores: headers and rows (name, SHA, weight, one column per split/metric).
 

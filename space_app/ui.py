@@ -29,6 +29,7 @@ from logic import (
     comparison_markdown,
     dtype_value,
     error_text,
+    inspection_report,
     inspection_rows,
     inspection_status,
     parse_ingredients,
@@ -121,7 +122,8 @@ def build(pool: WorkerPool, outputs: Outputs, *, learned: bool, login: bool) -> 
         event, value = _last(pool.run(JobRequest("inspect", tuple(names)), owner=_session(request)))
         if event != "result":
             return _ending(event, value), empty
-        return inspection_status(value), _frame(INSPECT_HEADERS, inspection_rows(value))
+        status = inspection_status(value) + inspection_report(value)
+        return status, _frame(INSPECT_HEADERS, inspection_rows(value))
 
     def run_soup(
         text: str, method: str, accept: str, by_layer: bool, dtype: str, name: str, kind: str,
@@ -219,7 +221,8 @@ def build(pool: WorkerPool, outputs: Outputs, *, learned: bool, login: bool) -> 
                 inspect_btn = gr.Button("Inspect", elem_id="inspect-btn")
                 inspect_status = gr.Markdown(
                     "Inspect resolves each ingredient to a commit SHA and checks, from headers "
-                    "alone, that they can be averaged.",
+                    "and small files alone, that they can be averaged: tokenizers, labels, "
+                    "layouts, dtypes, download size, estimated memory and time.",
                     elem_id="inspect-status",
                 )  # fmt: skip
         inspect_table = gr.Dataframe(

@@ -361,3 +361,43 @@ def test_a_soup_of_local_folders_has_no_base_model(tmp_path, cli):
     meta = front_matter(tmp_path / "soup" / "README.md")
     assert "base_model" not in meta and "base_model_relation" not in meta
     assert meta["tags"] == ["hfsoup", "model-soup", "merge", "uniform-soup"]
+
+
+@reliability(
+    "Soup of local folders pushed to the Hub (card, recipe and results name local ingredients)",
+    "no path of this machine in any pushed file: local ingredients are named relative to the "
+    "soup ('../ft-a') and marked 'local folder, not on the Hub'; rebuilding from the card "
+    "(with --allow-local) finds them from any working directory",
+)
+def test_a_pushed_card_names_no_folder_of_this_machine(tmp_path, cli, api, repo_id, monkeypatch):
+    import torch
+    from factories import load_state_dict
+    from huggingface_hub import hf_hub_download
+
+    work = tmp_path / "work"
+    for i, name in enumerate(("ft-a", "ft-b")):
+        save_ingredient(work / name, tiny_bert_config(), seed=i + 1)
+    monkeypatch.chdir(work)
+    target = repo_id("local-soup")
+    proc = cli("soup", "./ft-a", "./ft-b", "--output", work / "soup", "--push-to", target, "-q")
+    assert proc.returncode == 0, proc.stderr
+
+    pushed = api.list_repo_files(target)
+    assert {"README.md", "hfsoup_recipe.yaml", "results.json"} <= set(pushed)
+    for name in pushed:
+        data = Path(hf_hub_download(target, name)).read_bytes()
+        assert str(tmp_path).encode() not in data, name
+    recipe = yaml.safe_load((work / "soup" / "hfsoup_recipe.yaml").read_text())
+    assert recipe["ingredients"] == ["../ft-a", "../ft-b"]
+    results = json.loads((work / "soup" / "results.json").read_text())
+    assert [row["repo"] for row in results["ingredients"]] == ["../ft-a", "../ft-b"]
+    assert "local folder, not on the Hub" in (work / "soup" / "README.md").read_text()
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    proc = cli("run", work / "soup" / "README.md", "--output", tmp_path / "again",
+               "--allow-local", "-q")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    again, first = load_state_dict(tmp_path / "again"), load_state_dict(work / "soup")
+    assert again.keys() == first.keys()
+    assert all(torch.equal(again[k], first[k]) for k in first)

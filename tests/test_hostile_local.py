@@ -95,9 +95,11 @@ def test_repo_shaped_folder_is_a_fallback_only_when_the_hub_has_no_such_repo(tmp
     assert front_matter(readme)["base_model"] == [repo]
     row = next(line for line in readme.read_text().splitlines() if "never-published" in line)
     assert "local folder, not on the Hub" in row
-    # The card's recipe names the folder that was read, not a repo ID the Hub may gain later.
+    # The card's recipe names the folder that was read (relative to the soup), not a repo ID the
+    # Hub may gain later.
     pinned = yaml.safe_load((tmp_path / "soup" / "hfsoup_recipe.yaml").read_text())
-    assert pinned["ingredients"][1] == str(local.resolve())
+    assert pinned["ingredients"][1] == "../work/test-org/never-published"
+    assert (tmp_path / "soup" / pinned["ingredients"][1]).resolve() == local.resolve()
 
 
 @reliability(

@@ -136,7 +136,10 @@ PATH_INGREDIENTS = ["/etc", "./models/ft", "../ft", "~/ft", "org/ft/../../x"]
 def test_card_recipe_path_ingredient_is_refused(tmp_path, cli, ingredient):
     card = _card(tmp_path / "soup", {"ingredients": [f"org/a@{SHA}", ingredient]})
     proc = cli("run", card, "--output", tmp_path / "again", "-q")
-    assert_one_line_error(proc, f"names the local folder {ingredient!r}", "--allow-local")
+    # A relative path in a soup's recipe is relative to the soup's folder (how soups name their
+    # local ingredients), so the message names where it points.
+    named = str((card.parent / ingredient).resolve()) if ingredient.startswith(".") else ingredient
+    assert_one_line_error(proc, f"names the local folder {named!r}", "--allow-local")
     assert_nothing_written(tmp_path, "again")
 
 

@@ -138,6 +138,8 @@ def test_inspect_shows_each_sha_and_that_they_are_compatible(client, models):
     repos = [models.repos[0], f"{models.repos[1]}@main", models.repos[2]]
     status, table = client.call("\n".join(repos), api_name="/inspect")
     assert "compatible" in status and "not compatible" not in status
+    # The doctor's report of `hfsoup inspect`, below the status line.
+    assert "estimate for a uniform soup on this machine" in status and "tokenizer: vocab" in status
     assert [row[0] for row in table["data"]] == repos
     for row, repo in zip(table["data"], models.repos, strict=True):
         assert row[1] == models.api.model_info(repo).sha

@@ -277,7 +277,11 @@ def open_regular(folder: Path, name: str) -> bytes | BinaryIO:
     path = folder / name
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        # (Windows has neither flag, nor FIFOs; symlinks are refused by the walk there.)
+        flags = (
+            getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        )
+        fd = os.open(path, os.O_RDONLY | flags)
     except OSError as exc:
         what = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
         raise PushError(f"cannot push {path}: {what}; nothing was uploaded") from exc

@@ -618,7 +618,7 @@ def evaluate(
         >>> hfsoup.evaluate(["org/ft-1", "org/ft-2"], task="glue/sst2")  # doctest: +SKIP
     """
     from hfsoup.evaluation.task import resolve_task
-    from hfsoup.greedy import SoupSession, score_ingredients
+    from hfsoup.greedy import SoupSession, best_index, score_ingredients
     from hfsoup.greedy_run import make_scorer
 
     if score_dtype not in SCORE_DTYPES:
@@ -646,7 +646,7 @@ def evaluate(
     splits, sel = task.splits, scorer.selection_split
     outputs = {s: [scorer.cache[(str(i), s)] for i in range(len(indexes))] for s in splits}
     members = scorer.greedy_ensemble(outputs[sel])
-    best = max(range(len(indexes)), key=lambda i: individual[i][sel][scorer.selection_metric])
+    best = best_index([row[sel][scorer.selection_metric] for row in individual])  # NaN lowest
     return {
         "ingredients": [
             {**_describe(ix), "scores": scores}

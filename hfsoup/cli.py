@@ -168,9 +168,7 @@ def _read_yaml(path: str | None, what: str, *, text: str | None = None) -> Any:
     task or search-space file is as untrusted as a recipe. Any of these, a missing file or bad
     YAML is a RecipeError.
     """
-    import yaml
-
-    from hfsoup.recipe import _RecipeLoader, _Refused
+    from hfsoup.recipe import load_bounded_yaml
 
     where = f"{what} {path}" if path is not None else what
     if text is None:
@@ -180,21 +178,7 @@ def _read_yaml(path: str | None, what: str, *, text: str | None = None) -> Any:
             raise RecipeError(f"cannot read {where}: {exc.strerror or exc}") from exc
     elif len(text.encode("utf-8")) > _MAX_OPTION_FILE:
         raise RecipeError(f"{where} is larger than 1 MiB, the most hfsoup reads")
-    loader = _RecipeLoader(text)
-    try:
-        root = loader.get_single_node()
-        return loader.construct_document(root) if root is not None else None
-    except _Refused as exc:
-        raise RecipeError(f"{where}: line {exc.line}: {exc.problem}") from None
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise RecipeError(f"{where}: not valid YAML ({problem})") from None
-    except (ValueError, OverflowError) as exc:  # a scalar YAML resolves but cannot build
-        raise RecipeError(
-            f"{where}: invalid YAML value ({' '.join(str(exc).split())[:80]})"
-        ) from None
-    finally:
-        loader.dispose()
+    return load_bounded_yaml(text, where=where)[0]
 
 
 _MAX_OPTION_FILE = 1 << 20  # bytes of a task or search-space file, like a recipe's cap

@@ -296,6 +296,35 @@ def _check_keys(node: yaml.MappingNode) -> None:
         seen.add(key.value)
 
 
+def load_bounded_yaml(text: str, *, where: str, line_offset: int = 0) -> tuple[Any, Any]:
+    """YAML text parsed with a recipe's bounds: no anchors or aliases, bounded nesting and number
+    of values, string keys given once (the same loader for recipes, task and search-space files).
+
+    Returns:
+        The data and its root node (for line numbers), ``(None, None)`` for an empty document.
+
+    Raises:
+        RecipeError: naming ``where`` and the line (shifted by ``line_offset``).
+    """
+    loader = _RecipeLoader(text)
+    try:
+        root = loader.get_single_node()
+        return (loader.construct_document(root) if root is not None else None), root
+    except _Refused as exc:
+        raise RecipeError(f"{where}:{exc.line + line_offset}: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1 + line_offset}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{where}:{line} invalid YAML ({problem})") from None
+    except (ValueError, OverflowError) as exc:  # a scalar YAML resolves but cannot build
+        raise RecipeError(
+            f"{where}: invalid YAML value ({' '.join(str(exc).split())[:80]})"
+        ) from None
+    finally:
+        loader.dispose()
+
+
 def parse_recipe(text: str, *, where: str = "<recipe>", line_offset: int = 0) -> Recipe:
     """Validate recipe YAML text; see :func:`load_recipe`.
 
@@ -306,22 +335,7 @@ def parse_recipe(text: str, *, where: str = "<recipe>", line_offset: int = 0) ->
     """
     if len(text) > MAX_RECIPE_BYTES or len(text.encode("utf-8")) > MAX_RECIPE_BYTES:
         raise RecipeError(f"{where}: a recipe is at most {_mib(MAX_RECIPE_BYTES)}")
-    loader = _RecipeLoader(text)
-    try:
-        root = loader.get_single_node()
-        data = loader.construct_document(root) if root is not None else None
-    except _Refused as exc:
-        raise RecipeError(f"{where}:{exc.line + line_offset}: {exc.problem}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1 + line_offset}" if mark else ""
-        raise RecipeError(f"{where}:{line} invalid YAML") from exc
-    except (ValueError, OverflowError) as exc:  # a scalar YAML resolves but cannot build
-        raise RecipeError(
-            f"{where}: invalid YAML value ({' '.join(str(exc).split())[:80]})"
-        ) from exc
-    finally:
-        loader.dispose()
+    data, root = load_bounded_yaml(text, where=where, line_offset=line_offset)
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a YAML mapping (name, method, ingredients, ...)")
     return build_recipe(data, where=where, root=root, line_offset=line_offset)

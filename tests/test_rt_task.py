@@ -77,7 +77,7 @@ _BOMB = "".join(
 @reliability(
     "--task FILE.yaml that is an alias bomb, nested 5,000 deep, 50 MB, not UTF-8, or names a key "
     "twice",
-    "one line within a second: 'task file F: line N: YAML anchors and aliases (&name, *name) are "
+    "one line within a second: 'task file F:N: YAML anchors and aliases (&name, *name) are "
     "not allowed' / '... nested deeper than 32 levels' / '... is larger than 1 MiB' / '... is not "
     "UTF-8 text' / \"... key 'dataset' appears twice\" (RecipeError); nothing read or written",
 )

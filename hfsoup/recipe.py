@@ -316,7 +316,7 @@ def load_bounded_yaml(text: str, *, where: str, line_offset: int = 0) -> tuple[A
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1 + line_offset}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise RecipeError(f"{where}:{line} invalid YAML ({problem})") from None
+        raise RecipeError(f"{where}:{line} not valid YAML ({problem})") from None
     except (ValueError, OverflowError) as exc:  # a scalar YAML resolves but cannot build
         raise RecipeError(
             f"{where}: invalid YAML value ({' '.join(str(exc).split())[:80]})"

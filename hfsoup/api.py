@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -705,7 +704,7 @@ def push(
     plan = plan_push(folder, include or ())
     notice = plan.left_out_line()
     if notice:
-        print(f"hfsoup: {notice}", file=sys.stderr)
+        log.warning("%s", notice)  # the CLI prints it as one scrubbed "hfsoup: ..." line
     return push_folder(
         folder, repo_id, private=private, token=token, files=plan.files,
         include=list(include or ()), message="Upload model soup made with hfsoup",

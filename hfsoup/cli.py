@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from hfsoup.errors import HfsoupError, IncompatibleIngredientsError, RecipeError
+from hfsoup.errors import HfsoupError, IncompatibleIngredientsError, RecipeError, scrub
 
 EXIT_USER_ERROR = 2
 
@@ -27,8 +27,6 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error as one line like every other user error (exit 2)."""
 
     def error(self, message: str) -> NoReturn:
-        from hfsoup.errors import scrub
-
         text = scrub(" ".join(message.split()))
         self.exit(EXIT_USER_ERROR, f"hfsoup: error: {text} (see {self.prog} --help)\n")
 
@@ -518,8 +516,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except HfsoupError as exc:
-        from hfsoup.errors import scrub
-
         # Scrubbed of credentials (URL userinfo, tokens) whatever a message or traceback quoted.
         if args.debug:
             print(scrub(traceback.format_exc()), file=sys.stderr, end="")
@@ -547,13 +543,11 @@ class _Notices(logging.Handler):
         super().__init__(level=logging.WARNING)
 
     def emit(self, record: logging.LogRecord) -> None:
-        from hfsoup.errors import scrub
-
         try:
             text = scrub(" ".join(record.getMessage().split()))
             print(f"{_who()}: {text}", file=sys.stderr, flush=True)
-        except Exception:  # a notice must never turn into an error of its own
-            self.handleError(record)
+        except Exception:  # a notice must never turn into an error (or a traceback) of its own
+            pass
 
 
 def _is_main() -> bool:

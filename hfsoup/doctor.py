@@ -19,6 +19,7 @@ import torch
 from hfsoup.errors import CorruptWeightsError
 from hfsoup.estimates import estimate_run, human_bytes
 from hfsoup.hub import HubSource, Ingredient
+from hfsoup.layouts import normalised_settings
 from hfsoup.tensors import FLOAT_DTYPES, IngredientIndex
 from hfsoup.tokenizer_files import compare, read_tokenizers
 
@@ -190,13 +191,10 @@ def _layout(ingredient: Ingredient) -> dict[str, Any]:
                 read[f] = {"(unreadable)": str(exc)}
     pooling = None
     for f, data in read.items():
-        if f.endswith("Pooling/config.json"):
-            modes = [
-                re.sub(r"_tokens?$", "", k.removeprefix("pooling_mode_"))
-                for k, v in sorted(data.items())
-                if k.startswith("pooling_mode_") and v
-            ]
-            pooling = data.get("pooling_mode") or "+".join(modes) or None
+        if f.endswith("Pooling/config.json") and isinstance(data, dict):
+            # The modes as the layout check compares them (old boolean keys or pooling_mode,
+            # a string or a list).
+            pooling = "+".join(normalised_settings(data).get("pooling_mode", [])) or None
     return {"kind": kind, "files": files, "pooling": pooling, "json": read}
 
 

@@ -743,7 +743,7 @@ def _call_hub(fn: Callable[[], T], *, what: str) -> T:
 
     waits = _Waits(what)
     for attempt in range(_RETRIES + 1):
-        _hook_session()
+        _hook_session()  # each attempt: huggingface_hub replaces its client after a connect error
         _IN_CALL.active = True
         try:
             return fn()

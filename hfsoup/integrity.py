@@ -81,9 +81,6 @@ class StreamCheck:
     ) -> None:
         self._notice = notice or _LOG.warning
         self._running: dict[tuple[int, str], _Running] = {}
-        self.verified: list[str] = []
-        self.downloaded: list[str] = []
-        self.unverified: list[str] = []
         self.reads = self._plan(list(fetches), max_chunk)
 
     def _plan(self, fetches: list[Fetch], max_chunk: int) -> list[Read]:
@@ -101,7 +98,6 @@ class StreamCheck:
             label = f"{first.index.ingredient.label}: {first.file}"
             digest, size = source.digests.get(first.file), source.files.get(first.file)
             if digest is None or size is None:
-                self.unverified.append(label)
                 self._notice(
                     f"{label}: the Hub lists no digest for it; its bytes are used unverified"
                 )
@@ -114,12 +110,10 @@ class StreamCheck:
                 for p in positions:
                     reads[p] = dataclasses.replace(fetches[p], disk=True)
                 out_of_order.setdefault(first.index.ingredient.label, []).append(first.file)
-                self.downloaded.append(label)
                 continue
             self._running[key] = _Running(
                 first.index, first.file, digest, size, checksums.new_hash(digest, size)
             )
-            self.verified.append(label)
             pos = 0
             for j, p in enumerate(positions):
                 f = fetches[p]

@@ -314,7 +314,7 @@ def _modules(layout: Layout) -> str:
 def _compare_settings(who: str, name: str, a: dict[str, Any], b: dict[str, Any]) -> None:
     """Fields both files name must be equal (a field only one of them names takes the
     release's default, which differs between releases, not between models)."""
-    a, b = _normalised(a), _normalised(b)
+    a, b = normalised_settings(a), normalised_settings(b)
     for key in sorted(a.keys() & b.keys()):
         if key not in _IGNORED_FIELDS and a[key] != b[key]:
             hint = "; the soup would embed unlike one of them" if "pooling" in key else ""
@@ -323,7 +323,9 @@ def _compare_settings(who: str, name: str, a: dict[str, Any], b: dict[str, Any])
             )
 
 
-def _normalised(settings: dict[str, Any]) -> dict[str, Any]:
+def normalised_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Module settings as they are compared: pooling modes as one sorted list, whichever of
+    sentence-transformers' spellings wrote them."""
     if not any(k in settings for k in (*_LEGACY_POOLING, "pooling_mode")):
         return settings
     out = {k: v for k, v in settings.items() if k not in _LEGACY_POOLING}
@@ -345,5 +347,6 @@ __all__ = [
     "check_layouts",
     "is_module_file",
     "module_folders",
+    "normalised_settings",
     "read_layout",
 ]

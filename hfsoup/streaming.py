@@ -211,7 +211,6 @@ def prefetch(
     pending: deque[tuple[Read, Any, Future]] = deque()
     pin = bool(gpus)
     copying = _CopiesInFlight(gpus) if pin else None
-    fetches = list(fetches)
     check = StreamCheck(fetches, max_chunk=DEFAULT_CHUNK, notice=notice)
     source = iter(check.reads)
     in_flight = 0

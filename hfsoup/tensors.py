@@ -228,7 +228,7 @@ def _entry(name: str, info: object, *, base: int, file: str, where: str) -> Tens
         raise CorruptWeightsError(
             f"{who}: data_offsets {_brief(offsets)} is not a pair of non-negative integers"
         )
-    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    itemsize = DTYPES[dtype].itemsize
     # What torch's strides span (a zero dimension empties a tensor, not its strides).
     span = itemsize
     for d in shape:

@@ -101,8 +101,11 @@ def check_output_name(target: Path) -> None:
     except OSError as exc:
         raise OutputWriteError(f"cannot use output {path}: {exc.strerror}") from exc
     if link:
+        pointed = ""
+        with suppress(OSError):  # the link may be gone by now: the message must still come
+            pointed = f" (to {os.readlink(path)})"
         raise OutputExistsError(
-            f"output {path} is a symlink (to {os.readlink(path)}); hfsoup writes no soup through "
+            f"output {path} is a symlink{pointed}; hfsoup writes no soup through "
             f"a link and replaces no folder it points to: give the folder itself "
             f"(--output {path.resolve()})"
         )
@@ -150,13 +153,14 @@ def _check_target(target: Path, *, overwrite: bool, inputs: Iterable[Path]) -> N
         return
     if not target.is_dir():
         raise OutputExistsError(f"output {target} is a file, not a folder; it is not replaced")
-    for what, folder in _protected_folders():
+    protected = _protected_folders()
+    for what, folder in protected:
         if folder == target or folder.is_relative_to(target):
             holds = "is" if folder == target else "holds"
             raise OutputExistsError(
                 f"output folder {target} {holds} {what} ({folder}); it is not replaced"
             )
-    cache = dict(_protected_folders())["the HF cache"]
+    cache = dict(protected)["the HF cache"]
     if target.is_relative_to(cache):
         raise OutputExistsError(
             f"output folder {target} is inside the HF cache ({cache}); it is not replaced"

@@ -282,6 +282,23 @@ def test_a_different_pooling_module_is_a_warning_naming_both(tmp_path):
     assert any("1_Pooling/config.json differs" in m for m in messages), messages
 
 
+def test_pooling_written_as_a_list_is_reported_as_the_layout_check_reads_it(tmp_path):
+    # sentence-transformers also writes pooling_mode as a string or a list; the report shows the
+    # same modes the layout check compares (the legacy boolean form gives the same answer).
+    a = ingredient(tmp_path, "a", seed=1)
+    b = ingredient(tmp_path, "b", seed=2)
+    sentence_transformers_layout(a, mode="mean")
+    sentence_transformers_layout(b, mode="mean")
+    (b / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 16, "pooling_mode": ["mean"]})
+    )
+    from hfsoup.doctor import render
+
+    report = hfsoup.inspect([a, b]).to_dict()
+    assert [r["layout"]["pooling"] for r in report["ingredients"]] == ["mean", "mean"]
+    assert render(report).count("pooling mean") == 2
+
+
 def test_a_layout_file_in_one_ingredient_only_is_a_warning(tmp_path):
     a = ingredient(tmp_path, "a", seed=1)
     b = ingredient(tmp_path, "b", seed=2)

@@ -121,7 +121,7 @@ EXPECTED = {
         },
     },
     "learned": {
-        "files": {"model.safetensors": "6b3ed89b0d0903fb"},
+        "files": {"alpha": [0.3615, 0.2778, 0.3608]},
         "results_keys": {
             "greedy_ensemble": {"members": "list"},
             "hardware": {

@@ -103,9 +103,9 @@ def make_task(root: Path, examples: int, batch_size: int) -> dict:
 def stream_rate(folders: list[Path], device: torch.device, repeats: int) -> tuple[float, int]:
     """GB/s of ingredient bytes through hfsoup's uniform soup onto ``device`` (median)."""
     from hfsoup.api import load_ingredients
-    from hfsoup.combine import fetch_plan_bytes, normalise_weights, stream_average
-    from hfsoup.placement import Placement
-    from hfsoup.tensors import plan_shards
+    from hfsoup.compute.combine import fetch_plan_bytes, normalise_weights, stream_average
+    from hfsoup.compute.placement import Placement
+    from hfsoup.io.tensors import plan_shards
 
     indexes = load_ingredients([str(f) for f in folders])
     shards = plan_shards(indexes[0], max_shard_size=5 * 2**30)
@@ -128,10 +128,10 @@ def scoring_rates(folders, task, device, dtype, repeats) -> tuple[float, float]:
     from transformers import AutoModelForSequenceClassification
 
     from hfsoup.api import load_ingredients
-    from hfsoup.evaluation.task import resolve_task
-    from hfsoup.greedy import SoupSession
-    from hfsoup.greedy_run import make_scorer
-    from hfsoup.placement import Placement
+    from hfsoup.compute.placement import Placement
+    from hfsoup.methods.greedy import SoupSession
+    from hfsoup.methods.greedy_run import make_scorer
+    from hfsoup.tasks.task import resolve_task
 
     indexes = load_ingredients([str(f) for f in folders[:1]])
     scorer = make_scorer(resolve_task(task), indexes[0], progress=False)

@@ -3,7 +3,7 @@
 The script builds ``max(k)`` BERT "fine-tunes" of about ``--size-mb`` MB each (float32
 safetensors: one seeded init plus a distinct seeded perturbation per ingredient; ingredient 1 is
 sharded differently from the others), uploads them with the real ``huggingface_hub`` client to
-hfsoup's test Hub (``python -m hfsoup.hubserver``) running in a separate process on 127.0.0.1,
+hfsoup's test Hub (``python -m hfsoup.serve.hubserver``) running in a separate process on 127.0.0.1,
 then runs every method in a fresh subprocess with a fresh ``HF_HOME``:
 
 * ``download``: ``snapshot_download`` of every ingredient, nothing else (the floor);
@@ -440,7 +440,7 @@ def compare(out: Path, ref: dict[str, Any], run: Run) -> None:
 
 
 class HubServer:
-    """``python -m hfsoup.hubserver`` in its own process (its own GIL), on a free port."""
+    """``python -m hfsoup.serve.hubserver`` in its own process (its own GIL), on a free port."""
 
     def __init__(self, data: Path, log: Path, src: Path | None = None) -> None:
         self.data, self.log, self.port, self.src = data, log, free_port(), src
@@ -453,7 +453,7 @@ class HubServer:
 
     def __enter__(self) -> HubServer:
         self.data.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "hfsoup.hubserver", "--data", str(self.data)]
+        cmd = [sys.executable, "-m", "hfsoup.serve.hubserver", "--data", str(self.data)]
         cmd += ["--token", self.token]
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(

@@ -44,7 +44,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from hfsoup.hubserver import LocalHub
+    from hfsoup.serve.hubserver import LocalHub
 
     work = Path(args.workdir).resolve()
     # The Hub persists in the work folder, so a rerun finds the sweep's ingredients there.
@@ -53,7 +53,7 @@ def main() -> None:
     os.environ["HF_TOKEN"] = hub.token  # the local Hub's random token: writes need it
     import hfsoup
     from hfsoup.demo import demo
-    from hfsoup.report import markdown_table
+    from hfsoup.report.summary import markdown_table
     from hfsoup.sweep import SearchSpace
 
     space = SearchSpace(learning_rate=(2e-5, 2e-4), epochs=[1, 2], batch_size=[32])

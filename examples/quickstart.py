@@ -22,7 +22,7 @@ def main() -> None:
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
 
-    from hfsoup.hubserver import LocalHub
+    from hfsoup.serve.hubserver import LocalHub
 
     hub = LocalHub(tempfile.mkdtemp(prefix="hfsoup-hub-")).start()
     # The Hub clients read these at import time: set them before importing hfsoup's API.

@@ -18,39 +18,39 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hfsoup.combine import fetch_plan_bytes, normalise_weights, stream_average
-from hfsoup.compat import align_ingredients
-from hfsoup.distributed import Processes, processes
+from hfsoup.check.compat import align_ingredients
+from hfsoup.compute.combine import fetch_plan_bytes, normalise_weights, stream_average
+from hfsoup.compute.distributed import Processes, processes
+from hfsoup.compute.placement import SCORE_DTYPES, parse_max_memory, plan_placement
 from hfsoup.errors import (
     IncompatibleIngredientsError,
     NothingToResumeError,
     PushError,
     RecipeError,
 )
-from hfsoup.hub import IngredientSpec, parse_ingredient, push_folder, resolve
-from hfsoup.layouts import check_layouts, read_layout
-from hfsoup.outputs import hardware_record, pin_recipe, results_base, write_soup_files
-from hfsoup.placement import SCORE_DTYPES, parse_max_memory, plan_placement
-from hfsoup.pushplan import check_repo_id, plan_push
-from hfsoup.recipe import IngredientEntry, OutputConfig, Recipe, build_recipe, load_recipe
-from hfsoup.tensors import (
+from hfsoup.io.hub import IngredientSpec, parse_ingredient, push_folder, resolve
+from hfsoup.io.layouts import check_layouts, read_layout
+from hfsoup.io.tensors import (
     IngredientIndex,
     index_ingredient,
     parse_size,
     plan_shards,
 )
-from hfsoup.tokenizer_files import check_tokenizers
-from hfsoup.untrusted import check_resolved, check_soup_recipe, plan_lines
-from hfsoup.writer import (
+from hfsoup.io.tokenizer_files import check_tokenizers
+from hfsoup.io.writer import (
     ShardWriter,
     check_output_target,
     copy_aux_files,
     staged_output,
     write_config,
 )
+from hfsoup.recipe import IngredientEntry, OutputConfig, Recipe, build_recipe, load_recipe
+from hfsoup.report.outputs import hardware_record, pin_recipe, results_base, write_soup_files
+from hfsoup.report.pushplan import check_repo_id, plan_push
+from hfsoup.untrusted import check_resolved, check_soup_recipe, plan_lines
 
 if TYPE_CHECKING:
-    from hfsoup.doctor import Examination, Finding
+    from hfsoup.check.doctor import Examination, Finding
 
 log = logging.getLogger("hfsoup")
 
@@ -65,12 +65,12 @@ class Inspection:
     ingredients: list[IngredientIndex]
     compatible: bool
     problem: str | None = None
-    # The doctor's report (hfsoup.doctor): tokenizers, labels, layouts, sizes, estimates.
+    # The doctor's report (hfsoup.check.doctor): tokenizers, labels, layouts, sizes, estimates.
     examination: Examination | None = None
 
     @property
     def findings(self) -> list[Finding]:
-        """Errors, warnings and notes across the ingredients (see :mod:`hfsoup.doctor`)."""
+        """Errors, warnings and notes across the ingredients (see :mod:`hfsoup.check.doctor`)."""
         return self.examination.findings if self.examination else []
 
     @property
@@ -162,7 +162,7 @@ def inspect(
     No weight byte is read: compatibility (tensors, shapes, labels, ``model_type``), the
     tokenizers (a token with another id in one ingredient makes them incompatible), label
     maps, layout files, dtypes, download size, and the peak memory and time a ``method`` soup
-    would take on this machine (an estimate; see :mod:`hfsoup.doctor`).
+    would take on this machine (an estimate; see :mod:`hfsoup.check.doctor`).
 
     Args:
         method: ``uniform``, ``greedy`` or ``learned``: the soup to estimate for.
@@ -174,8 +174,8 @@ def inspect(
         >>> hfsoup.inspect(["org/ft-1", "org/ft-2"]).compatible  # doctest: +SKIP
         True
     """
-    from hfsoup.doctor import examine
-    from hfsoup.estimates import METHODS
+    from hfsoup.check.doctor import examine
+    from hfsoup.check.estimates import METHODS
 
     if method not in METHODS:
         raise RecipeError(f"unknown method {method!r} (use {', '.join(METHODS)})")
@@ -323,7 +323,7 @@ def run(
             ``accelerate launch``, ``auto`` is each process's own GPU.
         device_map: ``auto``, ``balanced`` or ``sequential``: spread the scored model and its
             running sum over the visible GPUs with accelerate, spilling to the CPU (see
-            :mod:`hfsoup.placement`); the uniform soup's accumulators follow the same map.
+            :mod:`hfsoup.compute.placement`); the uniform soup's accumulators follow the same map.
         max_memory: per-device budgets for ``device_map``, accelerate's syntax
             (``"0=20GiB,cpu=64GiB"``, a list of such items, or ``{0: "20GiB"}``).
         score_dtype: ``float32`` (default), ``bfloat16`` or ``float16`` for the scored model;
@@ -393,7 +393,7 @@ def run(
     shards = plan_shards(indexes[0], max_shard_size=shard_bytes, dtype=dtype)
 
     if recipe.method == "greedy":
-        from hfsoup.greedy_run import run_greedy_soup
+        from hfsoup.methods.greedy_run import run_greedy_soup
 
         results = run_greedy_soup(
             recipe, indexes, shards, target=target, overwrite=overwrite, dtype=dtype,
@@ -404,7 +404,7 @@ def run(
             return SoupResult(target, recipe.method, weights_of(results), results, timings=timings)
         return _finish(recipe, target, weights_of(results), results, timings, token)
     if recipe.method == "learned":
-        from hfsoup.learned_run import run_learned_soup
+        from hfsoup.methods.learned_run import run_learned_soup
 
         results = run_learned_soup(
             recipe, indexes, shards, target=target, overwrite=overwrite, dtype=dtype,
@@ -602,7 +602,7 @@ def evaluate(
     """Score each ingredient on a task, with the ensemble and greedy ensemble beside them.
 
     Under ``accelerate launch`` every process scores its share of each split (see
-    :mod:`hfsoup.distributed`) and every process returns the whole report.
+    :mod:`hfsoup.compute.distributed`) and every process returns the whole report.
 
     Args:
         ingredients: as for :func:`soup`.
@@ -616,9 +616,9 @@ def evaluate(
     Example:
         >>> hfsoup.evaluate(["org/ft-1", "org/ft-2"], task="glue/sst2")  # doctest: +SKIP
     """
-    from hfsoup.evaluation.task import resolve_task
-    from hfsoup.greedy import SoupSession, best_index, score_ingredients
-    from hfsoup.greedy_run import make_scorer
+    from hfsoup.methods.greedy import SoupSession, best_index, score_ingredients
+    from hfsoup.methods.greedy_run import make_scorer
+    from hfsoup.tasks.task import resolve_task
 
     if score_dtype not in SCORE_DTYPES:
         raise RecipeError(

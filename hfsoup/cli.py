@@ -148,7 +148,7 @@ def task_from_args(args: argparse.Namespace) -> Any:
             return {**data, **overrides}
         if not overrides:
             return args.task
-        from hfsoup.evaluation.task import resolve_task
+        from hfsoup.tasks.task import resolve_task
 
         return {**resolve_task(args.task).model_dump(by_alias=True, exclude_none=True), **overrides}
     if args.dataset:
@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_inspection(report: Any, as_json: bool) -> None:
-    from hfsoup.doctor import render
+    from hfsoup.check.doctor import render
 
     print(json.dumps(report.to_dict(), indent=2) if as_json else render(report.to_dict()))
 
@@ -359,7 +359,7 @@ def _print_soup(result: Any, as_json: bool) -> None:
         )
         return
     if "table" in result.results:
-        from hfsoup.report import text_table
+        from hfsoup.report.summary import text_table
 
         print(
             text_table(
@@ -375,7 +375,7 @@ def _print_evaluation(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    from hfsoup.report import text_table
+    from hfsoup.report.summary import text_table
 
     sel = report["selection"]["split"]
     table = {row["ingredient"]: row["scores"] for row in report["ingredients"]}
@@ -437,8 +437,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                       k=args.k, train=args.train, evaluation=args.eval, progress=progress)  # fmt: skip
         _print_soup(result, args.json)
     elif args.command == "hub":
-        from hfsoup.hubauth import check_token, read_tokens_file
-        from hfsoup.hubserver import serve
+        from hfsoup.serve.hubauth import check_token, read_tokens_file
+        from hfsoup.serve.hubserver import serve
 
         tokens = [check_token(t, "a --token value") for t in args.token]
         tokens += [t for f in args.tokens_file for t in read_tokens_file(f)]
@@ -552,21 +552,21 @@ class _Notices(logging.Handler):
 
 def _is_main() -> bool:
     """Whether this is the process that prints (the only one, or rank 0 under a launcher)."""
-    from hfsoup.distributed import launched_rank
+    from hfsoup.compute.distributed import launched_rank
 
     return launched_rank() == 0
 
 
 def _who() -> str:
     """``hfsoup``, or ``hfsoup[rank R]`` in the processes of ``accelerate launch`` but the main."""
-    from hfsoup.distributed import launched_rank
+    from hfsoup.compute.distributed import launched_rank
 
     return "hfsoup" if _is_main() else f"hfsoup[rank {launched_rank()}]"
 
 
 def _left_behind(args: argparse.Namespace) -> str:
     """What an interrupted command leaves: nothing, or a greedy run's state to resume from."""
-    from hfsoup.writer import partial_dir
+    from hfsoup.io.writer import partial_dir
 
     # Only resumable (greedy) runs keep their partial folder after an interruption.
     output = getattr(args, "output", None)

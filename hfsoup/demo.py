@@ -110,7 +110,7 @@ def demo(
     if hub_endpoint is not None:
         _point_clients_at(hub_endpoint)
         return _run(work, namespace, k, train, evaluation, max_length, seed, space, progress)
-    from hfsoup.hubserver import LocalHub
+    from hfsoup.serve.hubserver import LocalHub
 
     # A new token each run (the Hub folder is kept, tokens are not stored in it).
     with LocalHub(work / "hub") as hub, _token_in_environment(hub.token):

@@ -11,7 +11,21 @@ import re
 
 
 class HfsoupError(Exception):
-    """Base class of every error a user can cause (bad input, missing repo, ...)."""
+    """Base class of every error a user can cause (bad input, missing repo, ...).
+
+    Messages name options as the Python API and recipes spell them (``allow_local``,
+    ``output.dir``), never as command-line flags: ``options`` lists the options a message is
+    about, and the CLI adds their flags as a hint (:func:`hfsoup.cli.flag_hint`).
+
+    Example:
+        >>> raise RecipeError("no output folder: set output.dir", options=["output.dir"])
+        Traceback (most recent call last):
+        hfsoup.errors.RecipeError: no output folder: set output.dir
+    """
+
+    def __init__(self, *args: object, options: tuple[str, ...] | list[str] = ()) -> None:
+        super().__init__(*args)
+        self.options = tuple(options)
 
 
 class IngredientSpecError(HfsoupError):

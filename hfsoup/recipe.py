@@ -77,7 +77,7 @@ class OutputConfig(_Strict):
 
 
 class LearnedConfig(_Strict):
-    """How a learned soup learns its mixing weights α and temperature β (see hfsoup.learned)."""
+    """How a learned soup learns its mixing weights α and temperature β (see hfsoup.methods.learned)."""
 
     by_layer: bool = False
     path: Literal["auto", "memory", "stream"] = "auto"
@@ -120,7 +120,7 @@ class Recipe(_Strict):
     def _task(cls, value: Any) -> Any:
         if value is None:
             return None
-        from hfsoup.evaluation.task import resolve_task
+        from hfsoup.tasks.task import resolve_task
 
         return resolve_task(value)
 

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hfsoup.errors import RecipeError, TaskError
-from hfsoup.evaluation.task import Task, resolve_task
+from hfsoup.tasks.task import Task, resolve_task
 
 HPARAMS_FILE = "hfsoup_hparams.json"
 _DONE = "hfsoup_sweep_done.json"
@@ -121,7 +121,7 @@ def train_rows(recipe: SweepRecipe):
             f"cannot load split {recipe.train_split!r} of {kwargs['path']}: {exc}"
         ) from exc
     if task.holdout is not None and task.holdout.from_ == recipe.train_split:
-        from hfsoup.evaluation.data import holdout_indices
+        from hfsoup.tasks.data import holdout_indices
 
         _, rest = holdout_indices(len(train), task.holdout.fraction, task.holdout.seed)
         train = train.select(rest)
@@ -235,8 +235,8 @@ def sweep(recipe: SweepRecipe, *, progress: bool = True, token: str | None = Non
     """
     from transformers import AutoModelForSequenceClassification
 
-    from hfsoup.evaluation.scorer import Scorer
-    from hfsoup.hub import push_folder
+    from hfsoup.io.hub import push_folder
+    from hfsoup.tasks.scorer import Scorer
 
     out = Path(recipe.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hfsoup.errors import HfsoupError, RecipeError
-from hfsoup.hub import parse_ingredient
+from hfsoup.io.hub import parse_ingredient
 from hfsoup.recipe import Recipe
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")

@@ -32,7 +32,7 @@ def parse_ingredients(text: str) -> list[str]:
     Raises:
         IngredientSpecError: a line is not a Hub repo ID, or there is no line at all.
     """
-    from hfsoup.hub import parse_ingredient
+    from hfsoup.io.hub import parse_ingredient
 
     names = []
     for line in text.splitlines():
@@ -58,7 +58,7 @@ def parse_repo_id(text: str) -> str:
     Raises:
         IngredientSpecError: empty, or not a repo ID.
     """
-    from hfsoup.hub import parse_ingredient
+    from hfsoup.io.hub import parse_ingredient
 
     name = text.strip()
     if not name:
@@ -97,7 +97,7 @@ def build_task(
     Raises:
         TaskError: an unknown kind, a missing dataset, or whatever :func:`resolve_task` refuses.
     """
-    from hfsoup.evaluation.task import resolve_task
+    from hfsoup.tasks.task import resolve_task
 
     if kind == NO_TASK:
         return None
@@ -208,7 +208,7 @@ def inspection_report(report: dict[str, Any]) -> str:
     empty for a report without one."""
     if "findings" not in report:
         return ""
-    from hfsoup.doctor import render
+    from hfsoup.check.doctor import render
 
     return f"\n\n```text\n{render(report)}\n```"
 
@@ -243,7 +243,7 @@ def _score(value: float | None) -> float | str:
 
 def comparison_markdown(results: dict[str, Any]) -> str:
     """The methods side by side (best individual, soups, ensembles) as a markdown table."""
-    from hfsoup.report import markdown_table
+    from hfsoup.report.summary import markdown_table
 
     table = results.get("table")
     if not table:

@@ -38,8 +38,8 @@ from logic import (
 )
 from worker import Event, JobRequest, WorkerPool
 
-from hfsoup.evaluation.task import PRESETS
-from hfsoup.report import METHOD_NAMES
+from hfsoup.report.summary import METHOD_NAMES
+from hfsoup.tasks.task import PRESETS
 
 CANCELLED = "⛔ Cancelled: the worker was stopped; nothing was kept."
 BUSY = (

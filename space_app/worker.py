@@ -339,7 +339,7 @@ def _inspect(request: JobRequest, log: Callable[[str], None]) -> dict[str, Any]:
 
 def _soup(request: JobRequest, log: Callable[[str], None]) -> dict[str, Any]:
     import hfsoup
-    from hfsoup.report import TRAJECTORY_PNG
+    from hfsoup.report.summary import TRAJECTORY_PNG
 
     log(f"resolving {len(request.ingredients)} ingredients")
     scored = request.method != "uniform"

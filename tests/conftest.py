@@ -33,7 +33,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.pop("HF_TOKEN", None)
 os.environ.pop("HF_HUB_OFFLINE", None)
 
-from hfsoup.hubserver import LocalHub  # noqa: E402  (stdlib only; after the environment)
+from hfsoup.serve.hubserver import LocalHub  # noqa: E402  (stdlib only; after the environment)
 
 
 def pytest_configure(config):

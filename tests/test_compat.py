@@ -12,10 +12,10 @@ from factories import load_state_dict, save_ingredient, tiny_bert_config
 from safetensors.torch import load_file, save, save_file
 from test_errors import assert_nothing_written, assert_one_line_error
 
-from hfsoup.compat import align_ingredients, check_compatible
+from hfsoup.check.compat import align_ingredients, check_compatible
 from hfsoup.errors import IncompatibleIngredientsError, NonFiniteWeightsError
-from hfsoup.hub import parse_ingredient, resolve
-from hfsoup.tensors import all_finite, index_ingredient
+from hfsoup.io.hub import parse_ingredient, resolve
+from hfsoup.io.tensors import all_finite, index_ingredient
 
 reliability = pytest.mark.reliability
 
@@ -336,8 +336,8 @@ def test_float8_tensors_take_the_dtype_asked_for(tmp_path, cli, pair):
 
 
 def test_a_float8_ingredient_holding_nan_is_refused(tmp_path, pair):
-    from hfsoup.combine import normalise_weights, stream_average
-    from hfsoup.tensors import plan_shards
+    from hfsoup.compute.combine import normalise_weights, stream_average
+    from hfsoup.io.tensors import plan_shards
 
     a, b = pair
     _with_new_dtypes(a, 1)

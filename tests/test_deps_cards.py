@@ -21,9 +21,9 @@ from test_errors import assert_nothing_written, assert_one_line_error
 
 import hfsoup
 from hfsoup.errors import IngredientSpecError, OutputExistsError
-from hfsoup.hub import _retry_after, parse_ingredient, resolve
-from hfsoup.hubserver import LocalHub
-from hfsoup.writer import staged_output
+from hfsoup.io.hub import _retry_after, parse_ingredient, resolve
+from hfsoup.io.writer import staged_output
+from hfsoup.serve.hubserver import LocalHub
 
 reliability = pytest.mark.reliability
 WORKTREE = Path(__file__).resolve().parent.parent
@@ -76,7 +76,7 @@ CHILD = textwrap.dedent("""
     for name in filter(None, sys.argv[1].split(",")):
         sys.modules[name] = None
     logging.basicConfig(format="NOTICE %(message)s", level=logging.WARNING)
-    from hfsoup.evaluation.metrics import compute, load_metric
+    from hfsoup.tasks.metrics import compute, load_metric
     metric = load_metric("f1")
     result = compute(metric, [0, 1, 1, 0, 1, 1], [0, 1, 0, 0, 1, 0])
     print(json.dumps({"description": metric.description, "f1": result["f1"]}))
@@ -237,7 +237,7 @@ NO_FCNTL = textwrap.dedent("""
     sys.modules.pop("fcntl", None)
     sys.meta_path.insert(0, NoFcntl())
     import hfsoup.api, hfsoup.cli  # noqa: E401
-    from hfsoup.writer import staged_output
+    from hfsoup.io.writer import staged_output
 
     with staged_output(Path(sys.argv[1])) as folder:
         (folder / "model.safetensors").write_bytes(b"x")

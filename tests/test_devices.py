@@ -20,8 +20,8 @@ import torch
 from factories import load_state_dict, tiny_bert_config
 
 import hfsoup
+from hfsoup.compute.placement import Placement, infer_device_map, meta_model, parse_max_memory
 from hfsoup.errors import InsufficientMemoryError, RecipeError
-from hfsoup.placement import Placement, infer_device_map, meta_model, parse_max_memory
 
 
 def test_max_memory_takes_accelerates_syntax():
@@ -78,7 +78,7 @@ def test_gpu_map_spills_to_the_cpu_and_refuses_what_does_not_fit():
 
 
 def test_device_auto_spreads_a_model_too_big_for_one_gpu():
-    from hfsoup.placement import model_bytes, plan_placement
+    from hfsoup.compute.placement import model_bytes, plan_placement
 
     config = _bert_config(num_hidden_layers=4)
     need = model_bytes(meta_model(config))  # float32 model + float32 sum
@@ -97,7 +97,7 @@ def test_device_auto_spreads_a_model_too_big_for_one_gpu():
 
 
 def test_cpu_device_map_and_budget(tiny_greedy, cli, tmp_path):
-    from hfsoup.placement import plan_placement
+    from hfsoup.compute.placement import plan_placement
 
     config = _bert_config()
     placement = plan_placement(config, device=torch.device("cpu"), device_map="auto")
@@ -133,9 +133,9 @@ def test_device_options_a_user_gets_wrong(tiny_greedy, cli, tmp_path, flags, mes
 def test_a_map_of_several_blocks_scores_like_one_device(sentiment):
     """Hooks placed by accelerate over several blocks give the same outputs (all on the CPU)."""
     from hfsoup.api import load_ingredients
-    from hfsoup.evaluation.task import resolve_task
-    from hfsoup.greedy import SoupSession
-    from hfsoup.greedy_run import make_scorer
+    from hfsoup.methods.greedy import SoupSession
+    from hfsoup.methods.greedy_run import make_scorer
+    from hfsoup.tasks.task import resolve_task
 
     indexes = load_ingredients(sentiment["repos"][:2])
     scorer = make_scorer(resolve_task(sentiment["task"]), indexes[0], progress=False)
@@ -181,7 +181,7 @@ def test_results_and_card_record_hardware_and_phase_times(tiny_greedy, tmp_path)
 def test_tensor_read_buffers_are_viewed_not_copied(tiny_greedy):
     """Reads bound for a GPU land in a (pinned) tensor buffer; the tensors are views of it."""
     from hfsoup.api import load_ingredients
-    from hfsoup.streaming import plan_fetches, read_fetch
+    from hfsoup.io.streaming import plan_fetches, read_fetch
 
     index = load_ingredients(tiny_greedy["dirs"][:1])[0]
     expected = load_state_dict(tiny_greedy["dirs"][0])
@@ -270,8 +270,8 @@ def test_other_processes_resume_from_what_the_main_process_saved(tmp_path):
     """Ranks > 0 keep no files: they get the main process's saved decisions and logits."""
     from collections import deque
 
-    from hfsoup.distributed import Processes
-    from hfsoup.greedy import _State
+    from hfsoup.compute.distributed import Processes
+    from hfsoup.methods.greedy import _State
 
     main = _State(tmp_path, "fp", Processes())
     main.data["individual"]["0"] = {"validation": {"accuracy": 0.5}}
@@ -304,8 +304,8 @@ def test_other_processes_resume_from_what_the_main_process_saved(tmp_path):
 def test_reads_for_a_gpu_stay_alive_until_their_copies_are_done(tiny_greedy, monkeypatch):
     """The GPU read path, with CUDA's events stood in for: every fetch's tensors are held with
     one event per GPU, at most two fetches stay in flight, and all are waited for at the end."""
-    from hfsoup import streaming
     from hfsoup.api import load_ingredients
+    from hfsoup.io import streaming
 
     log: list[tuple] = []
 

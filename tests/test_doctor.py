@@ -22,7 +22,7 @@ import hfsoup
 from hfsoup.errors import IncompatibleIngredientsError, TokenizerMismatchError
 
 reliability = pytest.mark.reliability
-PROBE = 64 * 1024  # the header probe of each weight file (hfsoup.tensors)
+PROBE = 64 * 1024  # the header probe of each weight file (hfsoup.io.tensors)
 
 
 def ingredient(tmp_path, name: str, *, seed: int, tok=None, config=None):
@@ -191,7 +191,7 @@ def test_download_size_and_time_are_the_hubs_file_sizes_over_the_bandwidth(tmp_p
 
 
 def test_greedy_downloads_only_what_the_hf_cache_lacks(tmp_path, publish):
-    from hfsoup.hub import parse_ingredient, resolve
+    from hfsoup.io.hub import parse_ingredient, resolve
 
     repos = [publish(ingredient(tmp_path, f"i{i}", seed=i + 1))[0] for i in range(2)]
     resolve(parse_ingredient(repos[0])).source.local_file("model.safetensors")  # now cached
@@ -231,7 +231,7 @@ def test_greedy_memory_estimate_is_the_live_model_and_one_float32_sum(tmp_path):
 
 
 def test_learned_memory_estimate_is_the_learned_soups_own(tmp_path):
-    from hfsoup.estimates import activation_bytes
+    from hfsoup.check.estimates import activation_bytes
 
     folders = [ingredient(tmp_path, f"i{i}", seed=i + 1) for i in range(2)]
     tensors = load_file(folders[0] / "model.safetensors")
@@ -292,7 +292,7 @@ def test_pooling_written_as_a_list_is_reported_as_the_layout_check_reads_it(tmp_
     (b / "1_Pooling" / "config.json").write_text(
         json.dumps({"word_embedding_dimension": 16, "pooling_mode": ["mean"]})
     )
-    from hfsoup.doctor import render
+    from hfsoup.check.doctor import render
 
     report = hfsoup.inspect([a, b]).to_dict()
     assert [r["layout"]["pooling"] for r in report["ingredients"]] == ["mean", "mean"]
@@ -351,7 +351,7 @@ def test_the_space_shows_the_same_report(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "space_app"))
     from logic import inspection_report
 
-    from hfsoup.doctor import render
+    from hfsoup.check.doctor import render
 
     tok = tokenizer(tmp_path)
     a = ingredient(tmp_path, "a", seed=1, tok=tok)

@@ -12,8 +12,8 @@ from test_errors import assert_nothing_written, assert_one_line_error
 
 import hfsoup
 from hfsoup.errors import IngredientNotFoundError, OutputWriteError
-from hfsoup.hub import parse_ingredient
-from hfsoup.writer import partial_dir
+from hfsoup.io.hub import parse_ingredient
+from hfsoup.io.writer import partial_dir
 
 
 @pytest.mark.parametrize("revision", ["refs/pr/1", "feature/x", "v1.0"])
@@ -76,7 +76,7 @@ def test_greedy_state_survives_a_failed_final_write(tiny_greedy, tmp_path, monke
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("hfsoup.greedy_run.write_soup_files", disk_full)
+    monkeypatch.setattr("hfsoup.methods.greedy_run.write_soup_files", disk_full)
     target = tmp_path / "soup"
     with pytest.raises(OutputWriteError, match="resume state kept"):
         hfsoup.soup(tiny_greedy["repos"], output=target, method="greedy",

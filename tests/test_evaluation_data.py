@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from hfsoup.errors import TaskError
-from hfsoup.evaluation.data import holdout_indices, load_task_splits
-from hfsoup.evaluation.preprocess import prepare_split
-from hfsoup.evaluation.task import resolve_task
+from hfsoup.tasks.data import holdout_indices, load_task_splits
+from hfsoup.tasks.preprocess import prepare_split
+from hfsoup.tasks.task import resolve_task
 
 WORDS = "the a good bad movie film great awful plot acting was is not very fine dull fun".split()  # noqa: SIM905
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hfsoup.errors import TaskError
-from hfsoup.evaluation.metrics import (
+from hfsoup.tasks.metrics import (
     bundled_metrics,
     compute,
     is_mean_over_examples,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hfsoup.errors import TaskError
-from hfsoup.evaluation.task import PRESETS, Task, resolve_task
+from hfsoup.tasks.task import PRESETS, Task, resolve_task
 
 # Written out from the GLUE paper / dataset card, independently of hfsoup's table.
 GLUE = {

@@ -102,7 +102,7 @@ def test_ensemble_is_the_mean_of_probabilities(hub, sentiment, tmp_path):
 
 def test_rejected_candidate_is_undone_bit_for_bit(hub, sentiment):
     from hfsoup.api import load_ingredients
-    from hfsoup.greedy import SoupSession
+    from hfsoup.methods.greedy import SoupSession
 
     session = SoupSession(load_ingredients(sentiment["repos"][:3]))
     session.restart(0)
@@ -127,7 +127,7 @@ def test_early_rejection_scores_fewer_examples_with_identical_decisions(hub, sen
 
 
 def test_interrupted_run_resumes_without_recomputing(hub, sentiment, tmp_path, monkeypatch):
-    from hfsoup.evaluation.scorer import Scorer
+    from hfsoup.tasks.scorer import Scorer
 
     calls = {"n": 0}
     original = Scorer.score_with_early_stop

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from test_errors import assert_nothing_written, assert_one_line_error
 
 import hfsoup
-import hfsoup.streaming
+import hfsoup.io.streaming
 from hfsoup.errors import CorruptWeightsError
 
 reliability = pytest.mark.reliability
@@ -28,7 +28,7 @@ def no_weight_reads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a weight byte was read before the ingredient was refused")
 
-    monkeypatch.setattr(hfsoup.streaming, "read_fetch", refuse)
+    monkeypatch.setattr(hfsoup.io.streaming, "read_fetch", refuse)
 
 
 @pytest.fixture

@@ -15,12 +15,12 @@ from factories import load_state_dict, save_ingredient, tiny_bert_config
 from safetensors.torch import load_file, save_file
 from test_errors import assert_nothing_written, assert_one_line_error
 
-from hfsoup import hub as hub_module
-from hfsoup.combine import normalise_weights
+from hfsoup.compute.combine import normalise_weights
 from hfsoup.errors import NonFiniteWeightsError
-from hfsoup.hub import LocalSource, parse_ingredient, resolve
-from hfsoup.outputs import write_weights
-from hfsoup.tensors import index_ingredient
+from hfsoup.io import hub as hub_module
+from hfsoup.io.hub import LocalSource, parse_ingredient, resolve
+from hfsoup.io.tensors import index_ingredient
+from hfsoup.report.outputs import write_weights
 
 reliability = pytest.mark.reliability
 

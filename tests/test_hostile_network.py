@@ -24,9 +24,9 @@ from test_reliability_network import assert_is_the_average, weights_path
 
 import hfsoup
 from hfsoup.errors import CorruptWeightsError, scrub
-from hfsoup.hub import parse_ingredient, resolve
-from hfsoup.streaming import iter_tensors
-from hfsoup.tensors import index_ingredient
+from hfsoup.io.hub import parse_ingredient, resolve
+from hfsoup.io.streaming import iter_tensors
+from hfsoup.io.tensors import index_ingredient
 
 reliability = pytest.mark.reliability
 

@@ -232,7 +232,7 @@ def test_a_bad_push_target_fails_before_any_work(faulty_hub, publish, pair, tmp_
 
 
 def test_a_file_swapped_for_a_link_after_the_check_is_refused_when_opened(tmp_path):
-    from hfsoup.pushplan import open_regular
+    from hfsoup.report.pushplan import open_regular
 
     (tmp_path / "secret").write_text("hf_secret")
     os.symlink(tmp_path / "secret", tmp_path / "README.md")
@@ -251,9 +251,9 @@ def test_a_failed_push_prints_a_retry_with_the_same_includes(faulty_hub, pair, t
 
 
 def test_card_images_are_the_figures_the_soups_draw():
-    from hfsoup.learned_run import ALPHA_PNG
-    from hfsoup.pushplan import CARD_IMAGES
-    from hfsoup.report import TRAJECTORY_PNG
+    from hfsoup.methods.learned_run import ALPHA_PNG
+    from hfsoup.report.pushplan import CARD_IMAGES
+    from hfsoup.report.summary import TRAJECTORY_PNG
 
     assert set(CARD_IMAGES) == {TRAJECTORY_PNG, ALPHA_PNG}
 

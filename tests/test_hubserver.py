@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 from factories import make_model, save_ingredient, tiny_bert_config
 
-from hfsoup.hubserver import LocalHub
+from hfsoup.serve.hubserver import LocalHub
 
 
 @pytest.fixture(autouse=True)

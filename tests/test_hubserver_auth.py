@@ -21,8 +21,8 @@ import pytest
 from test_errors import assert_one_line_error
 
 from hfsoup.errors import HubServeError
-from hfsoup.hubauth import is_loopback, read_tokens_file
-from hfsoup.hubserver import LocalHub
+from hfsoup.serve.hubauth import is_loopback, read_tokens_file
+from hfsoup.serve.hubserver import LocalHub
 
 reliability = pytest.mark.reliability
 TOKEN = "hf_local_team_token"
@@ -111,7 +111,7 @@ def test_a_write_without_a_valid_token_is_refused(locked, route, credentials):
 
 def test_every_write_route_is_guarded(locked):
     """The list above is every route that changes something (a new route must join it)."""
-    from hfsoup.hubserver import _ROUTES
+    from hfsoup.serve.hubserver import _ROUTES
 
     mutating = {name for methods, _, name in _ROUTES if set(methods) & {"POST", "PUT", "DELETE"}}
     read_only = {"validate_yaml", "paths_info", "no_such_repo"}  # POST, but change nothing

@@ -35,11 +35,11 @@ def sentiment(tmp_path_factory, hub):
 def learn_both_paths(s, **options):
     """α and β learned on each path, over the same live session and scorer."""
     from hfsoup.api import load_ingredients
-    from hfsoup.evaluation.task import resolve_task
-    from hfsoup.greedy import SoupSession
-    from hfsoup.greedy_run import make_scorer
-    from hfsoup.learned import WHOLE_MODEL, layer_groups, learn
-    from hfsoup.tensors import FLOAT_DTYPES
+    from hfsoup.io.tensors import FLOAT_DTYPES
+    from hfsoup.methods.greedy import SoupSession
+    from hfsoup.methods.greedy_run import make_scorer
+    from hfsoup.methods.learned import WHOLE_MODEL, layer_groups, learn
+    from hfsoup.tasks.task import resolve_task
 
     indexes = load_ingredients(s["repos"])
     scorer = make_scorer(resolve_task(s["task"]), indexes[0], progress=False)
@@ -152,7 +152,7 @@ def test_refuses_with_numbers_when_neither_path_fits(hub, sentiment, tmp_path, c
 
 
 def test_path_plan_prefers_memory_then_stream_then_refuses():
-    from hfsoup.learned import plan_path
+    from hfsoup.methods.learned import plan_path
 
     def plan(available, forced="auto"):
         return plan_path(k=8, model_bytes=100, read_ahead=10, activations=5,
@@ -170,7 +170,7 @@ def test_path_plan_prefers_memory_then_stream_then_refuses():
 
 
 def test_layer_groups_from_parameter_names():
-    from hfsoup.learned import layer_groups
+    from hfsoup.methods.learned import layer_groups
 
     names = ["transformer.wte.weight", "transformer.h.10.attn.c_attn.weight", "score.weight",
              "transformer.h.2.mlp.c_fc.bias", "transformer.ln_f.weight",
@@ -251,7 +251,7 @@ def test_stream_path_peak_memory_does_not_grow_with_k(tmp_path, sentiment):
         pd.DataFrame(sentiment["splits"][split][:n]).to_parquet(data[split])
     ingredient_kb = (tmp_path / "m0" / "model.safetensors").stat().st_size // 1024
     # Default malloc settings: read buffers are allocated on the consuming thread, so glibc's
-    # per-thread arenas do not accumulate them (hfsoup/streaming.py).
+    # per-thread arenas do not accumulate them (hfsoup/io/streaming.py).
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
     args = [json.dumps(dirs), json.dumps(data), str(tmp_path / "out")]
     proc = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True,

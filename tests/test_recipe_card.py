@@ -83,7 +83,7 @@ def test_rendering_the_card_makes_no_network_call(
     hub, bert_soup_ingredients, tmp_path, monkeypatch
 ):
     from hfsoup import api as soup_api
-    from hfsoup.card import CardInfo, render_card
+    from hfsoup.report.card import CardInfo, render_card
 
     repos, _ = bert_soup_ingredients
     indexes = soup_api.load_ingredients(repos)

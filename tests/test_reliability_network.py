@@ -15,7 +15,7 @@ from test_errors import assert_nothing_written, assert_one_line_error
 
 import hfsoup
 from hfsoup.errors import CorruptWeightsError
-from hfsoup.hub import parse_ingredient, resolve
+from hfsoup.io.hub import parse_ingredient, resolve
 
 reliability = pytest.mark.reliability
 
@@ -30,7 +30,7 @@ def pair(tmp_path, publish):
 @pytest.fixture
 def fast_retries(monkeypatch):
     """Back-off of milliseconds, so that exhausting the retries takes no time."""
-    monkeypatch.setattr("hfsoup.hub._BACKOFF_S", 0.001)
+    monkeypatch.setattr("hfsoup.io.hub._BACKOFF_S", 0.001)
 
 
 def weights_path(repo: str) -> str:

@@ -51,7 +51,7 @@ def _safetensors_no_space(*args, **kwargs):
 @pytest.mark.parametrize("where", ["shard", "rename"])
 def test_disk_full_removes_the_temporary_folder(local_pair, tmp_path, cli, monkeypatch, where):
     if where == "shard":
-        monkeypatch.setattr("hfsoup.writer.save_file", _safetensors_no_space)
+        monkeypatch.setattr("hfsoup.io.writer.save_file", _safetensors_no_space)
     else:  # the final rename of the hidden folder into place
         real = os.replace
         monkeypatch.setattr(

@@ -265,7 +265,7 @@ def test_every_ingredient_scoring_nan_is_refused(tiny_greedy, cli, tmp_path, com
 
 
 def test_nan_scores_never_win_and_all_nan_is_undecidable():
-    from hfsoup.greedy import best_index, check_decidable
+    from hfsoup.methods.greedy import best_index, check_decidable
 
     assert best_index([math.nan, 0.2, 0.7, math.nan]) == 2
     assert best_index([math.nan, None, 0.1]) == 2
@@ -328,8 +328,8 @@ def test_a_corrupt_image_is_one_line_naming_its_row(tmp_path, bad):
     from PIL import Image
     from transformers import ViTImageProcessor
 
-    from hfsoup.evaluation.preprocess import prepare_split
-    from hfsoup.evaluation.task import Task
+    from hfsoup.tasks.preprocess import prepare_split
+    from hfsoup.tasks.task import Task
 
     buf = io.BytesIO()
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")

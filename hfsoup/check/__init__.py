@@ -1,0 +1,1 @@
+"""Whether ingredients can be souped: compatibility, the doctor, estimates."""

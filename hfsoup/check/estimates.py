@@ -1,0 +1,199 @@
+"""Estimates made before any weight is read: what is free on a device, a transformer's
+activations, the reads a stream holds, what each learned-soup path needs, and a whole soup's
+download, peak memory and time (:func:`estimate_run`, for ``hfsoup inspect``).
+
+Plain arithmetic over config values and byte counts, kept apart from the soups that use it so
+that ``hfsoup inspect`` can estimate a run without importing the evaluation stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from hfsoup.errors import RecipeError
+from hfsoup.io.streaming import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT
+from hfsoup.io.tensors import FLOAT_DTYPES, IngredientIndex, output_dtype, plan_shards
+
+METHODS = ("uniform", "greedy", "learned")
+# Assumed when none is given: a good home or cloud link to the Hub's CDN, in bytes per second.
+DEFAULT_BANDWIDTH = 50 * 10**6
+DISK_BANDWIDTH = 500 * 10**6  # reading a local ingredient folder
+# The task defaults a learned soup's activations are estimated with (LearnedConfig, Task).
+LEARNED_BATCH, LEARNED_LENGTH = 32, 128
+
+
+def path_needs(*, k: int, model_bytes: int, read_ahead: int, activations: int) -> dict[str, int]:
+    """Bytes each path holds at its peak (the arguments as for :func:`hfsoup.methods.learned.plan_path`)."""
+    return {
+        "memory": (k + 3) * model_bytes + activations,  # k resident + live + mixture + its grad
+        "stream": 2 * model_bytes + read_ahead + activations,  # live model + its gradient
+    }
+
+
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes free on ``device`` (GPU memory, or the RAM the OS can give) and where from."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    import psutil
+
+    return psutil.virtual_memory().available, "available RAM"
+
+
+def activation_bytes(config: dict[str, Any], *, batch_size: int, max_length: int) -> int:
+    """Rough float32 activations of one training step of a transformer.
+
+    Korthikanti et al. 2022 count ``s·b·h·(34 + 5·a·s/h)`` bytes per layer in 16-bit; doubled
+    for float32. ``s`` is ``max_length`` tokens, or the patches of an image model.
+    """
+    h = config.get("hidden_size") or config.get("n_embd") or 768
+    layers = config.get("num_hidden_layers") or config.get("n_layer") or 12
+    heads = config.get("num_attention_heads") or config.get("n_head") or 12
+    seq = max_length
+    if "image_size" in config and "patch_size" in config:
+        seq = (config["image_size"] // config["patch_size"]) ** 2 + 1
+    return int(2 * seq * batch_size * h * (34 + 5 * heads * seq / h) * layers)
+
+
+def read_ahead_bytes(ingredient_bytes: int) -> int:
+    """Bytes the stream path holds while reading one ingredient: reads in flight + the current."""
+    return min(DEFAULT_IN_FLIGHT + DEFAULT_CHUNK, ingredient_bytes)
+
+
+def human_bytes(n: float) -> str:
+    """``1234567`` -> ``"1.2 MB"`` (decimal units, as ``--max-shard-size`` reads them)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def estimate_run(
+    indexes: Sequence[IngredientIndex],
+    details: Sequence[dict[str, Any]],
+    *,
+    method: str,
+    bandwidth: float | None,
+    max_shard_size: int,
+    dtype: torch.dtype | None,
+    device: torch.device | None,
+) -> dict[str, Any]:
+    """Download size, peak memory and time of a ``method`` soup, from headers alone.
+
+    Memory follows what each method holds (docs/design.md): a uniform soup the reads in flight
+    plus one output shard (its float32 sums, the finished shard and the bytes serialised from
+    it); a greedy soup the live model and one float32 running sum, plus one ingredient's reads;
+    a learned soup its memory path when that fits, else its stream path (``hfsoup.methods.learned``).
+
+    Args:
+        indexes: the ingredients, indexed.
+        details: per ingredient, ``weight_bytes`` (its weight files), ``cached_bytes`` (of those,
+            in the HF cache) and ``local`` (a folder, not a Hub repo).
+        bandwidth: bytes per second from the Hub; ``None``: :data:`DEFAULT_BANDWIDTH`.
+        max_shard_size / dtype: the output options.
+        device: where the soup would run; ``None``: CUDA when available, else the CPU.
+
+    Raises:
+        RecipeError: an unknown method.
+    """
+    if method not in METHODS:
+        raise RecipeError(f"unknown method {method!r} (use {', '.join(METHODS)})")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    first = indexes[0]
+    floats = [r for r in first.tensors.values() if r.dtype in FLOAT_DTYPES]
+    model32 = 4 * sum(r.numel for r in floats)
+    others = sum(r.nbytes for r in first.tensors.values() if r.dtype not in FLOAT_DTYPES)
+    largest = max(ix.nbytes for ix in indexes)
+    hub = [d for d in details if not d["local"]]
+    weight_bytes = sum(d["weight_bytes"] for d in hub)
+    # A uniform soup streams every Hub weight file whole (each byte is hashed), cached or not;
+    # greedy and learned soups download what the HF cache lacks, then read from disk.
+    download = (
+        weight_bytes if method == "uniform" else weight_bytes - sum(d["cached_bytes"] for d in hub)
+    )
+    local = sum(d["weight_bytes"] for d in details if d["local"])
+    assumes = []
+    if method == "uniform":
+        shards = plan_shards(first, max_shard_size=max_shard_size, dtype=dtype)
+        shard = max(_shard_bytes(first, names, dtype) for names in shards)
+        read = sum(d["weight_bytes"] for d in details)
+        peak = min(DEFAULT_IN_FLIGHT + DEFAULT_CHUNK, read) + shard
+        assumes.append(
+            f"reads in flight (up to {human_bytes(DEFAULT_IN_FLIGHT + DEFAULT_CHUNK)}) + "
+            f"the largest of {len(shards)} output shard(s) ({human_bytes(shard)} with its "
+            "float32 sums and serialised copy); fetching overlaps averaging"
+        )
+        path = None
+    elif method == "greedy":
+        peak = 2 * model32 + 2 * others + read_ahead_bytes(largest)
+        assumes.append(
+            "the live model and one float32 running sum (float32 scoring), plus one "
+            "ingredient's reads; scoring activations (the task's batch size and "
+            "length) are not counted, nor is scoring time"
+        )
+        path = None
+    else:
+        activations = activation_bytes(
+            first.config, batch_size=LEARNED_BATCH, max_length=LEARNED_LENGTH
+        )
+        needs = path_needs(
+            k=len(indexes),
+            model_bytes=model32,
+            read_ahead=read_ahead_bytes(largest),
+            activations=activations,
+        )
+        available, _ = available_memory(device)
+        path = "memory" if needs["memory"] <= available else "stream"
+        peak = needs[path]
+        assumes.append(
+            f"the {path} path (memory path ~{human_bytes(needs['memory'])}, stream path "
+            f"~{human_bytes(needs['stream'])}), activations at batch size {LEARNED_BATCH} "
+            f"and {LEARNED_LENGTH} tokens; training time is not counted"
+        )
+    available, where = available_memory(device)
+    rate = float(bandwidth) if bandwidth else float(DEFAULT_BANDWIDTH)
+    seconds = download / rate + local / DISK_BANDWIDTH
+    assumes.append(
+        f"{'the given' if bandwidth else 'an assumed'} {human_bytes(rate)}/s from the "
+        f"Hub and {human_bytes(DISK_BANDWIDTH)}/s from local folders"
+    )
+    return {
+        "method": method,
+        "device": str(device),
+        "download_bytes": download,
+        "hub_weight_bytes": weight_bytes,
+        "local_bytes": local,
+        "peak_memory_bytes": peak,
+        "available_memory_bytes": available,
+        "available_from": where,
+        "fits": peak <= available,
+        "seconds": round(seconds, 1),
+        "bandwidth": rate,
+        "learned_path": path,
+        "assumes": assumes,
+        "estimate": True,
+    }
+
+
+def _shard_bytes(index: IngredientIndex, names: Sequence[str], dtype: torch.dtype | None) -> int:
+    """Bytes one output shard holds at once: float32 sums, the shard, its serialised copy."""
+    total = 0
+    for name in names:
+        ref = index.tensors[name]
+        out = ref.numel * torch.empty((), dtype=output_dtype(ref, dtype)).element_size()
+        total += 2 * out + (4 * ref.numel if ref.dtype in FLOAT_DTYPES else out)
+    return total
+
+
+__all__ = [
+    "METHODS",
+    "estimate_run",
+    "activation_bytes",
+    "available_memory",
+    "human_bytes",
+    "path_needs",
+    "read_ahead_bytes",
+]

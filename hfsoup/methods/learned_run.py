@@ -1,0 +1,305 @@
+"""A learned soup run end to end: choose the path, score, learn α and β, write soup, card, results."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hfsoup.compute.distributed import Processes
+from hfsoup.compute.placement import Placement
+from hfsoup.errors import RecipeError, TaskError
+from hfsoup.io.tensors import FLOAT_DTYPES, IngredientIndex, output_dtype, parse_size
+from hfsoup.io.writer import staged_output
+from hfsoup.methods.greedy import (
+    SoupSession,
+    best_index,
+    score_ensembles,
+    score_ingredients,
+    score_uniform,
+)
+from hfsoup.methods.greedy_run import make_scorer, task_model_index
+from hfsoup.methods.learned import (
+    WHOLE_MODEL,
+    LearnedResult,
+    PathPlan,
+    activation_bytes,
+    available_memory,
+    check_task,
+    estimate_seconds,
+    human_bytes,
+    layer_groups,
+    learn,
+    plan_path,
+    read_ahead_bytes,
+    steps_per_epoch,
+)
+from hfsoup.recipe import LearnedConfig, Recipe
+from hfsoup.report.outputs import (
+    hardware_record,
+    pin_recipe,
+    scored_results,
+    write_soup_files,
+    write_weights,
+)
+from hfsoup.report.summary import markdown_table
+
+ALPHA_PNG = "learned_alpha.png"
+
+
+def plan_learned(
+    config: LearnedConfig,
+    indexes: Sequence[IngredientIndex],
+    *,
+    max_length: int,
+    device: torch.device,
+    memory_budget: str | int | None = None,
+) -> PathPlan:
+    """Estimate each path's memory and pick one, before any weight is read.
+
+    Raises:
+        InsufficientMemoryError: neither path (or the forced one) fits.
+    """
+    first = indexes[0]
+    floats = [r for r in first.tensors.values() if r.dtype in FLOAT_DTYPES]
+    if memory_budget is None:
+        available, where = available_memory(device)
+    else:
+        try:
+            available, where = parse_size(memory_budget), "memory_budget"
+        except ValueError as exc:
+            raise RecipeError(f"memory_budget: {exc}") from exc
+    largest = max(ix.nbytes for ix in indexes)
+    return plan_path(
+        k=len(indexes), model_bytes=4 * sum(r.numel for r in floats),
+        read_ahead=read_ahead_bytes(largest),
+        activations=activation_bytes(first.config, batch_size=config.batch_size,
+                                     max_length=max_length),
+        available=available, available_from=where, forced=config.path,
+    )  # fmt: skip
+
+
+def run_learned_soup(
+    recipe: Recipe,
+    indexes: Sequence[IngredientIndex],
+    shards: Sequence[Sequence[str]],
+    *,
+    target: Path,
+    overwrite: bool,
+    dtype: torch.dtype | None,
+    device: torch.device,
+    progress: bool,
+    timings: dict[str, float],
+    memory_budget: str | int | None = None,
+) -> dict[str, Any]:
+    """Run a learned soup and write it to ``target``; returns the results.json content."""
+    log = (lambda msg: print(f"hfsoup: {msg}", file=sys.stderr)) if progress else (lambda _: None)
+    config, task, k = recipe.learned or LearnedConfig(), recipe.task, len(indexes)
+    if not math.isfinite(config.lr):  # pydantic's gt=0 lets inf through
+        raise RecipeError(f"learned.lr: must be a finite positive number, got {config.lr}")
+    plan = plan_learned(config, indexes, max_length=task.max_length, device=device,
+                        memory_budget=memory_budget)  # fmt: skip
+    first = indexes[0].tensors
+    floats = [n for n, r in first.items() if r.dtype in FLOAT_DTYPES]
+    groups = layer_groups(floats) if config.by_layer else {WHOLE_MODEL: floats}
+    labels = [ix.ingredient.label for ix in indexes]
+    t0 = time.perf_counter()
+    scorer = make_scorer(task, indexes[0], progress=progress)
+    timings["load_task"] = time.perf_counter() - t0
+    check_task(scorer)
+    sel, metric = scorer.selection_split, scorer.selection_metric
+    with staged_output(target, overwrite=overwrite) as tmp:
+        session = SoupSession(indexes, device=device, allow_nonfinite=recipe.allow_nonfinite)
+        t0 = time.perf_counter()
+        individual = score_ingredients(session, scorer, labels=labels, log=log)
+        timings["score_ingredients"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        log("scoring the uniform soup")
+        uniform = score_uniform(session, scorer)
+        session.drop_sum()
+        timings["uniform_soup"] = time.perf_counter() - t0
+
+        seconds = _estimate_seconds(scorer, config, k, timings)
+        log(_plan_line(plan, seconds))
+        t0 = time.perf_counter()
+        result = learn(
+            session, scorer, groups=groups, path=plan.path, epochs=config.epochs, lr=config.lr,
+            batch_size=config.batch_size, param=config.param, seed=recipe.seed, log=log,
+        )  # fmt: skip
+        timings["learn"] = time.perf_counter() - t0
+        if not (all(math.isfinite(x) for x in result.losses) and result.weights.isfinite().all()
+                and math.isfinite(result.beta)):  # fmt: skip
+            raise TaskError(
+                f"the learned soup diverged (selection loss {result.losses[-1]}) with learning "
+                f"rate {config.lr:g}; give a smaller --learned-lr (learned.lr)"
+            )
+        method = "learned_soup_by_layer" if config.by_layer else "learned_soup"
+        learned = {s: scorer.scores(scorer.logits(session.model, s), s) for s in task.splits}
+        ensemble, greedy_ensemble, members = score_ensembles(scorer, k)
+        best = best_index([scores[sel][metric] for scores in individual])
+        table = {
+            "best_individual": individual[best],
+            "uniform_soup": uniform,
+            method: learned,
+            "ensemble": ensemble,
+            "greedy_ensemble": greedy_ensemble,
+        }
+
+        t0 = time.perf_counter()
+        targets = session.live.targets
+        write_weights(
+            tmp, indexes, shards,
+            lambda names: {
+                n: targets[n].detach().to(output_dtype(first[n], dtype), copy=True).cpu()
+                for n in names
+            },
+            dtype,
+            allow_nonfinite=recipe.allow_nonfinite,
+        )  # fmt: skip
+        timings["write"] = time.perf_counter() - t0
+
+        weights = ingredient_weights(result, indexes[0])
+        pinned = pin_recipe(recipe, indexes)
+        hardware = hardware_record(Processes(), Placement.single(device))
+        results = scored_results(
+            pinned, indexes, weights, timings=timings, shards=shards, hardware=hardware,
+            individual=individual, table=table, ensemble_members=[labels[i] for i in members],
+            selection=(sel, metric),
+        )  # fmt: skip
+        results["learned"] = _learned_record(result, config, plan, seconds)
+        if config.by_layer:
+            plot_alpha(tmp / ALPHA_PNG, result.weights, ingredients=labels, groups=list(groups))
+        index = task_model_index(recipe, target, table, method, indexes[0].config)
+        write_soup_files(
+            tmp, pinned, indexes, weights, results,
+            sections=[_card_section(results, labels, sel)], model_index=index or None,
+        )  # fmt: skip
+    return results
+
+
+def ingredient_weights(result: LearnedResult, first: IngredientIndex) -> list[float]:
+    """One weight per ingredient: its α, or by layer its α averaged over parameters."""
+    sizes = torch.tensor(
+        [sum(first.tensors[n].numel for n in names) for names in result.groups.values()],
+        dtype=torch.float64,
+    )
+    return (result.weights.double() @ sizes / sizes.sum()).tolist()
+
+
+def _estimate_seconds(
+    scorer: Any, config: LearnedConfig, k: int, timings: dict[str, float]
+) -> dict[str, float]:
+    # A training step costs about three forward passes; one model was scored k times per split.
+    examples = sum(scorer.split(s).size for s in scorer.task.splits)
+    forward = timings["score_ingredients"] / max(k * examples, 1)
+    read = max(timings["uniform_soup"] - timings["score_ingredients"] / k, 0.0)
+    steps = config.epochs * steps_per_epoch(scorer.split(scorer.selection_split).size,
+                                            config.batch_size)  # fmt: skip
+    return estimate_seconds(
+        steps=steps, step_seconds=3 * forward * config.batch_size, read_seconds=read
+    )
+
+
+def _plan_line(plan: PathPlan, seconds: dict[str, float]) -> str:
+    other = "stream" if plan.path == "memory" else "memory"
+    return (
+        f"learned soup: {plan.path} path ({plan.reason}): needs ~{human_bytes(plan.needs[plan.path])}"
+        f" of {human_bytes(plan.available)} ({plan.available_from}), ~{seconds[plan.path]:.0f} s; "
+        f"{other} path: ~{human_bytes(plan.needs[other])}, ~{seconds[other]:.0f} s"
+    )
+
+
+def _learned_record(
+    result: LearnedResult, config: LearnedConfig, plan: PathPlan, seconds: dict[str, float]
+) -> dict[str, Any]:
+    rows = result.weights.tolist()
+    if config.by_layer:
+        alpha: list = [dict(zip(result.groups, row, strict=True)) for row in rows]
+    else:
+        alpha = [row[0] for row in rows]
+    estimate: dict[str, Any] = {
+        path: {"bytes": plan.needs[path], "seconds": round(seconds[path], 3)} for path in plan.needs
+    }
+    estimate.update(
+        available_bytes=plan.available, available_from=plan.available_from, reason=plan.reason
+    )
+    return {
+        "alpha": alpha,
+        "beta": result.beta,
+        "groups": result.groups,
+        "path": result.path,
+        "by_layer": config.by_layer,
+        "param": config.param,
+        "epochs": config.epochs,
+        "lr": config.lr,
+        "batch_size": config.batch_size,
+        "steps": result.steps,
+        "loss": result.losses,
+        "estimate": estimate,
+    }
+
+
+def _card_section(results: dict[str, Any], labels: Sequence[str], sel: str) -> str:
+    learned = results["learned"]
+    by_layer = learned["by_layer"]
+    groups = list(learned["groups"]) if by_layer else ["α"]
+    rows = learned["alpha"] if by_layer else [{"α": a} for a in learned["alpha"]]
+    head = "| ingredient | " + " | ".join(groups) + " |"
+    lines = [head, "|" + "---|" * (len(groups) + 1)]
+    for label, row in zip(labels, rows, strict=True):
+        lines.append(f"| `{label}` | " + " | ".join(f"{row[g]:.3f}" for g in groups) + " |")
+    parametrisation = "softmax over ingredients" if learned["param"] == "softmax" else "free"
+    text = [
+        "## Scores",
+        "",
+        f"Mixing weights learned on split `{sel}`; the other splits are the report.",
+        "",
+        markdown_table(results["table"], selection_split=sel),
+        "",
+        "## Learned mixing weights",
+        "",
+        f"α ({parametrisation}, {'one per ingredient and layer' if by_layer else 'one per ingredient'}) "
+        f"and temperature β = {learned['beta']:.3f} minimise the cross-entropy of β · logits on "
+        f"`{sel}`: {learned['epochs']} epochs of Adam (lr {learned['lr']}, batch size "
+        f"{learned['batch_size']}) from uniform weights, on the {learned['path']} path. "
+        "The soup is Σ α_i θ_i.",
+        "",
+        *lines,
+    ]
+    if by_layer:
+        text += ["", f"![learned α by layer]({ALPHA_PNG})"]
+    return "\n".join(text)
+
+
+def plot_alpha(
+    path: Path, weights: torch.Tensor, *, ingredients: Sequence[str], groups: Sequence[str]
+) -> None:
+    """Heatmap of the learned α: ingredients down, layers across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k, g = weights.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * g + 2.5), max(2.2, 0.45 * k + 1.2)), dpi=110)
+    image = ax.imshow(weights.numpy(), aspect="auto", cmap="viridis")
+    ax.set_xticks(range(g), groups, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), ingredients, fontsize=8)
+    middle = float(weights.min() + weights.max()) / 2  # viridis is dark below, light above
+    if k * g <= 200:
+        for i in range(k):
+            for j in range(g):
+                value = float(weights[i, j])
+                dark = value < middle
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if dark else "black")  # fmt: skip
+    fig.colorbar(image, ax=ax, label="α")
+    ax.set_title("learned α by layer", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""What a run leaves behind: results.json, the card, figures, what a push sends."""

@@ -1,0 +1,244 @@
+"""What every soup writes beside its weights: the pinned recipe, the card, results.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hfsoup.compute.distributed import Processes
+from hfsoup.compute.placement import Placement
+from hfsoup.io.layout_writer import write_modules
+from hfsoup.io.tensors import IngredientIndex
+from hfsoup.io.writer import ShardWriter, copy_aux_files, write_config
+from hfsoup.recipe import Recipe
+from hfsoup.report.card import CardInfo, CardRow, render_card
+
+
+def pin_recipe(recipe: Recipe, indexes: Sequence[IngredientIndex]) -> Recipe:
+    """The recipe with every revision replaced by the commit SHA that was read, as the soup
+    records it (card, ``hfsoup_recipe.yaml``).
+
+    Without ``output.dir``: a recipe read from a soup never chooses its output (the rebuild
+    names one), and the folder it was written to is a path of this machine, which a pushed card
+    would publish.
+    """
+    soup_dir = Path(recipe.output.dir).expanduser().resolve() if recipe.output.dir else None
+    entries = []
+    for entry, ix in zip(recipe.ingredients, indexes, strict=True):
+        sha, path = ix.ingredient.sha, ix.ingredient.spec.path
+        update: dict = {"revision": sha} if sha else {}
+        if path is not None:
+            # Written as a path relative to the soup (a repo-shaped name read from a local
+            # folder too): a pushed card names no folder of this machine, and a recipe read
+            # from the soup finds the folder again (hfsoup.recipe.load_recipe).
+            update = {"repo": local_name(path, soup_dir), "revision": None}
+        entries.append(entry.model_copy(update=update))
+    output = recipe.output.model_copy(update={"dir": None})
+    return recipe.model_copy(update={"ingredients": entries, "output": output})
+
+
+def local_name(path: Path, soup_dir: Path | None) -> str:
+    """How a soup names a local ingredient: a path relative to the soup's folder (``../ft-1``),
+    or ``./NAME`` when there is none (no folder known, or another drive)."""
+    try:
+        rel = Path(os.path.relpath(path, soup_dir)).as_posix() if soup_dir else None
+    except ValueError:  # Windows: another drive
+        rel = None
+    if rel is None:
+        rel = path.name
+    return rel if rel.startswith(("./", "../")) or rel == ".." else f"./{rel}"
+
+
+def write_card(
+    folder: Path,
+    recipe: Recipe,
+    indexes: Sequence[IngredientIndex],
+    weights: Sequence[float],
+    sections: Sequence[str] = (),
+    model_index: list[dict] | None = None,
+) -> None:
+    """Render the model card into ``folder/README.md``."""
+    from hfsoup import __version__
+
+    rows = [
+        CardRow(
+            repo=ix.ingredient.spec.repo or ix.ingredient.spec.path.name,
+            revision=ix.ingredient.spec.revision,
+            sha=ix.ingredient.sha,
+            weight=w,
+            extra=sweep_hparams(ix),
+            local=ix.ingredient.spec.path is not None,
+            rejected=recipe.method == "greedy" and w == 0,
+        )  # fmt: skip
+        for ix, w in zip(indexes, weights, strict=True)
+    ]
+    info = CardInfo(
+        recipe=recipe,
+        rows=rows,
+        config=indexes[0].config,
+        licenses=[ix.ingredient.card.get("license") for ix in indexes],
+        sections=list(sections),
+        model_index=model_index,
+        hfsoup_version=__version__,
+    )
+    (folder / "README.md").write_text(render_card(info), encoding="utf-8")
+
+
+# Hyperparameters shown in the soup's ingredient table, when an ingredient came from a sweep.
+_CARD_HPARAMS = {"learning_rate": "lr", "num_train_epochs": "epochs", "weight_decay": "wd",
+                 "label_smoothing_factor": "label smoothing", "seed": "seed"}  # fmt: skip
+
+
+def sweep_hparams(ix: IngredientIndex) -> dict[str, Any]:
+    """The hyperparameters an ``hfsoup sweep`` ingredient records, under short names."""
+    from hfsoup.sweep import HPARAMS_FILE
+
+    if HPARAMS_FILE not in ix.ingredient.files:
+        return {}
+    hp = ix.ingredient.source.read_json(HPARAMS_FILE)
+    return {short: hp[key] for key, short in _CARD_HPARAMS.items() if key in hp}
+
+
+def results_base(recipe: Recipe, indexes: Sequence[IngredientIndex], weights: Sequence[float],
+                 timings: dict[str, float], shards: Sequence,
+                 hardware: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The results.json keys every method shares (``timings``: wall seconds per phase)."""
+    from hfsoup import __version__
+
+    return {
+        "hfsoup_version": __version__,
+        "name": recipe.name,
+        "method": recipe.method,
+        "ingredients": [
+            {
+                # A local ingredient as the (pinned) recipe names it: relative to the soup.
+                "repo": entry.repo
+                if ix.ingredient.spec.path is not None
+                else ix.ingredient.spec.repo,
+                "revision": ix.ingredient.spec.revision,
+                "sha": ix.ingredient.sha,
+                "weight": w,
+                "scores": {},
+            }  # fmt: skip
+            for entry, ix, w in zip(recipe.ingredients, indexes, weights, strict=True)
+        ],
+        "output": {"shards": len(shards), "parameters": indexes[0].num_parameters},
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "hardware": hardware or {},
+    }
+
+
+def hardware_record(procs: Processes, placement: Placement) -> dict[str, Any]:
+    """The hardware a run used: processes, nodes, device kinds and counts, and the placement.
+
+    A collective under ``accelerate launch``: every process must call it at the same point.
+    """
+    devices = sorted(set(placement.devices.values()))
+    return {**procs.hardware(devices), **placement.describe()}
+
+
+# Phases in the order a run goes through them, as the card lists them.
+_PHASES = {"resolve": "resolve ingredients + read headers", "stream": "stream + average + write",
+           "load_task": "load and preprocess the task", "score_ingredients": "score each ingredient",
+           "uniform_soup": "uniform soup (form + score)", "greedy_soup": "greedy soup (decide + score)",
+           "learn": "learn the mixing weights", "write": "write the soup"}  # fmt: skip
+
+
+def hardware_section(results: dict[str, Any]) -> str:
+    """The card's "Hardware and time" section, from results.json's ``hardware`` and ``timings``."""
+    hw, timings = results.get("hardware") or {}, results.get("timings") or {}
+    devices = ", ".join(f"{d['count']} x {d['name']} ({d['kind']})" for d in hw.get("devices", []))
+    lines = [
+        "## Hardware and time",
+        "",
+        f"Ran as {hw.get('processes', 1)} process(es) on {hw.get('nodes', 1)} node(s): "
+        f"{devices or 'unknown devices'}; scoring dtype `{hw.get('score_dtype', 'float32')}`"
+        + (f", device map `{hw['device_map']}` ({_blocks(hw)})." if hw.get("device_map") else "."),
+        "",
+        "| phase | wall time (s) |",
+        "|---|---|",
+    ]
+    for key, value in timings.items():
+        lines.append(f"| {_PHASES.get(key, key)} | {value:.2f} |")
+    return "\n".join(lines)
+
+
+def _blocks(hw: dict[str, Any]) -> str:
+    return ", ".join(f"{n} block(s) on {d}" for d, n in hw.get("blocks_per_device", {}).items())
+
+
+def write_weights(
+    folder: Path,
+    indexes: Sequence[IngredientIndex],
+    shards: Sequence[Sequence[str]],
+    tensors_of: Callable[[Sequence[str]], dict[str, torch.Tensor]],
+    dtype: torch.dtype | None,
+    *,
+    allow_nonfinite: bool = False,
+) -> None:
+    """Write the soup's shards (``tensors_of(names)`` per shard, on the CPU, output dtypes),
+    the index, the config and the first ingredient's tokenizer/processor files.
+
+    Raises:
+        NonFiniteWeightsError: a soup tensor holds NaN or Inf and ``allow_nonfinite`` is False.
+    """
+    writer = ShardWriter(folder, len(shards), allow_nonfinite=allow_nonfinite)
+    for i, names in enumerate(shards):
+        writer.write(i, tensors_of(names))
+    writer.finish()
+    write_config(folder, indexes[0].config, dtype)
+    copy_aux_files(folder, indexes[0].ingredient)
+
+
+def scored_results(
+    recipe: Recipe,
+    indexes: Sequence[IngredientIndex],
+    weights: Sequence[float],
+    *,
+    timings: dict[str, float],
+    shards: Sequence,
+    hardware: dict[str, Any],
+    individual: Sequence[dict],
+    table: dict[str, Any],
+    ensemble_members: Sequence[str],
+    selection: tuple[str, str],
+) -> dict[str, Any]:
+    """results.json of a scored soup (greedy, learned): the shared keys, the per-ingredient
+    scores, the task, the comparison table, the greedy ensemble and the selection rule."""
+    results = results_base(recipe, indexes, weights, timings, shards, hardware)
+    for row, scores in zip(results["ingredients"], individual, strict=True):
+        row["scores"] = scores
+    results["task"] = recipe.task.model_dump(mode="json", by_alias=True)
+    results["greedy_ensemble"] = {"members": list(ensemble_members)}
+    results["table"] = table
+    results["selection"] = {"split": selection[0], "metric": selection[1]}
+    return results
+
+
+def write_soup_files(
+    folder: Path,
+    recipe: Recipe,
+    indexes: Sequence[IngredientIndex],
+    weights: Sequence[float],
+    results: dict[str, Any],
+    *,
+    sections: Sequence[str] = (),
+    model_index: list[dict] | None = None,
+) -> None:
+    """The card (with the hardware and time section last), the pinned recipe and results.json;
+    first, a sentence-transformers soup's module folders (:func:`write_modules`, mixed with
+    ``weights``).
+
+    ``recipe`` is the pinned recipe (:func:`pin_recipe`).
+    """
+    dtype = getattr(torch, recipe.output.dtype) if recipe.output.dtype else None
+    write_modules(folder, indexes, weights, dtype=dtype, allow_nonfinite=recipe.allow_nonfinite)
+    sections = [*sections, hardware_section(results)]
+    write_card(folder, recipe, indexes, weights, sections=sections, model_index=model_index)
+    (folder / "hfsoup_recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

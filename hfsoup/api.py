@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hfsoup.check.compat import align_ingredients
+from hfsoup.check.layouts import check_layouts
 from hfsoup.compute.combine import fetch_plan_bytes, normalise_weights, stream_average
 from hfsoup.compute.distributed import Processes, processes
 from hfsoup.compute.placement import SCORE_DTYPES, parse_max_memory, plan_placement
@@ -29,7 +30,7 @@ from hfsoup.errors import (
     RecipeError,
 )
 from hfsoup.io.hub import IngredientSpec, parse_ingredient, push_folder, resolve
-from hfsoup.io.layouts import check_layouts, read_layout
+from hfsoup.io.layouts import read_layout
 from hfsoup.io.tensors import (
     IngredientIndex,
     index_ingredient,

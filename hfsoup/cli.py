@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hfsoup",
         description="Model soups from the Hugging Face Hub: average fine-tunes of one model.",
     )
-    from hfsoup import __version__
+    from hfsoup._version import __version__
 
     parser.add_argument("--version", action="version", version=f"hfsoup {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

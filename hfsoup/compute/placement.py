@@ -5,7 +5,7 @@
 over this process's GPU under ``accelerate launch``), spilling to the CPU when they are full:
 the model is built on the ``meta`` device (``init_empty_weights``), accelerate's
 ``infer_auto_device_map`` assigns each block a device within ``--max-memory`` (accelerate's
-syntax: ``0=20GiB cpu=64GiB``), and ``attach_align_device_hook_on_blocks`` places the blocks and
+syntax, ``0=20GiB cpu=64GiB``, with sizes read by :mod:`hfsoup.units`' rule), and ``attach_align_device_hook_on_blocks`` places the blocks and
 moves activations between them. Unlike ``dispatch_model``, blocks that spill to the CPU *run*
 there rather than being copied to the GPU at every forward pass: a soup rewrites the weights in
 place between forward passes, so they must stay real tensors.
@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from hfsoup.errors import InsufficientMemoryError, RecipeError
+from hfsoup.dtypes import SCORE_DTYPES  # noqa: F401  (re-exported: the table is hfsoup.dtypes')
+from hfsoup.errors import IncompatibleIngredientsError, InsufficientMemoryError, RecipeError
+from hfsoup.units import MAX_SIZE, human_bytes, read_size
 
-SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 
 
@@ -102,13 +103,12 @@ def parse_max_memory(items: str | Mapping | list[str] | None) -> dict[int | str,
     """accelerate's ``max_memory``: ``{0: bytes, 1: bytes, "cpu": bytes}`` from flags or a mapping.
 
     Accepts ``["0=20GiB", "cpu=64GiB"]``, ``"0=20GiB,cpu=64GiB"``, or a mapping; devices may be
-    written ``0``, ``cuda:0`` or ``cpu``.
+    written ``0``, ``cuda:0`` or ``cpu``. Sizes are read as :func:`hfsoup.units.parse_size` reads
+    every size (``5Gb`` is 5 GB, where accelerate's own parser would read 5 gigabits).
 
     Raises:
         RecipeError: an item is not ``DEVICE=SIZE`` or names an unknown device or size.
     """
-    from accelerate.utils import convert_file_size_to_int
-
     if items is None:
         return {}
     if isinstance(items, Mapping):
@@ -135,19 +135,39 @@ def parse_max_memory(items: str | Mapping | list[str] | None) -> dict[int | str,
         else:
             raise RecipeError(f"--max-memory: unknown device {key!r} (use 0, cuda:0, ... or cpu)")
         try:
-            out[device] = convert_file_size_to_int(value)
+            amount = read_size(value)  # hfsoup.units' rule: "5Gb" is 5 GB, never bits
         except ValueError:
             raise RecipeError(f"--max-memory: {value!r} is not a size (e.g. 20GiB)") from None
-        if out[device] <= 0:
+        if not amount > 0:  # zero, negative or NaN
             raise RecipeError(f"--max-memory: {key}={value} must be positive")
+        if amount > MAX_SIZE:
+            raise RecipeError(f"--max-memory: {key}={value} is too large (at most 8PiB)")
+        out[device] = int(amount)
     return out
+
+
+def model_class(config: Mapping) -> tuple[type, Any]:
+    """The ``transformers`` class of the config's architecture and its config object.
+
+    Raises:
+        IncompatibleIngredientsError: the architecture is not one ``transformers`` knows.
+    """
+    import transformers
+    from transformers import AutoConfig
+
+    config = dict(config)
+    arch = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise IncompatibleIngredientsError(
+            f"architecture {arch!r} is not in transformers; scoring needs a known architecture"
+        )
+    return cls, AutoConfig.for_model(**config)
 
 
 def meta_model(config: Mapping, score_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The config's model on the ``meta`` device: shapes without memory, for planning."""
     from accelerate import init_empty_weights
-
-    from hfsoup.compute.live import model_class
 
     cls, cfg = model_class(config)
     with init_empty_weights():
@@ -188,10 +208,10 @@ def infer_device_map(
         model, max_memory=scaled, no_split_module_classes=no_split, dtype=score_dtype
     )
     if any(d == "disk" for d in device_map.values()) or not device_map:
-        need = model_bytes(model, accumulate)
-        given = ", ".join(f"{k}={_size(v)}" for k, v in budgets.items())
+        need = human_bytes(model_bytes(model, accumulate), binary=True)
+        given = ", ".join(f"{k}={human_bytes(v, binary=True)}" for k, v in budgets.items())
         raise InsufficientMemoryError(
-            f"the model ({_size(need)} with its running sum) does not fit in the memory given "
+            f"the model ({need} with its running sum) does not fit in the memory given "
             f"({given}); raise --max-memory or use more devices"
         )
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
@@ -203,13 +223,6 @@ def model_bytes(model: torch.nn.Module, accumulate: torch.dtype = torch.float32)
     """Bytes of ``model``'s parameters plus a running sum in ``accumulate`` beside each."""
     extra = torch.tensor([], dtype=accumulate).element_size()
     return sum(p.numel() * (p.element_size() + extra) for p in model.parameters())
-
-
-def _size(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{int(n)}B"
 
 
 def _device_name(device: int | str | torch.device) -> str:

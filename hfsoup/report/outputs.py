@@ -63,7 +63,7 @@ def write_card(
     model_index: list[dict] | None = None,
 ) -> None:
     """Render the model card into ``folder/README.md``."""
-    from hfsoup import __version__
+    from hfsoup._version import __version__
 
     rows = [
         CardRow(
@@ -108,7 +108,7 @@ def results_base(recipe: Recipe, indexes: Sequence[IngredientIndex], weights: Se
                  timings: dict[str, float], shards: Sequence,
                  hardware: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """The results.json keys every method shares (``timings``: wall seconds per phase)."""
-    from hfsoup import __version__
+    from hfsoup._version import __version__
 
     return {
         "hfsoup_version": __version__,

@@ -5,10 +5,11 @@
 over this process's GPU under ``accelerate launch``), spilling to the CPU when they are full:
 the model is built on the ``meta`` device (``init_empty_weights``), accelerate's
 ``infer_auto_device_map`` assigns each block a device within ``--max-memory`` (accelerate's
-syntax, ``0=20GiB cpu=64GiB``, with sizes read by :mod:`hfsoup.units`' rule), and ``attach_align_device_hook_on_blocks`` places the blocks and
-moves activations between them. Unlike ``dispatch_model``, blocks that spill to the CPU *run*
-there rather than being copied to the GPU at every forward pass: a soup rewrites the weights in
-place between forward passes, so they must stay real tensors.
+syntax: ``0=20GiB cpu=64GiB``; sizes as :mod:`hfsoup.units` reads them), and
+``attach_align_device_hook_on_blocks`` places the blocks and moves activations between them.
+Unlike ``dispatch_model``, blocks that spill to the CPU *run* there rather than being copied to
+the GPU at every forward pass: a soup rewrites the weights in place between forward passes, so
+they must stay real tensors.
 
 The memory planned for each parameter is its scoring copy (``--score-dtype``) plus the float32
 running sum kept beside it; the budgets given to accelerate are scaled down accordingly.
@@ -24,7 +25,7 @@ import torch
 
 from hfsoup.dtypes import SCORE_DTYPES  # noqa: F401  (re-exported: the table is hfsoup.dtypes')
 from hfsoup.errors import IncompatibleIngredientsError, InsufficientMemoryError, RecipeError
-from hfsoup.units import MAX_SIZE, human_bytes, read_size
+from hfsoup.units import human_bytes, read_size
 
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 
@@ -135,14 +136,11 @@ def parse_max_memory(items: str | Mapping | list[str] | None) -> dict[int | str,
         else:
             raise RecipeError(f"--max-memory: unknown device {key!r} (use 0, cuda:0, ... or cpu)")
         try:
-            amount = read_size(value)  # hfsoup.units' rule: "5Gb" is 5 GB, never bits
+            out[device] = int(read_size(value))  # "5Gb" is 5 GB (hfsoup.units), never bits
         except ValueError:
             raise RecipeError(f"--max-memory: {value!r} is not a size (e.g. 20GiB)") from None
-        if not amount > 0:  # zero, negative or NaN
+        if out[device] <= 0:
             raise RecipeError(f"--max-memory: {key}={value} must be positive")
-        if amount > MAX_SIZE:
-            raise RecipeError(f"--max-memory: {key}={value} is too large (at most 8PiB)")
-        out[device] = int(amount)
     return out
 
 
@@ -208,10 +206,10 @@ def infer_device_map(
         model, max_memory=scaled, no_split_module_classes=no_split, dtype=score_dtype
     )
     if any(d == "disk" for d in device_map.values()) or not device_map:
-        need = human_bytes(model_bytes(model, accumulate), binary=True)
-        given = ", ".join(f"{k}={human_bytes(v, binary=True)}" for k, v in budgets.items())
+        need = model_bytes(model, accumulate)
+        given = ", ".join(f"{k}={_size(v)}" for k, v in budgets.items())
         raise InsufficientMemoryError(
-            f"the model ({need} with its running sum) does not fit in the memory given "
+            f"the model ({_size(need)} with its running sum) does not fit in the memory given "
             f"({given}); raise --max-memory or use more devices"
         )
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
@@ -223,6 +221,11 @@ def model_bytes(model: torch.nn.Module, accumulate: torch.dtype = torch.float32)
     """Bytes of ``model``'s parameters plus a running sum in ``accumulate`` beside each."""
     extra = torch.tensor([], dtype=accumulate).element_size()
     return sum(p.numel() * (p.element_size() + extra) for p in model.parameters())
+
+
+def _size(n: float) -> str:
+    """A memory size in a message, in binary units (:func:`hfsoup.units.human_bytes`)."""
+    return human_bytes(n, binary=True)
 
 
 def _device_name(device: int | str | torch.device) -> str:

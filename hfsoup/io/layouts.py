@@ -13,7 +13,7 @@ A PEFT adapter repo (``adapter_config.json`` and adapter weights, no full weight
 with a line saying so: averaging adapters is not averaging models.
 
 Nothing here reads a weight byte; :mod:`hfsoup.check.layouts` checks that the ingredients' layouts
-agree, and :mod:`hfsoup.io.layout_writer` writes the modules of a soup.
+agree, and :mod:`hfsoup.compute.layout_writer` writes the modules of a soup.
 """
 
 from __future__ import annotations

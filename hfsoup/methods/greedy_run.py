@@ -27,6 +27,7 @@ from hfsoup.methods.greedy import (
     run_greedy,
     saved_fingerprint,
 )
+from hfsoup.methods.shared import make_scorer, task_model_index
 from hfsoup.recipe import Recipe
 from hfsoup.report.outputs import (
     hardware_record,
@@ -36,29 +37,7 @@ from hfsoup.report.outputs import (
     write_soup_files,
     write_weights,
 )
-from hfsoup.report.summary import TRAJECTORY_PNG, markdown_table, model_index, plot_trajectory
-from hfsoup.tasks.scorer import Scorer
-
-
-def make_scorer(
-    task: Any, first: IngredientIndex, *, progress: bool, processes: Processes | None = None
-) -> Scorer:
-    """A scorer using the first ingredient's tokenizer / image processor (pinned to its SHA).
-
-    With several processes the main one loads (and caches) the data first, the others then
-    read it from the cache.
-    """
-    procs = processes or Processes()
-    spec = first.ingredient.spec
-    source = str(spec.path) if spec.path is not None else spec.repo
-    if not procs.is_main:
-        procs.barrier()
-    scorer = Scorer.from_pretrained(
-        task, source, revision=first.ingredient.sha, progress=progress, processes=procs
-    )
-    if procs.is_main:
-        procs.barrier()
-    return scorer
+from hfsoup.report.summary import TRAJECTORY_PNG, markdown_table, plot_trajectory
 
 
 def fingerprint(recipe: Recipe, indexes: Sequence[IngredientIndex]) -> str:
@@ -184,29 +163,6 @@ def run_greedy_soup(
         shutil.rmtree(tmp / "logits", ignore_errors=True)
         (tmp / STATE_FILE).unlink(missing_ok=True)
     return results
-
-
-def task_model_index(
-    recipe: Recipe, target: Path, table: dict[str, Any], method: str, config: dict
-) -> list[dict[str, Any]]:
-    """``model-index`` results of ``method``'s row of ``table`` on the task's report splits.
-
-    Only for a Hub dataset, with the commit it points at (else the revision asked for): the
-    Hub's model-index names datasets by Hub ID, so local data files give none.
-    """
-    from hfsoup.io.hub import dataset_commit, hub_dataset
-    from hfsoup.report.card import pipeline_tag
-
-    task = recipe.task
-    found = hub_dataset(task.dataset)
-    if found is None:
-        return []
-    dataset, revision = found
-    return model_index(
-        recipe.name or target.name, table, method, dataset=dataset, config=task.config,
-        report_splits=task.report_splits, task_type=pipeline_tag(config),
-        revision=dataset_commit(dataset, revision) or revision,
-    )  # fmt: skip
 
 
 def _check_resumable(recipe: Recipe, indexes: Sequence[IngredientIndex], target: Path) -> None:

@@ -23,7 +23,6 @@ from hfsoup.methods.greedy import (
     score_ingredients,
     score_uniform,
 )
-from hfsoup.methods.greedy_run import make_scorer, task_model_index
 from hfsoup.methods.learned import (
     WHOLE_MODEL,
     LearnedResult,
@@ -39,6 +38,7 @@ from hfsoup.methods.learned import (
     read_ahead_bytes,
     steps_per_epoch,
 )
+from hfsoup.methods.shared import make_scorer, task_model_index
 from hfsoup.recipe import LearnedConfig, Recipe
 from hfsoup.report.outputs import (
     hardware_record,

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from hfsoup.compute.distributed import Processes
+from hfsoup.compute.layout_writer import write_modules
 from hfsoup.compute.placement import Placement
-from hfsoup.io.layout_writer import write_modules
 from hfsoup.io.tensors import IngredientIndex
 from hfsoup.io.writer import ShardWriter, copy_aux_files, write_config
 from hfsoup.recipe import Recipe

@@ -23,13 +23,17 @@ from hfsoup.check.layouts import check_layouts
 from hfsoup.compute.combine import fetch_plan_bytes, normalise_weights, stream_average
 from hfsoup.compute.distributed import Processes, processes
 from hfsoup.compute.placement import SCORE_DTYPES, parse_max_memory, plan_placement
+from hfsoup.dtypes import OUTPUT_DTYPES as _DTYPES
 from hfsoup.errors import (
     IncompatibleIngredientsError,
     NothingToResumeError,
     PushError,
     RecipeError,
 )
-from hfsoup.io.hub import IngredientSpec, parse_ingredient, push_folder, resolve
+from hfsoup.ingredients import IngredientLike
+from hfsoup.ingredients import to_entry as _entry
+from hfsoup.ingredients import to_spec as _spec
+from hfsoup.io.hub import IngredientSpec, push_folder, resolve
 from hfsoup.io.layouts import read_layout
 from hfsoup.io.tensors import (
     IngredientIndex,
@@ -45,7 +49,7 @@ from hfsoup.io.writer import (
     staged_output,
     write_config,
 )
-from hfsoup.recipe import IngredientEntry, OutputConfig, Recipe, build_recipe, load_recipe
+from hfsoup.recipe import OutputConfig, Recipe, build_recipe, load_recipe
 from hfsoup.report.outputs import hardware_record, pin_recipe, results_base, write_soup_files
 from hfsoup.report.pushplan import check_repo_id, plan_push
 from hfsoup.untrusted import check_resolved, check_soup_recipe, plan_lines
@@ -54,9 +58,6 @@ if TYPE_CHECKING:
     from hfsoup.check.doctor import Examination, Finding
 
 log = logging.getLogger("hfsoup")
-
-IngredientLike = str | Path | IngredientSpec | IngredientEntry | dict
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -119,16 +120,6 @@ def _describe(ix: IngredientIndex) -> dict[str, Any]:
         "architectures": ix.config.get("architectures"),
         "format": "pickle" if ix.pickle else "safetensors",
     }
-
-
-def _spec(item: IngredientLike) -> IngredientSpec:
-    if isinstance(item, IngredientSpec):
-        return item
-    if isinstance(item, dict):
-        item = IngredientEntry.model_validate(item)
-    if isinstance(item, IngredientEntry):
-        return parse_ingredient(item.text, weight=item.weight)
-    return parse_ingredient(str(item))  # a string, or a local folder as a Path
 
 
 def load_ingredients(
@@ -278,12 +269,6 @@ def soup(
 def _local_paths(spec: IngredientSpec) -> list[Path]:
     """The local folders an ingredient may read (its path, or the folder named like its repo)."""
     return [p for p in (spec.path, spec.local_fallback) if p is not None]
-
-
-def _entry(item: IngredientLike) -> dict[str, Any]:
-    spec = _spec(item)
-    repo = spec.repo if spec.path is None else str(spec.path)
-    return {"repo": repo, "revision": spec.revision, "weight": spec.weight}
 
 
 def run(

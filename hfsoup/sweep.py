@@ -22,9 +22,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hfsoup.errors import RecipeError, TaskError
+from hfsoup.ingredients import HPARAMS_FILE
 from hfsoup.tasks.task import Task, resolve_task
 
-HPARAMS_FILE = "hfsoup_hparams.json"
 _DONE = "hfsoup_sweep_done.json"
 
 

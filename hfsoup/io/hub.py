@@ -33,13 +33,17 @@ from hfsoup.errors import (
     RecipeError,
     scrub,
 )
+from hfsoup.ingredients import (
+    IngredientSpec,
+    _invalid_repo_id,
+    looks_like_path,
+    parse_ingredient,  # noqa: F401  (re-exported)
+)
 from hfsoup.io import checksums
 
 T = TypeVar("T")
 log = logging.getLogger("hfsoup")
 
-# A Hub repo ID: optional namespace, then a name; '@' separates an optional revision.
-_REPO_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 _RETRIES = 5
 _BACKOFF_S = 0.5
 # The longest one request may spend waiting in all (Retry-After waits and back-off together), so
@@ -54,117 +58,11 @@ MIN_BYTES_PER_S = 1024
 _TRANSIENT = (408, 429)
 
 
-# How a local folder is written: ./x, ../x, /abs, ~/x, ~user, . or .., C:\x; any backslash.
-_PATH_RE = re.compile(r"^(?:\.\.?(?:[/\\]|$)|[/\\~]|[A-Za-z]:[/\\])")
 # A local ingredient is a model folder: listing stops (with an error) past these bounds, so a
 # folder such as / or ~ fails in a moment rather than walking a whole disk.
 MAX_LOCAL_ENTRIES = 10_000
 MAX_LOCAL_DEPTH = 8
 _UNLISTED_DIRS = {".git", ".cache"}  # version control, huggingface_hub's download metadata
-
-
-@dataclass(frozen=True)
-class IngredientSpec:
-    """What the user asked for: a repo ID with an optional revision, or a local directory.
-
-    ``local_fallback`` is a folder in the working directory named like the repo ID: it is read
-    only when the Hub has no such repo (see :func:`resolve`).
-    """
-
-    repo: str | None = None
-    revision: str | None = None
-    path: Path | None = None
-    weight: float | None = None
-    local_fallback: Path | None = None
-
-    @property
-    def label(self) -> str:
-        """How the ingredient is named in messages, tables and cards."""
-        if self.path is not None:
-            return str(self.path)
-        return f"{self.repo}@{self.revision}" if self.revision else str(self.repo)
-
-
-def looks_like_path(text: str) -> bool:
-    """Whether ``text`` is written as a path (``./x``, ``../x``, ``/abs``, ``~/x``, ``.``, a
-    Windows drive or backslash path) rather than as a Hub repo ID."""
-    return bool(_PATH_RE.match(text)) or "\\" in text
-
-
-def parse_ingredient(text: str, *, weight: float | None = None) -> IngredientSpec:
-    """Parse ``org/name``, ``org/name@revision`` or a local directory.
-
-    A string written as a path (:func:`looks_like_path`) is a local directory. A string shaped
-    like a repo ID names the Hub repo, even when a folder of that name exists in the working
-    directory: that folder is only a fallback, used (with a warning) if the Hub has no such
-    repo. Any other string is a local directory if one exists.
-
-    Args:
-        text: the ingredient as the user wrote it.
-        weight: optional mixing weight, carried along unchanged.
-
-    Returns:
-        An :class:`IngredientSpec`.
-
-    Raises:
-        IngredientSpecError: the string is neither a repo ID nor an existing directory.
-        IngredientNotFoundError: it looks like a path but no such directory exists.
-
-    Example:
-        >>> parse_ingredient("org/ft-1@v2").revision
-        'v2'
-        >>> parse_ingredient("./org/ft-1").path is not None  # doctest: +SKIP
-        True
-    """
-    text = text.strip()
-    if not text:
-        raise IngredientSpecError("empty ingredient: give 'org/name' or a local directory")
-    local = Path(text).expanduser()
-    if looks_like_path(text):
-        if not _is_dir(local):
-            raise IngredientNotFoundError(f"ingredient {text!r}: no such local directory")
-        return IngredientSpec(path=local.resolve(), weight=weight)
-    repo, sep, revision = text.partition("@")
-    # A revision may hold slashes (refs/pr/1, feature/x); only the repo part may not.
-    if _REPO_RE.match(repo) and not (sep and not revision) and ".." not in repo:
-        invalid = _invalid_repo_id(repo)
-        if invalid is None:
-            fallback = local.resolve() if _is_dir(local) else None
-            return IngredientSpec(
-                repo=repo, revision=revision or None, weight=weight, local_fallback=fallback
-            )
-        if not _is_dir(local):  # a folder of that name is meant: no Hub repo can have it
-            shown = text if len(text) <= 120 else f"{text[:100]}... ({len(text)} characters)"
-            raise IngredientSpecError(f"ingredient {shown!r} is not a valid Hub repo ID: {invalid}")
-    if _is_dir(local):  # not a repo ID, so it cannot hide one
-        return IngredientSpec(path=local.resolve(), weight=weight)
-    if text.startswith(".") or repo.count("/") > 1:
-        raise IngredientNotFoundError(f"ingredient {text!r}: no such local directory")
-    raise IngredientSpecError(
-        f"ingredient {text!r} is not 'org/name', 'org/name@revision' or a local directory"
-    )
-
-
-def _invalid_repo_id(repo: str) -> str | None:
-    """Why the Hub would refuse ``repo`` as a repo ID (huggingface_hub's rules), or None."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo)
-    except HFValidationError as exc:
-        # huggingface_hub quotes the ID again at the end; once (in the caller) is enough.
-        reason = " ".join(str(exc).split())
-        return reason.replace(f": '{repo}'", "").replace(f"'{repo}'", "it").rstrip(" .:")
-    return None
-
-
-def _is_dir(path: Path) -> bool:
-    """``path.is_dir()``, False for a name the system cannot even look up (too long, NUL)."""
-    try:
-        return path.is_dir()
-    except (OSError, ValueError):
-        return False
 
 
 class Source(ABC):

@@ -27,8 +27,9 @@ from hfsoup.methods.greedy import (
     run_greedy,
     saved_fingerprint,
 )
-from hfsoup.methods.shared import make_scorer, task_model_index
+from hfsoup.methods.shared import make_scorer
 from hfsoup.recipe import Recipe
+from hfsoup.report.model_index import task_model_index
 from hfsoup.report.outputs import (
     hardware_record,
     pin_recipe,

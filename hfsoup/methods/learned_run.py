@@ -38,8 +38,9 @@ from hfsoup.methods.learned import (
     read_ahead_bytes,
     steps_per_epoch,
 )
-from hfsoup.methods.shared import make_scorer, task_model_index
+from hfsoup.methods.shared import make_scorer
 from hfsoup.recipe import LearnedConfig, Recipe
+from hfsoup.report.model_index import task_model_index
 from hfsoup.report.outputs import (
     hardware_record,
     pin_recipe,

@@ -13,6 +13,7 @@ import torch
 from hfsoup.compute.distributed import Processes
 from hfsoup.compute.layout_writer import write_modules
 from hfsoup.compute.placement import Placement
+from hfsoup.ingredients import HPARAMS_FILE
 from hfsoup.io.tensors import IngredientIndex
 from hfsoup.io.writer import ShardWriter, copy_aux_files, write_config
 from hfsoup.recipe import Recipe
@@ -96,8 +97,6 @@ _CARD_HPARAMS = {"learning_rate": "lr", "num_train_epochs": "epochs", "weight_de
 
 def sweep_hparams(ix: IngredientIndex) -> dict[str, Any]:
     """The hyperparameters an ``hfsoup sweep`` ingredient records, under short names."""
-    from hfsoup.sweep import HPARAMS_FILE
-
     if HPARAMS_FILE not in ix.ingredient.files:
         return {}
     hp = ix.ingredient.source.read_json(HPARAMS_FILE)

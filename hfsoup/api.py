@@ -33,7 +33,7 @@ from hfsoup.errors import (
 from hfsoup.ingredients import IngredientLike
 from hfsoup.ingredients import to_entry as _entry
 from hfsoup.ingredients import to_spec as _spec
-from hfsoup.io.hub import IngredientSpec, push_folder, resolve
+from hfsoup.io.hub import IngredientSpec, resolve
 from hfsoup.io.layouts import read_layout
 from hfsoup.io.tensors import (
     IngredientIndex,
@@ -51,7 +51,7 @@ from hfsoup.io.writer import (
 )
 from hfsoup.recipe import OutputConfig, Recipe, build_recipe, load_recipe
 from hfsoup.report.outputs import hardware_record, pin_recipe, results_base, write_soup_files
-from hfsoup.report.pushplan import check_repo_id, plan_push
+from hfsoup.report.pushplan import check_repo_id, plan_push, push_folder
 from hfsoup.untrusted import check_resolved, check_soup_recipe, plan_lines
 
 if TYPE_CHECKING:

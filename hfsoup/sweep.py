@@ -235,7 +235,7 @@ def sweep(recipe: SweepRecipe, *, progress: bool = True, token: str | None = Non
     """
     from transformers import AutoModelForSequenceClassification
 
-    from hfsoup.io.hub import push_folder
+    from hfsoup.report.pushplan import push_folder
     from hfsoup.tasks.scorer import Scorer
 
     out = Path(recipe.output_dir).expanduser().resolve()

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from hfsoup.errors import (
     AccessDeniedError,
@@ -997,76 +997,58 @@ def _front_matter(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def push_folder(
-    folder: Path,
+def commit_files(
     repo_id: str,
+    contents: dict[str, bytes | BinaryIO],
     *,
+    replaces: Callable[[str], bool],
+    message: str,
+    folder: Path,
+    retry: str,
     private: bool = False,
     token: str | None = None,
-    message: str,
-    files: list[str] | None = None,
-    include: list[str] | None = None,
 ) -> str:
-    """Create ``repo_id`` if needed and upload ``files`` of ``folder`` as one commit.
-
-    The same commit deletes the remote files hfsoup owns (weights, index, card, tokenizer, ...:
-    :func:`hfsoup.report.pushplan.is_soup_file`) that are not among ``files``, so the repo holds the
-    new soup and no stale weights beside it. Other remote files are kept.
+    """Create ``repo_id`` if needed and upload ``contents`` (repo path -> bytes or an open
+    file) as one commit, which also deletes the remote files ``replaces`` claims that are not
+    among them (what hfsoup owns: :func:`hfsoup.report.pushplan.is_soup_file`). Other remote
+    files are kept. :func:`hfsoup.report.pushplan.push_folder` chooses and opens the files.
 
     Args:
-        files: paths relative to ``folder``, as :func:`hfsoup.report.pushplan.plan_push` chose them;
-            default: every regular file inside it.
-        include: the include patterns that chose ``files``, for the retry command a failure
-            prints.
+        folder: the local folder the files come from, for messages.
+        retry: how to retry, appended to a failure's message.
 
     Returns:
         The URL of the commit.
 
     Raises:
-        PushError: a file is a symlink or not a regular file (refused before anything is sent),
-            or the upload failed; the message says how to retry. ``folder`` is left intact.
+        PushError: a path the Hub cannot hold (refused before anything is sent), or the upload
+            failed; the message says how to retry.
     """
-    import shlex
-    from contextlib import ExitStack
-
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-    from hfsoup.report.pushplan import check_repo_id, is_soup_file, open_regular, regular_files
-
-    try:
-        check_repo_id(repo_id)
-    except ValueError as exc:
-        raise PushError(f"cannot push: {exc}") from exc
-    files = regular_files(folder) if files is None else list(files)
     api = HfApi(token=token)
-    retry = f"retry with: hfsoup push {folder} {repo_id}" + (" --private" if private else "")
-    retry += "".join(f" --include {shlex.quote(p)}" for p in include or ())
-    with ExitStack() as opened:
-        adds = []
-        for f in files:
-            content = open_regular(folder, f)
-            if not isinstance(content, bytes):
-                opened.enter_context(content)
-            try:
-                adds.append(CommitOperationAdd(f, content))
-            except ValueError as exc:  # a name the Hub cannot hold
-                raise PushError(f"cannot push {folder / f}: {exc}; nothing was uploaded") from exc
+    adds = []
+    for f, content in contents.items():
         try:
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            head = api.model_info(repo_id)
-            remote = [s.rfilename for s in head.siblings or []]
-            stale = sorted(p for p in remote if is_soup_file(p) and p not in files)
-            info = api.create_commit(
-                repo_id,
-                [*adds, *(CommitOperationDelete(p) for p in stale)],
-                commit_message=message,
-                parent_commit=head.sha,  # a commit made meanwhile fails this one, never mixes in
-            )
-        except Exception as exc:
-            reason = _push_reason(exc)
-            raise PushError(
-                f"push to {repo_id} failed ({reason}); the soup is intact in {folder}; {retry}"
-            ) from exc
+            adds.append(CommitOperationAdd(f, content))
+        except ValueError as exc:  # a name the Hub cannot hold
+            raise PushError(f"cannot push {folder / f}: {exc}; nothing was uploaded") from exc
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        head = api.model_info(repo_id)
+        remote = [s.rfilename for s in head.siblings or []]
+        stale = sorted(p for p in remote if replaces(p) and p not in contents)
+        info = api.create_commit(
+            repo_id,
+            [*adds, *(CommitOperationDelete(p) for p in stale)],
+            commit_message=message,
+            parent_commit=head.sha,  # a commit made meanwhile fails this one, never mixes in
+        )
+    except Exception as exc:
+        reason = _push_reason(exc)
+        raise PushError(
+            f"push to {repo_id} failed ({reason}); the soup is intact in {folder}; {retry}"
+        ) from exc
     return info.commit_url
 
 

@@ -29,8 +29,13 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 
 MAX_FUNCTION_LINES = 80
-# Entry points that may write to stdout: the CLI, and the hub server's own ``main``.
-PRINT_ALLOWED = {"hfsoup.cli": None, "hfsoup.serve": {"main"}}
+# The command-line entry points, which may print: the whole CLI module, and in the local Hub
+# the functions of ``hfsoup hub serve`` / ``python -m hfsoup.serve.hubserver`` (``serve`` prints
+# the address it bound, ``main`` errors, and the stderr handler ``main`` installs, ``emit``).
+PRINT_ALLOWED: dict[str, set[str] | None] = {
+    "hfsoup.cli": None,
+    "hfsoup.serve.hubserver": {"serve", "main", "emit"},
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -126,8 +131,15 @@ def test_the_import_walk_sees_imports_inside_functions():
     assert "hfsoup.methods.registry" in imports("hfsoup.methods")
 
 
+def _is_ancestor(package: str, module: str) -> bool:
+    return module.startswith(package + ".")
+
+
 def test_no_import_cycles():
-    graph = {m: imports(m) for m in MODULES}
+    # A module's own packages are always imported before it (Python runs ``hfsoup/__init__``
+    # and ``hfsoup/methods/__init__`` first), so naming one adds no edge: a package that
+    # imports its submodules (a registry filling itself) is not a cycle. Layers still apply.
+    graph = {m: {t for t in imports(m) if not _is_ancestor(t, m)} for m in MODULES}
     cycles = _cycles(graph)
     detail = [
         " <-> ".join(c)
@@ -173,9 +185,7 @@ def test_no_function_is_longer_than_80_lines():
 def _prints(module: str) -> Iterator[str]:
     """``file:line in function`` for each call of ``print`` in ``module`` outside the
     functions :data:`PRINT_ALLOWED` lets it print in."""
-    allowed = next(
-        (v for k, v in PRINT_ALLOWED.items() if module == k or module.startswith(k + ".")), ()
-    )
+    allowed = PRINT_ALLOWED.get(module, set())
     if allowed is None:  # the whole module is an entry point
         return
     path = MODULES[module]

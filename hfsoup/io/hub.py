@@ -1,8 +1,17 @@
 """Everything that talks to the Hub: resolving ingredients, reading bytes, pushing a soup.
 
-This is the only module that makes HTTP calls. An ingredient is resolved once to a commit SHA and
-every later read goes through a :class:`Source` pinned to that SHA, so a branch that moves while
-a soup is being made cannot mix two versions of one ingredient.
+This is the only module of hfsoup that makes HTTP calls of its own (through huggingface_hub's
+session and ``HfApi``): resolving, reading ingredient bytes, downloading, committing a push. An
+ingredient is resolved once to a commit SHA and every later read goes through a :class:`Source`
+pinned to that SHA, so a branch that moves while a soup is being made cannot mix two versions of
+one ingredient.
+
+Elsewhere, the libraries hfsoup calls fetch what they are asked for, through their own caches:
+``transformers``' ``from_pretrained`` (the tokenizer, image processor and config a task scores
+with: :mod:`hfsoup.tasks.preprocess`, :mod:`hfsoup.tasks.scorer`; the base model of
+:mod:`hfsoup.sweep`), ``datasets.load_dataset`` (:mod:`hfsoup.tasks.data`, :mod:`hfsoup.sweep`)
+and ``evaluate.load`` of a Hub metric (:mod:`hfsoup.tasks.metrics`); :mod:`hfsoup.demo` publishes
+its models and data to the loopback Hub it starts with ``HfApi``.
 """
 
 from __future__ import annotations

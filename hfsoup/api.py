@@ -22,7 +22,8 @@ from hfsoup.check.compat import align_ingredients
 from hfsoup.check.layouts import check_layouts
 from hfsoup.compute.combine import fetch_plan_bytes, normalise_weights, stream_average
 from hfsoup.compute.distributed import Processes, processes
-from hfsoup.compute.placement import SCORE_DTYPES, parse_max_memory, plan_placement
+from hfsoup.compute.placement import parse_max_memory, plan_placement
+from hfsoup.dtypes import ACCUMULATE_DTYPES, SCORE_DTYPES
 from hfsoup.dtypes import OUTPUT_DTYPES as _DTYPES
 from hfsoup.errors import (
     IncompatibleIngredientsError,
@@ -372,7 +373,7 @@ def run(
     timings["resolve"] = time.perf_counter() - t0
     placement = plan_placement(
         indexes[0].config, device=target_device, device_map=device_map, max_memory=budgets,
-        score_dtype=SCORE_DTYPES[score_dtype], accumulate=_DTYPES[accumulate],
+        score_dtype=SCORE_DTYPES[score_dtype], accumulate=ACCUMULATE_DTYPES[accumulate],
         all_gpus=device == "auto" and not procs.distributed,
     )  # fmt: skip
     dtype = _DTYPES[out.dtype] if out.dtype else None
@@ -383,7 +384,7 @@ def run(
 
         results = run_greedy_soup(
             recipe, indexes, shards, target=target, overwrite=overwrite, dtype=dtype,
-            placement=placement, accumulate=_DTYPES[accumulate], progress=progress,
+            placement=placement, accumulate=ACCUMULATE_DTYPES[accumulate], progress=progress,
             timings=timings, resume=resume, processes=procs,
         )  # fmt: skip
         if not procs.is_main:
@@ -403,7 +404,7 @@ def run(
         with _bar(fetch_plan_bytes(indexes, shards), "Fetching + averaging", progress) as bar:
             stream_average(
                 indexes, weights, shards, on_shard=writer.write, dtype=dtype,
-                placement=placement, accumulate=_DTYPES[accumulate], on_bytes=bar.update,
+                placement=placement, accumulate=ACCUMULATE_DTYPES[accumulate], on_bytes=bar.update,
                 max_in_flight=max_in_flight, allow_nonfinite=recipe.allow_nonfinite,
             )  # fmt: skip
         writer.finish()
@@ -460,7 +461,7 @@ def _check_run(
     ):
         verb = "learns the weights" if recipe.method == "learned" else "chooses its ingredients"
         raise RecipeError(f"method {recipe.method!r} {verb}; give no weights")
-    if accumulate not in ("float32", "float64"):
+    if accumulate not in ACCUMULATE_DTYPES:
         raise RecipeError(f"accumulate must be float32 or float64, got {accumulate!r}")
     if score_dtype not in SCORE_DTYPES:
         raise RecipeError(

@@ -3,7 +3,7 @@
 Every dtype hfsoup reads or writes is named here once: the codes of a safetensors header
 (``"BF16"``), the torch dtype each stands for, which of them are averaged (the floating ones;
 every other dtype is an integer buffer taken from the first ingredient), and the names the
-``--dtype``, ``--accumulate`` and ``--score-dtype`` options accept (``"bfloat16"``).
+``--dtype``, ``--score-dtype`` and ``--accumulate`` options accept (``"bfloat16"``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ FLOAT_CODES = frozenset(code for code, dtype in SAFETENSORS.items() if dtype.is_
 # torch dtype -> safetensors code (for tensors read from a pickle).
 CODE_OF: dict[torch.dtype, str] = {dtype: code for code, dtype in SAFETENSORS.items()}
 
-# The names --dtype and --accumulate accept, in the order messages list them.
+# The names --dtype accepts (the output dtype), in the order messages list them.
 OUTPUT_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -45,6 +45,8 @@ OUTPUT_DTYPES: dict[str, torch.dtype] = {
 SCORE_DTYPES: dict[str, torch.dtype] = {
     name: OUTPUT_DTYPES[name] for name in ("float32", "bfloat16", "float16")
 }
+# The names --accumulate accepts: the dtype of the running sums.
+ACCUMULATE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
 
 def itemsize(code: str) -> int:

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from hfsoup.dtypes import SCORE_DTYPES  # noqa: F401  (re-exported: the table is hfsoup.dtypes')
 from hfsoup.errors import IncompatibleIngredientsError, InsufficientMemoryError, RecipeError
 from hfsoup.units import human_bytes, read_size
 

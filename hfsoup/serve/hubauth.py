@@ -106,6 +106,19 @@ def read_tokens_file(path: str | Path) -> list[str]:
     return tokens
 
 
+def tokens_from_options(tokens: Iterable[str], files: Iterable[str | Path]) -> list[str] | None:
+    """The tokens of ``--token`` values and ``--tokens-file`` files; ``None`` when neither was
+    given (the server then makes one).
+
+    Raises:
+        HubServeError: a value is malformed, or a file cannot be read (see :func:`read_tokens_file`).
+    """
+    tokens, files = list(tokens), list(files)
+    found = [check_token(t, "a --token value") for t in tokens]
+    found += [t for f in files for t in read_tokens_file(f)]
+    return found if tokens or files else None
+
+
 class HubAuth:
     """The tokens a server accepts, and the secret its upload URLs are signed with.
 

@@ -19,7 +19,8 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, Protocol
 
 from hfsoup.serve.hubauth import HubAuth
-from hfsoup.serve.hubstore import HubError, HubStore
+from hfsoup.serve.hubstore import HubStore
+from hfsoup.serve.records import HubError
 
 TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}

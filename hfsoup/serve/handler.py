@@ -13,8 +13,8 @@ import re
 import traceback
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from hfsoup.serve.hubstore import HubError
 from hfsoup.serve.reads import ReadRoutes
+from hfsoup.serve.records import HubError
 from hfsoup.serve.writes import WriteRoutes
 
 

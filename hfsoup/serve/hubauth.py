@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from hfsoup.errors import HubServeError
-from hfsoup.serve.hubstore import HubError
+from hfsoup.serve.records import HubError
 
 # What huggingface_hub recognises as a bad token (it then raises HfHubHTTPError, not
 # RepositoryNotFoundError, so a refused write reads as an access problem).

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs
 
 from hfsoup.serve.base import RequestBase
 from hfsoup.serve.hubauth import INVALID_CREDENTIALS
-from hfsoup.serve.hubstore import Commit, FileEntry, HubError
+from hfsoup.serve.records import Commit, FileEntry, HubError
 
 
 class ReadRoutes(RequestBase):

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from hfsoup.serve.base import TYPES, URL_PREFIX, RequestBase
-from hfsoup.serve.hubstore import HubError, Operation, is_lfs_path
+from hfsoup.serve.records import HubError, Operation, is_lfs_path
 
 
 class WriteRoutes(RequestBase):

@@ -462,6 +462,7 @@ def test_the_server_module_serves_on_its_own(tmp_path):
         HfApi(endpoint=served.url, token=TOKEN).create_repo("team/alone")
         info = HfApi(endpoint=served.url, token=TOKEN).model_info("team/alone")
     assert info.id == "team/alone"
+    assert served.proc.returncode == 0, served.stderr  # SIGTERM stops it as Ctrl-C does
     assert f"at {served.url}" in served.out.read_text()
     assert TOKEN not in served.stderr
 

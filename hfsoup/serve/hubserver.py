@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import socket
 import sys
 import threading
@@ -233,12 +234,19 @@ class _StderrNotices(logging.Handler):
             print(f"hfsoup: {scrub(' '.join(record.getMessage().split()))}", file=sys.stderr)
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # stop serving as on Ctrl-C: open connections closed, exit 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m hfsoup.serve.hubserver --data DIR [options]``: the same as ``hfsoup hub serve``,
-    without importing the rest of hfsoup. A user error is one ``hfsoup: error:`` line, exit 2."""
+    without importing the rest of hfsoup. A user error is one ``hfsoup: error:`` line, exit 2;
+    SIGTERM stops the server like Ctrl-C."""
     args = _parser().parse_args(argv)
     notices = _StderrNotices(level=logging.WARNING)
     _log.addHandler(notices)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         tokens = tokens_from_options(args.token, args.tokens_file)
         serve(args.data, host=args.host, port=args.port, tokens=tokens)
@@ -247,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         _log.removeHandler(notices)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

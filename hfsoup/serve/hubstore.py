@@ -1,4 +1,4 @@
-"""On-disk storage behind the test Hub: content-addressed blobs plus per-repo JSON for commits and refs.
+"""On-disk storage behind the local Hub: content-addressed blobs plus per-repo JSON for commits and refs.
 
 Standard library only. Layout under ``root``::
 

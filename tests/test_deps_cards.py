@@ -239,7 +239,6 @@ NO_FCNTL = textwrap.dedent("""
     sys.meta_path.insert(0, NoFcntl())
     import hfsoup.api, hfsoup.cli  # noqa: E401
     from hfsoup.io.writer import staged_output
-from hfsoup.serve.hubserver import LocalHub
 
     with staged_output(Path(sys.argv[1])) as folder:
         (folder / "model.safetensors").write_bytes(b"x")

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -600,7 +600,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ.setdefault(name, value)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
-    notices = _Notices(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    command = [c for c in (args.command, getattr(args, "hub_command", None)) if c]
+    notices = _Notices(
+        logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+        hint=lambda text, options: flag_hint(HfsoupError(text, options=options), parser, command),
+    )
     logger = logging.getLogger("hfsoup")
     level = logger.level
     logger.addHandler(notices)
@@ -613,7 +617,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             print(scrub(traceback.format_exc()), file=sys.stderr, end="")
         # One line, whatever a message quoted (a server's answer, a library's advice).
-        command = [c for c in (args.command, getattr(args, "hub_command", None)) if c]
         message = flag_hint(exc, parser, command)
         print(f"{_who()}: error: {scrub(' '.join(message.split()))}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -636,12 +639,19 @@ class _Notices(logging.Handler):
     in-process caller's capture sees them.
     """
 
-    def __init__(self, level: int = logging.WARNING) -> None:
+    def __init__(
+        self, level: int = logging.WARNING, hint: Callable[[str, Sequence[str]], str] | None = None
+    ) -> None:
         super().__init__(level=level)
+        self._hint = hint
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            text = scrub(" ".join(record.getMessage().split()))
+            text = record.getMessage()
+            options = getattr(record, "options", ())  # log.warning(..., extra={"options": [...]})
+            if options and self._hint is not None:
+                text = self._hint(text, options)
+            text = scrub(" ".join(text.split()))
             print(f"{_who()}: {text}", file=sys.stderr, flush=True)
         except Exception:  # a notice must never turn into an error (or a traceback) of its own
             pass

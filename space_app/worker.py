@@ -274,7 +274,7 @@ def worker_main(conn: Connection) -> None:
     """The worker process: import hfsoup, say ready, run one job, send its outcome, exit."""
     sink = _LineSink(conn)
     sys.stdout = sys.stderr = sink
-    _log_to(sink)
+    log_to(sink)
     workdir = tempfile.mkdtemp(prefix="hfsoup-worker-")
     # Relative names never resolve to a local folder: the working directory is empty.
     os.chdir(workdir)
@@ -317,11 +317,13 @@ class _LogLines(logging.Handler):
             self._sink.log(" ".join(record.getMessage().split()))
 
 
-def _log_to(sink: _LineSink) -> None:
+def log_to(sink: _LineSink) -> logging.Handler:
     """Send the ``hfsoup`` logger's INFO and above to the page, as the CLI prints them."""
     logger = logging.getLogger("hfsoup")
-    logger.addHandler(_LogLines(sink))
+    handler = _LogLines(sink)
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    return handler
 
 
 def _is_user_error(exc: BaseException) -> bool:

@@ -243,3 +243,31 @@ def test_a_worker_that_lists_no_methods_gets_the_default_list():
         ("uniform", False), ("greedy", True), ("learned", True),
     ]  # fmt: skip
     assert [m.name for m in method_choices({})] == ["uniform", "greedy"]
+
+
+def test_hfsoup_log_records_reach_the_page_as_hfsoup_lines():
+    """Progress steps (INFO) and notices go to the page as the CLI prints them."""
+    import logging
+
+    from worker import _LineSink, log_to
+
+    class Conn:
+        sent: list = []
+
+        def send(self, event):
+            self.sent.append(event)
+
+    logger = logging.getLogger("hfsoup")
+    level, conn = logger.level, Conn()
+    handler = log_to(_LineSink(conn))
+    try:
+        logger.info("scoring ingredient %d/%d: %s", 2, 5, "org/ft-2")
+        logger.warning("a notice\nover two lines")
+        logger.debug("not shown")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert conn.sent == [
+        ("line", "hfsoup: scoring ingredient 2/5: org/ft-2"),
+        ("line", "hfsoup: a notice over two lines"),
+    ]

@@ -5,6 +5,7 @@
 - :mod:`~hfsoup.tasks.preprocess`: tokenize / process images once per split.
 - :mod:`~hfsoup.tasks.metrics`: ``evaluate`` metrics with bundled fallbacks.
 - :mod:`~hfsoup.tasks.kinds`: the task-kind protocol and registry, which way is better.
+- :mod:`~hfsoup.tasks.batches`: run a model over a split's batches (alone or data-parallel).
 - :mod:`~hfsoup.tasks.classification`: the classification kind (outputs, scores, exact
   early rejection, the learned soup's loss).
 - :mod:`~hfsoup.tasks.ensemble`: ensemble and greedy ensemble of cached outputs.

@@ -10,17 +10,16 @@ ensembles. :data:`KIND` is the kind registered as ``classification``
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import datasets
 import torch
 import torch.nn.functional as F
-from huggingface_hub.utils import tqdm
 
 from hfsoup.compute.distributed import Processes
 from hfsoup.errors import TaskError
+from hfsoup.tasks.batches import BatchRunner, evaluating, to_device
 from hfsoup.tasks.data import load_task_splits
 from hfsoup.tasks.ensemble import ensemble, greedy_ensemble
 from hfsoup.tasks.kinds import HIGHER, Direction, EarlyStop
@@ -90,8 +89,7 @@ class Scorer:
         max_tokens: int | None = None,
     ) -> None:
         self.task = resolve_task(task)
-        self.processes = processes or Processes()
-        self.progress = progress and self.processes.is_main
+        self.runner = BatchRunner(processes, progress=progress)
         loaded = splits if splits is not None else load_task_splits(self.task)
         self.splits: dict[str, PreparedSplit] = {}
         for name, dataset in loaded.items():
@@ -100,7 +98,9 @@ class Scorer:
                 max_tokens=max_tokens,
             )  # fmt: skip
             if device is not None:
-                prepared.batches = [_to(batch, torch.device(device)) for batch in prepared.batches]
+                prepared.batches = [
+                    to_device(batch, torch.device(device)) for batch in prepared.batches
+                ]
             self.splits[name] = prepared
         # After the data: labels the model cannot have are refused before any metric is fetched.
         self.metrics = {name: load_metric(name) for name in self.task.metrics}
@@ -198,11 +198,7 @@ class Scorer:
         if key is not None and (key, split) in self.cache:
             return self.cache[(key, split)]
         prepared = self.split(split)
-        with _evaluating(model):
-            if self.processes.distributed:
-                outputs = self._gathered(model, prepared, split)
-            else:
-                outputs = [self._forward(model, batch) for batch in self._bar(prepared, split)]
+        outputs = self.runner.run(self._forward, model, prepared, split)
         result = torch.cat(outputs) if outputs else torch.empty(0, 0)
         if key is not None:
             self.cache[(key, split)] = result
@@ -260,50 +256,15 @@ class Scorer:
         needed = required_count(threshold, total, strict=strict)
         correct = scored = 0
         outputs = []
-        with _evaluating(model):
-            for output, labels in zip(
-                self._in_order(model, prepared, split), prepared.label_batches(), strict=True
-            ):
+        with evaluating(model):
+            batches = self.runner.in_order(self._forward, model, prepared, split)
+            for output, labels in zip(batches, prepared.label_batches(), strict=True):
                 outputs.append(output)
                 correct += int(correct_in(_predictions(output), labels).sum())
                 scored += len(labels)
                 if scored < total and correct + (total - scored) < needed:
                     return EarlyStop(None, scored)
         return EarlyStop(self.selection_score(torch.cat(outputs), split), scored)
-
-    def _in_order(
-        self, model: torch.nn.Module, prepared: PreparedSplit, split: str
-    ) -> Iterator[torch.Tensor]:
-        """The outputs of each batch in turn; with several processes, a round at a time.
-
-        In a round every process runs one batch (process ``r`` the ``r``-th of the round) and
-        the outputs are gathered; the consumer then sees them in batch order, exactly as a
-        single process would, and may stop between any two (the batches already run beyond
-        that point are wasted, never counted).
-        """
-        if not self.processes.distributed:
-            with self._bar(prepared, split) as batches:
-                for batch in batches:
-                    yield self._forward(model, batch)
-            return
-        n, world, rank = len(prepared.batches), self.processes.world, self.processes.rank
-        for start in self._bar(range(0, n, world), split):
-            mine = start + rank
-            output = self._forward(model, prepared.batches[mine]) if mine < n else None
-            yield from self.processes.gather(output)[: n - start]
-
-    def _gathered(
-        self, model: torch.nn.Module, prepared: PreparedSplit, split: str
-    ) -> list[torch.Tensor]:
-        """Every batch's outputs: this process runs its share, the rest are gathered."""
-        mine = {
-            i: self._forward(model, prepared.batches[i])
-            for i in self._bar(self.processes.shard(len(prepared.batches)), split)
-        }
-        everyone: dict[int, torch.Tensor] = {}
-        for part in self.processes.gather(mine):
-            everyone.update(part)
-        return [everyone[i] for i in range(len(prepared.batches))]
 
     @staticmethod
     def ensemble(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -351,13 +312,9 @@ class Scorer:
         # Batches go to the first block's device (with a device map, hooks carry them on);
         # float inputs (pixel values) take the model's dtype (--score-dtype).
         first = next(model.parameters())
-        output = model(**_to(batch, first.device, first.dtype))
+        output = model(**to_device(batch, first.device, first.dtype))
         logits = output.logits if hasattr(output, "logits") else output[0]
         return logits.float().cpu()
-
-    def _bar(self, items: PreparedSplit | Iterable, split: str) -> Any:
-        items = items.batches if isinstance(items, PreparedSplit) else items
-        return tqdm(items, desc=f"scoring {split}", disable=not self.progress, leave=False)
 
 
 def required_count(threshold: float, total: int, *, strict: bool = False) -> int:
@@ -402,28 +359,8 @@ def _check_fit(outputs: torch.Tensor, labels: torch.Tensor) -> None:
         )
 
 
-@contextmanager
-def _evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) for the duration; the model's own mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _predictions(outputs: torch.Tensor) -> torch.Tensor:
     return outputs.squeeze(-1) if outputs.shape[-1] == 1 else outputs.argmax(dim=-1)
-
-
-def _to(
-    batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype | None = None
-) -> dict[str, torch.Tensor]:
-    return {
-        key: value.to(device, dtype) if dtype and value.is_floating_point() else value.to(device)
-        for key, value in batch.items()
-    }
 
 
 class Classification:

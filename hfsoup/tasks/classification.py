@@ -43,7 +43,9 @@ from hfsoup.tasks.task import Task, resolve_task
 
 
 class Scorer:
-    """Scores models on a task's selection and report splits.
+    """Scores models on a classification task's selection and report splits.
+
+    Implements :class:`~hfsoup.tasks.kinds.TaskScorer`; :meth:`logits` is :meth:`outputs`.
 
     Args:
         task: A :class:`Task`, preset name or task mapping.
@@ -65,7 +67,8 @@ class Scorer:
         task: The resolved task.
         splits: ``{split name: PreparedSplit}``, selection split first.
         metrics: ``{metric name: evaluate module}``, selection metric first.
-        cache: ``{(model key, split): outputs}`` filled by :meth:`logits` when given a key.
+        cache: ``{(model key, split): outputs}`` filled by :meth:`outputs` when given a key.
+        runner: Runs the forward passes (:class:`~hfsoup.tasks.batches.BatchRunner`).
 
     Example:
         ```py

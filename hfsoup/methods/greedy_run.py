@@ -23,7 +23,6 @@ from hfsoup.methods.greedy import (
     STATE_FILE,
     GreedyResult,
     SoupSession,
-    best_index,
     run_greedy,
     saved_fingerprint,
 )
@@ -37,12 +36,12 @@ from hfsoup.report.outputs import (
     write_weights,
 )
 from hfsoup.report.summary import TRAJECTORY_PNG, markdown_table, model_index, plot_trajectory
-from hfsoup.tasks.scorer import Scorer
+from hfsoup.tasks.kinds import TaskScorer, get_kind
 
 
 def make_scorer(
     task: Any, first: IngredientIndex, *, progress: bool, processes: Processes | None = None
-) -> Scorer:
+) -> TaskScorer:
     """A scorer using the first ingredient's tokenizer / image processor (pinned to its SHA).
 
     With several processes the main one loads (and caches) the data first, the others then
@@ -53,7 +52,7 @@ def make_scorer(
     source = str(spec.path) if spec.path is not None else spec.repo
     if not procs.is_main:
         procs.barrier()
-    scorer = Scorer.from_pretrained(
+    scorer = get_kind(task.kind).prepare(
         task, source, revision=first.ingredient.sha, progress=progress, processes=procs
     )
     if procs.is_main:
@@ -75,7 +74,7 @@ def fingerprint(recipe: Recipe, indexes: Sequence[IngredientIndex]) -> str:
 
 def comparison_table(result: GreedyResult, selection: str, metric: str) -> dict[str, Any]:
     """The paper's side-by-side: best individual, uniform and greedy soups, ensembles."""
-    best = best_index([scores[selection][metric] for scores in result.individual])
+    best = result.best  # in the task kind's direction
     return {
         "best_individual": result.individual[best],
         "uniform_soup": result.uniform,

@@ -632,7 +632,7 @@ def evaluate(
     splits, sel = task.splits, scorer.selection_split
     outputs = {s: [scorer.cache[(str(i), s)] for i in range(len(indexes))] for s in splits}
     members = scorer.greedy_ensemble(outputs[sel])
-    best = best_index([row[sel][scorer.selection_metric] for row in individual])  # NaN lowest
+    best = best_index([row[sel][scorer.selection_metric] for row in individual], scorer.direction)
     return {
         "ingredients": [
             {**_describe(ix), "scores": scores}

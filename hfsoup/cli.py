@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -202,59 +202,71 @@ def _read_small_text(path: str, what: str) -> str:
         raise RecipeError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from exc
 
 
+_INGREDIENT_HELP = "org/name[@revision] or a directory"
+_DTYPES = ["float32", "float16", "bfloat16"]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = _common()
+    """The ``hfsoup`` parser, built afresh on each call.
+
+    The ``--method`` choices are read from the method registry here, so a method registered at
+    run time (:func:`hfsoup.methods.registry.register`) is a valid choice of the next parser.
+    """
+    from hfsoup._version import __version__
+    from hfsoup.methods.registry import method_names
+
     parser = _Parser(
         prog="hfsoup",
         description="Model soups from the Hugging Face Hub: average fine-tunes of one model.",
     )
-    from hfsoup._version import __version__
-
     parser.add_argument("--version", action="version", version=f"hfsoup {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common, methods = _common(), method_names()
+    _add_inspect(sub, common, methods)
+    _add_soup(sub, common, methods)
+    _add_evaluate(sub, common)
+    _add_run(sub, common)
+    _add_push(sub, common)
+    _add_sweep(sub, common)
+    _add_demo(sub, common)
+    _add_hub(sub, common)
+    return parser
 
+
+def _method_help(methods: list[str]) -> str:
+    from hfsoup.methods.registry import get_method
+
+    return "; ".join(f"{name}: {get_method(name).summary}" for name in methods)
+
+
+def _add_inspect(sub: Any, common: argparse.ArgumentParser, methods: list[str]) -> None:
     p = sub.add_parser(
         "inspect", parents=[common], help="resolve ingredients and check compatibility"
     )
-    p.add_argument(
-        "ingredients", nargs="+", metavar="INGREDIENT", help="org/name[@revision] or a directory"
-    )
+    p.add_argument("ingredients", nargs="+", metavar="INGREDIENT", help=_INGREDIENT_HELP)
     p.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin weights")
-    p.add_argument("--method", choices=["uniform", "greedy", "learned"], default="uniform",
+    p.add_argument("--method", choices=methods, default="uniform",
                    help="the soup to estimate peak memory and time for")  # fmt: skip
     p.add_argument("--bandwidth", metavar="SIZE",
                    help="bytes per second from the Hub for the time estimate, e.g. 100MB "
                         "(default: an assumed 50MB)")  # fmt: skip
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+    p.add_argument("--dtype", choices=_DTYPES,
                    help="output dtype to estimate for (default: the ingredients')")  # fmt: skip
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="output shard size to estimate for (default 5GB)")  # fmt: skip
 
+
+def _add_soup(sub: Any, common: argparse.ArgumentParser, methods: list[str]) -> None:
     p = sub.add_parser("soup", parents=[common], help="average ingredients into one model")
-    p.add_argument(
-        "ingredients", nargs="+", metavar="INGREDIENT", help="org/name[@revision] or a directory"
-    )
-    p.add_argument(
-        "--output", "-o", required=True, metavar="DIR", help="folder to write the soup to"
-    )
-    p.add_argument("--method", choices=["uniform", "greedy", "learned"], default="uniform")
-    p.add_argument(
-        "--weights",
-        nargs="+",
-        type=float,
-        metavar="W",
-        help="one weight per ingredient (normalised)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "float16", "bfloat16"],
-        help="output dtype (default: the ingredients')",
-    )
-    p.add_argument(
-        "--max-shard-size",
-        default="5GB",
-        help="bytes per output shard, e.g. 5GB, 500MiB (default 5GB)",
-    )
+    p.add_argument("ingredients", nargs="+", metavar="INGREDIENT", help=_INGREDIENT_HELP)
+    p.add_argument("--output", "-o", required=True, metavar="DIR",
+                   help="folder to write the soup to")  # fmt: skip
+    p.add_argument("--method", choices=methods, default="uniform", help=_method_help(methods))
+    p.add_argument("--weights", nargs="+", type=float, metavar="W",
+                   help="one weight per ingredient (normalised)")  # fmt: skip
+    p.add_argument("--dtype", choices=_DTYPES, help="output dtype (default: the ingredients')")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="bytes per output shard, e.g. 5GB, 500MiB (default 5GB)")  # fmt: skip
     p.add_argument("--accept", choices=[">=", ">"], default=">=", help="greedy acceptance rule")
     p.add_argument("--order", choices=["score", "random"], default="score",
                    help="greedy order: best first (default) or seeded random")  # fmt: skip
@@ -265,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to", metavar="REPO_ID", help="upload the soup to this Hub repo")
     _soup_options(p)
 
+
+def _add_evaluate(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "evaluate", parents=[common], help="score ingredients (and their ensembles) on a task"
     )
@@ -273,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true")
     _task_options(p)
 
+
+def _add_run(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("run", parents=[common], help="run a recipe YAML (or a soup's README.md)")
     p.add_argument("recipe", metavar="RECIPE")
     p.add_argument("--output", "-o", metavar="DIR",
@@ -285,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and metric scripts (it reads only from the Hub otherwise)")  # fmt: skip
     _soup_options(p)
 
+
+def _add_push(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "push", parents=[common], help="upload a soup folder to the Hub in one commit"
     )
@@ -295,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also push the files this glob (relative to DIR) matches; by default only "
                         "the files hfsoup writes are pushed (repeatable)")  # fmt: skip
 
+
+def _add_sweep(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "sweep", parents=[common], help="fine-tune K ingredients from one base model"
     )
@@ -311,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-limit", type=int, help="fine-tune on the first N training examples")
     _task_options(p)
 
+
+def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "demo", parents=[common], help="the whole loop offline: sweep, greedy soup, push"
     )
@@ -323,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval", type=int, default=300, help="examples per evaluation split (default 300)"
     )
 
+
+def _add_hub(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "hub", parents=[common], help="a local Hub-protocol server for offline teams and tests"
     )
@@ -341,7 +365,58 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tokens-file", action="append", default=[], metavar="FILE",
                        help="accept the tokens of FILE, one a line, # comments (repeatable). "
                             "With neither option, one token is made and printed once")  # fmt: skip
-    return parser
+
+
+# API / recipe option names whose flag is not the option with "_" as "-" (the flags' dests).
+_OPTION_DESTS = {
+    "output.dir": "output", "output.push_to": "push_to", "output.private": "private",
+    "output.dtype": "dtype", "output.max_shard_size": "max_shard_size",
+    "holdout.fraction": "holdout_fraction", "holdout.from": "holdout_from",
+    "holdout.seed": "holdout_seed",
+    **{f"learned.{key}": dest for dest, key in _LEARNED_FLAGS.items()},
+    **{f"task.{key}": dest for dest, key in _TASK_FLAGS.items()},
+    **{key: dest for dest, key in _TASK_FLAGS.items() if key != dest},
+}  # fmt: skip
+
+
+def _command_flags(parser: argparse.ArgumentParser, command: Sequence[str]) -> dict[str, str]:
+    """``dest -> --flag`` for the options of ``command`` (e.g. ``["hub", "serve"]``)."""
+    for name in command:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or name not in subs[0].choices:
+            break
+        parser = subs[0].choices[name]
+    flags: dict[str, str] = {}
+    for action in parser._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if longs and action.dest not in ("help", "version"):
+            flags.setdefault(action.dest, longs[0])
+    return flags
+
+
+def flag_hint(
+    exc: HfsoupError, parser: argparse.ArgumentParser, command: Sequence[str] = ()
+) -> str:
+    """``exc``'s message with the command-line flags of its options, for the CLI's error line.
+
+    The library names options as the API and recipes spell them (``exc.options``); the flags
+    are read from ``parser``'s own options for ``command``, so they cannot drift from it. An
+    option the command has no flag for adds nothing.
+
+    Example:
+        >>> err = RecipeError("reads only from the Hub unless allow_local is set",
+        ...                   options=["allow_local"])
+        >>> flag_hint(err, build_parser(), ["run"])
+        'reads only from the Hub unless allow_local is set (--allow-local)'
+    """
+    text = str(exc)
+    flags = _command_flags(parser, command)
+    named = []
+    for option in getattr(exc, "options", ()):
+        flag = flags.get(_OPTION_DESTS.get(option, option.replace("-", "_")))
+        if flag is not None and flag not in named:
+            named.append(flag)
+    return f"{text} ({', '.join(named)})" if named else text
 
 
 def _print_inspection(report: Any, as_json: bool) -> None:
@@ -387,6 +462,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     progress = not args.quiet
     if args.command == "inspect":
+        _check_estimable(args.method)
         report = api.inspect(args.ingredients, allow_pickle=args.allow_pickle, method=args.method,
                              bandwidth=args.bandwidth, dtype=args.dtype,
                              max_shard_size=args.max_shard_size)  # fmt: skip
@@ -447,6 +523,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_estimable(method: str) -> None:
+    """Refuse ``inspect --method`` for a registered method the estimates do not model."""
+    from hfsoup.check.estimates import METHODS
+
+    if method not in METHODS:
+        raise RecipeError(
+            f"inspect estimates memory and time for the methods {', '.join(METHODS)}; "
+            f"method {method!r} has no estimate yet",
+            options=["method"],
+        )
+
+
 def _sweep(args: argparse.Namespace, progress: bool) -> list[str]:
     from hfsoup.sweep import SweepRecipe, load_sweep_recipe, sweep, validation_line
 
@@ -501,7 +589,8 @@ def entry() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hfsoup`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
         # Read when datasets / transformers are first imported (later, in _dispatch): with -q
         # their progress bars and warnings stay off stderr too, which keeps errors one line.
@@ -511,8 +600,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ.setdefault(name, value)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
-    notices = _Notices()
-    logging.getLogger("hfsoup").addHandler(notices)
+    command = [c for c in (args.command, getattr(args, "hub_command", None)) if c]
+    notices = _Notices(
+        logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+        hint=lambda text, options: flag_hint(HfsoupError(text, options=options), parser, command),
+    )
+    logger = logging.getLogger("hfsoup")
+    level = logger.level
+    logger.addHandler(notices)
+    if level == logging.NOTSET or level > notices.level:
+        logger.setLevel(notices.level)  # else INFO is dropped before any handler sees it
     try:
         return _dispatch(args)
     except HfsoupError as exc:
@@ -520,14 +617,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             print(scrub(traceback.format_exc()), file=sys.stderr, end="")
         # One line, whatever a message quoted (a server's answer, a library's advice).
-        print(f"{_who()}: error: {scrub(' '.join(str(exc).split()))}", file=sys.stderr)
+        message = flag_hint(exc, parser, command)
+        print(f"{_who()}: error: {scrub(' '.join(message.split()))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
         print(f"{_who()}: interrupted; {_left_behind(args)}", file=sys.stderr)
         _INTERRUPTED.set()
         return 128 + (signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)
     finally:
-        logging.getLogger("hfsoup").removeHandler(notices)
+        logger.removeHandler(notices)
+        logger.setLevel(level)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -535,16 +634,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 class _Notices(logging.Handler):
     """The library's notices (the ``hfsoup`` logger) as ``hfsoup: ...`` lines on stderr.
 
-    One line each, scrubbed of credentials like the error line; written to the current
-    ``sys.stderr`` so that an in-process caller's capture sees them.
+    Warnings always; progress steps (INFO) unless ``--quiet``. One line each, scrubbed of
+    credentials like the error line; written to the current ``sys.stderr`` so that an
+    in-process caller's capture sees them.
     """
 
-    def __init__(self) -> None:
-        super().__init__(level=logging.WARNING)
+    def __init__(
+        self, level: int = logging.WARNING, hint: Callable[[str, Sequence[str]], str] | None = None
+    ) -> None:
+        super().__init__(level=level)
+        self._hint = hint
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            text = scrub(" ".join(record.getMessage().split()))
+            text = record.getMessage()
+            options = getattr(record, "options", ())  # log.warning(..., extra={"options": [...]})
+            if options and self._hint is not None:
+                text = self._hint(text, options)
+            text = scrub(" ".join(text.split()))
             print(f"{_who()}: {text}", file=sys.stderr, flush=True)
         except Exception:  # a notice must never turn into an error (or a traceback) of its own
             pass

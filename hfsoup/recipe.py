@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
 from yaml.resolver import Resolver
@@ -47,7 +48,6 @@ SOUP_RECIPE_FILE = "hfsoup_recipe.yaml"
 _BLOCK_OPENERS = ("```yaml hfsoup-recipe", "```yml hfsoup-recipe")
 _STR_TAG = "tag:yaml.org,2002:str"
 
-Method = Literal["uniform", "greedy", "learned"]
 DType = Literal["float32", "float16", "bfloat16"]
 
 
@@ -80,7 +80,9 @@ class Recipe(_Strict):
     """A whole soup: what goes in, how it is combined, scored and written."""
 
     name: str | None = None
-    method: Method = "uniform"
+    # Any name in the method registry (hfsoup.methods.registry), checked when validated, so a
+    # method registered at run time is a valid recipe ``method`` too.
+    method: str = "uniform"
     accept: Literal[">=", ">"] = ">="
     order: Literal["score", "random"] = "score"
     seed: int = 0
@@ -103,6 +105,21 @@ class Recipe(_Strict):
     def soup_output(self) -> OutputConfig | None:
         """What the soup's recipe named as output (not used: see :func:`load_recipe`)."""
         return self._soup_output
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, value: Any) -> Any:
+        from hfsoup.methods.registry import method_names
+
+        names = method_names()
+        if isinstance(value, str) and value in names:
+            return value
+        # Worded as pydantic words a Literal: "Input should be 'uniform', 'greedy' or 'learned'".
+        quoted = [repr(n) for n in names]
+        expected = " or ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
+        raise PydanticCustomError(
+            "literal_error", "Input should be {expected}", {"expected": expected}
+        )
 
     @field_validator("task", mode="before")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import random
 import shutil
@@ -24,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from hfsoup.errors import RecipeError, TaskError
 from hfsoup.ingredients import HPARAMS_FILE
 from hfsoup.tasks.task import Task, resolve_task
+
+log = logging.getLogger("hfsoup")
 
 _DONE = "hfsoup_sweep_done.json"
 
@@ -104,8 +107,9 @@ def validation_line(exc: Any) -> str:
 
 
 def _log(message: str, progress: bool) -> None:
+    """A progress step, at INFO on the ``hfsoup`` logger (the CLI shows it as ``hfsoup: ...``)."""
     if progress:
-        print(f"hfsoup: {message}", file=sys.stderr, flush=True)
+        log.info("%s", message)
 
 
 def train_rows(recipe: SweepRecipe):

@@ -46,7 +46,8 @@ def check_soup_recipe(recipe: Recipe, *, allow_local: bool = False) -> None:
         for what in local_reads(recipe):
             raise RecipeError(
                 f"the recipe from {recipe.from_soup} names {what}; a soup's recipe reads only "
-                "from the Hub unless you pass --allow-local"
+                "from the Hub unless allow_local is set",
+                options=["allow_local"],
             )
     for metric in recipe.task.metrics if recipe.task is not None else ():
         if "/" in metric and not _is_path(metric) and not metric.startswith(_CANONICAL_METRICS):
@@ -70,7 +71,8 @@ def check_resolved(
         if local:
             raise RecipeError(
                 f"the recipe from {recipe.from_soup} names the local folder {label} as an "
-                "ingredient; a soup's recipe reads only from the Hub unless you pass --allow-local"
+                "ingredient; a soup's recipe reads only from the Hub unless allow_local is set",
+                options=["allow_local"],
             )
 
 

@@ -31,9 +31,9 @@ Every failure a user can cause ends with **one line** on stderr (`hfsoup: error:
 **exit code 2** (`--debug` adds the traceback); in Python it is a specific subclass of
 `hfsoup.errors.HfsoupError`. Output is assembled in a hidden `.NAME.hfsoup-partial` folder and
 renamed into place only when complete, so no failure leaves a half-written folder under the
-name asked for. Network faults are injected by the project's test Hub (`LocalHub.add_fault`:
-drop after N bytes, status with `Retry-After`, stall, corrupt bytes, a wrong `Content-Range`,
-shifted bytes) under the real `huggingface_hub` client.
+name asked for. Network faults are injected by the test suite's Hub (`FaultyHub.add_fault` in
+tests/faults.py: drop after N bytes, status with `Retry-After`, stall, corrupt bytes, a wrong
+`Content-Range`, shifted bytes) under the real `huggingface_hub` client.
 
 | Case | What the user sees | Test |
 |---|---|---|

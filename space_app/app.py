@@ -67,10 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     pool.warm()  # imports torch + hfsoup in the worker while gradio imports here
     try:
         import ui
+        from logic import method_choices
 
-        learned = pool.wait_capabilities(timeout=300).get("learned", False)
+        methods = method_choices(pool.wait_capabilities(timeout=300))
         outputs = ui.Outputs(args.workdir, keep=args.keep)
-        demo = ui.build(pool, outputs, learned=learned, login=args.login_button)
+        demo = ui.build(pool, outputs, methods=methods, login=args.login_button)
         demo.queue(default_concurrency_limit=1).launch(
             server_name=args.host,
             server_port=args.port,

@@ -23,6 +23,35 @@ INSPECT_HEADERS = ["ingredient", "SHA", "parameters", "size", "dtypes", "model t
 FILE_ROUTE = "gradio_api/file="
 
 
+@dataclass(frozen=True)
+class MethodChoice:
+    """A merge method the page offers: its name, one line about it, whether it needs a task."""
+
+    name: str
+    summary: str = ""
+    needs_task: bool = False
+
+
+def method_choices(capabilities: dict[str, Any]) -> list[MethodChoice]:
+    """The methods to offer, as the worker found them in hfsoup's method registry.
+
+    ``capabilities`` is the worker's ``ready`` message: ``methods`` lists the registry's
+    methods (name, summary, needs_task); a worker that sent none (an older one, or none
+    answered) gets uniform and greedy, and learned when ``learned`` is true.
+
+    Example:
+        >>> [m.name for m in method_choices({"learned": False})]
+        ['uniform', 'greedy']
+    """
+    listed = capabilities.get("methods")
+    if listed:
+        return [
+            MethodChoice(m["name"], m.get("summary", ""), bool(m.get("needs_task"))) for m in listed
+        ]
+    names = ["uniform", "greedy", *(["learned"] if capabilities.get("learned") else [])]
+    return [MethodChoice(name, needs_task=name != "uniform") for name in names]
+
+
 def parse_ingredients(text: str) -> list[str]:
     """Ingredients from the text box: one ``org/name[@revision]`` per line.
 

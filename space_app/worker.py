@@ -8,7 +8,8 @@ of time and waits for its one job; a click starts work at once.
 
 Protocol, over one :func:`multiprocessing.Pipe` per worker (plain tuples):
 
-- worker -> server: ``("ready", {"learned": bool})`` once imported; then ``("line", text)``
+- worker -> server: ``("ready", {"learned": bool, "methods": [...]})`` once imported (the
+  registry's methods: name, summary, needs_task); then ``("line", text)``
   for every line hfsoup writes to stderr (log lines and tqdm updates); then exactly one of
   ``("result", dict)`` or ``("error", one_line_message)``.
 - server -> worker: one :class:`JobRequest`.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import multiprocessing as mp
 import os
 import shutil
@@ -272,6 +274,7 @@ def worker_main(conn: Connection) -> None:
     """The worker process: import hfsoup, say ready, run one job, send its outcome, exit."""
     sink = _LineSink(conn)
     sys.stdout = sys.stderr = sink
+    log_to(sink)
     workdir = tempfile.mkdtemp(prefix="hfsoup-worker-")
     # Relative names never resolve to a local folder: the working directory is empty.
     os.chdir(workdir)
@@ -282,7 +285,10 @@ def worker_main(conn: Connection) -> None:
         import hfsoup.api  # noqa: F401  (the slow import, done before the job arrives)
 
         enable_progress_bars()  # they become the page's progress, not terminal output
-        conn.send(("ready", {"learned": supports_learned()}))
+        from capabilities import registered_methods, supports_learned
+
+        learned = supports_learned()
+        conn.send(("ready", {"learned": learned, "methods": registered_methods(learned)}))
         request = conn.recv()
         sink.secrets.append(request.token)
         conn.send(("result", _ACTIONS[request.action](request, sink.log)))
@@ -299,35 +305,31 @@ def worker_main(conn: Connection) -> None:
         conn.close()
 
 
+class _LogLines(logging.Handler):
+    """hfsoup's log records (progress steps and notices) as ``hfsoup: ...`` lines of the job."""
+
+    def __init__(self, sink: _LineSink) -> None:
+        super().__init__(level=logging.INFO)
+        self._sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):  # a log line must never fail the job
+            self._sink.log(" ".join(record.getMessage().split()))
+
+
+def log_to(sink: _LineSink) -> logging.Handler:
+    """Send the ``hfsoup`` logger's INFO and above to the page, as the CLI prints them."""
+    logger = logging.getLogger("hfsoup")
+    handler = _LogLines(sink)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
+
+
 def _is_user_error(exc: BaseException) -> bool:
     from hfsoup.errors import HfsoupError
 
     return isinstance(exc, HfsoupError)
-
-
-def supports_learned() -> bool:
-    """Whether the installed hfsoup makes learned soups.
-
-    Releases without them refuse a learned recipe up front with "not available"; one with them
-    gets further and fails on the probe's missing local ingredient. Nothing is read or written.
-    """
-    from hfsoup import api
-    from hfsoup.errors import HfsoupError, RecipeError
-    from hfsoup.recipe import Recipe
-
-    with tempfile.TemporaryDirectory() as tmp:
-        probe = Recipe(
-            method="learned",
-            ingredients=[{"repo": str(Path(tmp, "missing"))}],
-            output={"dir": str(Path(tmp, "out"))},
-        )
-        try:
-            api.run(probe, progress=False, device="cpu")
-        except RecipeError as exc:
-            return "not available" not in str(exc)
-        except HfsoupError:
-            return True
-    return True
 
 
 def _inspect(request: JobRequest, log: Callable[[str], None]) -> dict[str, Any]:
@@ -342,7 +344,9 @@ def _soup(request: JobRequest, log: Callable[[str], None]) -> dict[str, Any]:
     from hfsoup.report.summary import TRAJECTORY_PNG
 
     log(f"resolving {len(request.ingredients)} ingredients")
-    scored = request.method != "uniform"
+    from capabilities import needs_task
+
+    scored = needs_task(request.method)
     result = hfsoup.soup(
         list(request.ingredients), output=request.output, method=request.method,
         task=request.task if scored else None, dtype=request.dtype, accept=request.accept,

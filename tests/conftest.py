@@ -33,7 +33,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.pop("HF_TOKEN", None)
 os.environ.pop("HF_HUB_OFFLINE", None)
 
-from hfsoup.serve.hubserver import LocalHub  # noqa: E402  (stdlib only; after the environment)
+from faults import FaultyHub  # noqa: E402  (stdlib only; after the environment)
 
 
 def pytest_configure(config):
@@ -48,14 +48,16 @@ HUB_TOKENS = ("hf_test", "hf_owner", "hf_SECRET_canary_123")
 
 
 @pytest.fixture(scope="session")
-def hub() -> LocalHub:
+def hub() -> FaultyHub:
     """The test Hub, shared by the whole session; repos are kept apart by unique names.
+
+    The product's local Hub with fault injection (tests/faults.py): ``hub.add_fault(...)``.
 
     Writes need no token here (``anonymous_writes``, a test-only switch: most tests upload with a
     plain ``HfApi``), but private repos are still read only with one of :data:`HUB_TOKENS`. The
     token rules themselves are tested on hubs that enforce them (test_hubserver_auth.py).
     """
-    server = LocalHub(_ROOT / "hub", port=_PORT, tokens=HUB_TOKENS, anonymous_writes=True).start()
+    server = FaultyHub(_ROOT / "hub", port=_PORT, tokens=HUB_TOKENS, anonymous_writes=True).start()
     yield server
     server.stop()
 

@@ -61,12 +61,29 @@ def _target(node: ast.ImportFrom, module: str, path: Path) -> str:
     return ".".join([*base, *([node.module] if node.module else [])])
 
 
-def imports(module: str) -> set[str]:
+def _type_only(tree: ast.AST) -> set[int]:
+    """The ids of the nodes under ``if TYPE_CHECKING:`` (imports that never run)."""
+    found: set[int] = set()
+    for node in ast.walk(tree):
+        test = getattr(node, "test", None) if isinstance(node, ast.If) else None
+        if isinstance(test, ast.Name | ast.Attribute) and ast.unparse(test).endswith(
+            "TYPE_CHECKING"
+        ):
+            found.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return found
+
+
+def imports(module: str, *, type_only: bool = True) -> set[str]:
     """The hfsoup modules ``module`` imports anywhere in its source (``from pkg import mod``
-    counts as importing ``pkg.mod``)."""
+    counts as importing ``pkg.mod``); without ``type_only``, not those under
+    ``if TYPE_CHECKING:``."""
     path = MODULES[module]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = set() if type_only else _type_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name.split(".")[0] == "hfsoup")
         elif isinstance(node, ast.ImportFrom):
@@ -136,10 +153,12 @@ def _is_ancestor(package: str, module: str) -> bool:
 
 
 def test_no_import_cycles():
-    # A module's own packages are always imported before it (Python runs ``hfsoup/__init__``
-    # and ``hfsoup/methods/__init__`` first), so naming one adds no edge: a package that
-    # imports its submodules (a registry filling itself) is not a cycle. Layers still apply.
-    graph = {m: {t for t in imports(m) if not _is_ancestor(t, m)} for m in MODULES}
+    # Imports that run. A module's own packages are always imported before it (Python runs
+    # ``hfsoup/__init__`` and ``hfsoup/methods/__init__`` first), so naming one adds no edge: a
+    # package that imports its submodules (a registry filling itself) is not a cycle; nor is a
+    # type named under ``if TYPE_CHECKING:``, which never runs. The layering test below counts
+    # both: a lower layer may not even name a higher one's types.
+    graph = {m: {t for t in imports(m, type_only=False) if not _is_ancestor(t, m)} for m in MODULES}
     cycles = _cycles(graph)
     detail = [
         " <-> ".join(c)

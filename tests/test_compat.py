@@ -218,8 +218,8 @@ def test_nonfinite_weights_are_not_hidden_by_a_config_difference(tmp_path, cli, 
     notice, error = proc.stderr.strip().splitlines()
     assert notice.startswith(f"hfsoup: {b} differs from {a}") and "architectures" in notice
     assert error == (
-        f"hfsoup: error: {b}: tensor 'classifier.weight' holds NaN or Inf values; pass "
-        "--allow-nonfinite (allow_nonfinite=True) to soup it anyway"
+        f"hfsoup: error: {b}: tensor 'classifier.weight' holds NaN or Inf values; set "
+        "allow_nonfinite to soup it anyway (--allow-nonfinite)"
     )
     assert_nothing_written(tmp_path)
 

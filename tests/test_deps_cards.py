@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from factories import save_ingredient, tiny_bert_config
+from faults import FaultyHub
 from filelock import FileLock
 from test_errors import assert_nothing_written, assert_one_line_error
 
@@ -89,7 +90,7 @@ def metric_hub(tmp_path_factory):
     serves no canonical metrics, and other tests rely on that)."""
     from huggingface_hub import HfApi
 
-    with LocalHub(tmp_path_factory.mktemp("metric-hub"), anonymous_writes=True) as server:
+    with FaultyHub(tmp_path_factory.mktemp("metric-hub"), anonymous_writes=True) as server:
         api = HfApi(endpoint=server.url)
         api.create_repo("evaluate-metric/f1", repo_type="space", space_sdk="static")
         api.upload_file(path_or_fileobj=HUB_F1.encode(), path_in_repo="f1.py",

@@ -30,8 +30,9 @@ def test_max_memory_takes_accelerates_syntax():
     }  # fmt: skip
     assert parse_max_memory("0=1KB,cpu=2KB") == {0: 1000, "cpu": 2000}
     for bad in (["0"], ["gpu0=1GB"], ["0=lots"]):
-        with pytest.raises(RecipeError, match="--max-memory"):
+        with pytest.raises(RecipeError, match="^max_memory: ") as err:
             parse_max_memory(bad)
+        assert err.value.options == ("max_memory",)
 
 
 def _bert_config(**overrides) -> dict:
@@ -113,7 +114,10 @@ def test_cpu_device_map_and_budget(tiny_greedy, cli, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--max-memory", "cpu=1GB"], "applies to --device-map"),
+        (
+            ["--max-memory", "cpu=1GB"],
+            "applies only with a device_map; set device_map to auto (--max-memory, --device-map)",
+        ),
         (["--device", "cuda:0"], "no CUDA GPU is visible"),
         (["--device", "tpu"], "unknown device"),
         (["--device-map", "auto", "--max-memory", "3=1GB"], "names GPU 3"),

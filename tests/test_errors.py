@@ -136,8 +136,8 @@ def test_different_model_type_is_refused(hub, tmp_path, publish, good_repo):
 
 @reliability(
     "Only pickle weights (pytorch_model.bin)",
-    "one line: '<repo> has only pickle weights ...; Pass --allow-pickle to load it with "
-    "torch.load(weights_only=True)' (UnsafeWeightsError)",
+    "one line: '<repo> has only pickle weights ...; Set allow_pickle to load it with "
+    "torch.load(weights_only=True) (--allow-pickle)' (UnsafeWeightsError)",
 )
 def test_pickle_only_ingredient_names_the_opt_in(hub, tmp_path, publish, good_repo):
     folder = save_ingredient(tmp_path / "pkl", tiny_bert_config(), seed=2)
@@ -154,7 +154,8 @@ def test_pickle_only_ingredient_names_the_opt_in(hub, tmp_path, publish, good_re
 
 @reliability(
     "Output folder exists and is not empty",
-    "one line: 'output folder DIR exists and is not empty (use --overwrite)' "
+    "one line: 'output folder DIR exists and is not empty; set overwrite to replace it "
+    "(--overwrite)' "
     "(OutputExistsError); the folder is untouched",
 )
 def test_existing_output_is_refused_without_overwrite(hub, tmp_path, good_repo):

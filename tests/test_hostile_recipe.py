@@ -109,7 +109,7 @@ def test_python_api_applies_the_card_rule_to_a_loaded_recipe(tmp_path):
 @reliability(
     "A card's recipe naming local folders as ingredients",
     "one line: 'the recipe from SOUP/README.md names the local folder 'DIR' as an ingredient; "
-    "... unless you pass --allow-local' (RecipeError), before anything is read; with "
+    "... unless allow_local is set (--allow-local)' (RecipeError), before anything is read; with "
     "--allow-local the soup is rebuilt",
 )
 def test_card_recipe_local_ingredient_needs_allow_local(tmp_path, cli):

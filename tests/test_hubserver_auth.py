@@ -111,9 +111,9 @@ def test_a_write_without_a_valid_token_is_refused(locked, route, credentials):
 
 def test_every_write_route_is_guarded(locked):
     """The list above is every route that changes something (a new route must join it)."""
-    from hfsoup.serve.hubserver import _ROUTES
+    from hfsoup.serve.handler import ROUTES
 
-    mutating = {name for methods, _, name in _ROUTES if set(methods) & {"POST", "PUT", "DELETE"}}
+    mutating = {name for methods, _, name in ROUTES if set(methods) & {"POST", "PUT", "DELETE"}}
     read_only = {"validate_yaml", "paths_info", "no_such_repo"}  # POST, but change nothing
     signed = {"lfs_put"}  # presigned: tested below
     guarded = {"create_repo", "delete_repo", "preupload", "commit", "branch", "tag", "lfs_batch"}
@@ -359,14 +359,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The two command lines of the server: the hfsoup CLI, and the server module on its own.
+HUB_SERVE = ("hfsoup", "hub", "serve")
+SERVER_MODULE = ("hfsoup.serve.hubserver",)
+
+
 class Served:
     """``python -m hfsoup hub serve --port P OPTIONS`` in a subprocess, its output in files."""
 
-    def __init__(self, tmp_path, *options: str) -> None:
+    def __init__(self, tmp_path, *options: str, entry: tuple[str, ...] = HUB_SERVE) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"  # only ever connect through loopback
         self.out, self.err = tmp_path / "serve.out", tmp_path / "serve.err"
-        cmd = [sys.executable, "-m", "hfsoup", "hub", "serve", "--data", str(tmp_path / "served"),
+        cmd = [sys.executable, "-m", *entry, "--data", str(tmp_path / "served"),
                "--port", str(self.port), *options]  # fmt: skip
         with self.out.open("w") as out, self.err.open("w") as err:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err)
@@ -447,3 +452,60 @@ def test_each_hub_makes_its_own_token_when_given_none(tmp_path):
 
         with pytest.raises(HfHubHTTPError):
             HfApi(endpoint=b.url, token=a.token).create_repo("team/b")
+
+
+def test_the_server_module_serves_on_its_own(tmp_path):
+    """``python -m hfsoup.serve.hubserver`` (what the benchmarks start) serves like the CLI."""
+    from huggingface_hub import HfApi
+
+    with Served(tmp_path, "--token", TOKEN, entry=SERVER_MODULE) as served:
+        HfApi(endpoint=served.url, token=TOKEN).create_repo("team/alone")
+        info = HfApi(endpoint=served.url, token=TOKEN).model_info("team/alone")
+    assert info.id == "team/alone"
+    assert served.proc.returncode == 0, served.stderr  # SIGTERM stops it as Ctrl-C does
+    assert f"at {served.url}" in served.out.read_text()
+    assert TOKEN not in served.stderr
+
+
+def test_the_server_module_imports_nothing_of_hfsoup_but_the_server():
+    """No import of hfsoup.cli (which imports the server: a cycle) nor of the soup machinery."""
+    code = (
+        "import sys, hfsoup.serve.hubserver; "
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('hfsoup'))))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    modules = proc.stdout.split()
+    assert "hfsoup.serve.hubserver" in modules
+    assert [m for m in modules if m not in ("hfsoup", "hfsoup.errors", "hfsoup.serve")
+            and not m.startswith("hfsoup.serve.")] == []  # fmt: skip
+
+
+def test_the_server_module_takes_the_options_of_hub_serve():
+    import argparse
+
+    from hfsoup.cli import build_parser
+    from hfsoup.serve.hubserver import _parser
+
+    def options(parser: argparse.ArgumentParser) -> dict[str, tuple]:
+        return {
+            a.option_strings[0]: (a.dest, a.default, a.type, a.required, type(a).__name__)
+            for a in parser._actions
+            if a.option_strings and a.dest not in ("help", "debug", "quiet", "json")
+        }
+
+    def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return sub.choices[name]
+
+    hub_serve = subparser(subparser(build_parser(), "hub"), "serve")
+    assert options(_parser()) == options(hub_serve)
+    assert set(options(hub_serve)) == {"--data", "--host", "--port", "--token", "--tokens-file"}
+
+
+def test_the_server_module_says_a_bad_token_in_one_line(tmp_path):
+    cmd = [sys.executable, "-m", *SERVER_MODULE, "--data", str(tmp_path / "hub"), "--token=",
+           "--port", "0"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert_one_line_error(proc, "a --token value is empty")
+    assert proc.stdout == ""

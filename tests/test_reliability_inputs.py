@@ -97,7 +97,8 @@ def _poisoned(tmp_path, value: float, name: str = "poisoned"):
 
 @reliability(
     "NaN or Inf in an ingredient",
-    "one line: '<ingredient>: tensor X holds NaN or Inf values; pass --allow-nonfinite ...' "
+    "one line: '<ingredient>: tensor X holds NaN or Inf values; set allow_nonfinite to soup it "
+    "anyway (--allow-nonfinite)' "
     "(NonFiniteWeightsError); nothing written",
 )
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])

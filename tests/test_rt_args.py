@@ -92,7 +92,7 @@ def test_working_names_that_are_symlinks_are_removed_not_followed(tmp_path, cli,
 @reliability(
     "--output that is a symlink (to a folder elsewhere, or dangling), with or without --overwrite",
     "one line: 'output DIR is a symlink (to X); hfsoup writes no soup through a link and replaces "
-    "no folder it points to: give the folder itself (--output X)' (OutputExistsError); the "
+    "no folder it points to: give the folder itself, X (--output)' (OutputExistsError); the "
     "folder it points to is untouched (--overwrite replaced it before)",
 )
 @pytest.mark.parametrize("overwrite", [False, True])

@@ -266,9 +266,11 @@ def test_every_ingredient_scoring_nan_is_refused(tiny_greedy, cli, tmp_path, com
 
 def test_nan_scores_never_win_and_all_nan_is_undecidable():
     from hfsoup.methods.greedy import best_index, check_decidable
+    from hfsoup.tasks.kinds import HIGHER, LOWER
 
-    assert best_index([math.nan, 0.2, 0.7, math.nan]) == 2
-    assert best_index([math.nan, None, 0.1]) == 2
+    assert best_index([math.nan, 0.2, 0.7, math.nan], HIGHER) == 2
+    assert best_index([math.nan, None, 0.1], HIGHER) == 2
+    assert best_index([math.nan, 0.2, 0.7, math.nan], LOWER) == 1  # a lower-is-better kind
     check_decidable([{"v": {"m": math.nan}}, {"v": {"m": 0.5}}], "v", "m")
     with pytest.raises(TaskError, match="every ingredient scores NaN"):
         check_decidable([{"v": {"m": math.nan}}, {"v": {"m": math.nan}}], "v", "m")

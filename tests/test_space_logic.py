@@ -217,3 +217,57 @@ def test_the_log_keeps_only_the_last_lines():
     for i in range(10):
         tracker.feed(f"line {i}")
     assert tracker.log == "line 7\nline 8\nline 9"
+
+
+def test_the_page_offers_the_registrys_methods_with_a_toy_one():
+    from capabilities import registered_methods
+    from logic import method_choices
+
+    from hfsoup.methods.registry import MergeMethod, register, unregister
+
+    register(MergeMethod("toy", "a toy method registered by a test", needs_task=True))
+    try:
+        offered = method_choices({"methods": registered_methods(learned=False)})
+    finally:
+        unregister("toy")
+    names = [m.name for m in offered]
+    assert names[0] == "uniform" and "toy" in names and "learned" not in names
+    toy = offered[names.index("toy")]
+    assert toy.needs_task and toy.summary == "a toy method registered by a test"
+
+
+def test_a_worker_that_lists_no_methods_gets_the_default_list():
+    from logic import method_choices
+
+    assert [(m.name, m.needs_task) for m in method_choices({"learned": True})] == [
+        ("uniform", False), ("greedy", True), ("learned", True),
+    ]  # fmt: skip
+    assert [m.name for m in method_choices({})] == ["uniform", "greedy"]
+
+
+def test_hfsoup_log_records_reach_the_page_as_hfsoup_lines():
+    """Progress steps (INFO) and notices go to the page as the CLI prints them."""
+    import logging
+
+    from worker import _LineSink, log_to
+
+    class Conn:
+        sent: list = []
+
+        def send(self, event):
+            self.sent.append(event)
+
+    logger = logging.getLogger("hfsoup")
+    level, conn = logger.level, Conn()
+    handler = log_to(_LineSink(conn))
+    try:
+        logger.info("scoring ingredient %d/%d: %s", 2, 5, "org/ft-2")
+        logger.warning("a notice\nover two lines")
+        logger.debug("not shown")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert conn.sent == [
+        ("line", "hfsoup: scoring ingredient 2/5: org/ft-2"),
+        ("line", "hfsoup: a notice over two lines"),
+    ]

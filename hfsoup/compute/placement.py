@@ -120,7 +120,8 @@ def parse_max_memory(items: str | Mapping | list[str] | None) -> dict[int | str,
             key, sep, value = item.strip().partition("=")
             if not sep or not value:
                 raise RecipeError(
-                    f"--max-memory: {item!r} is not DEVICE=SIZE (e.g. 0=20GiB cpu=64GiB)"
+                    f"max_memory: {item!r} is not DEVICE=SIZE (e.g. 0=20GiB cpu=64GiB)",
+                    options=["max_memory"],
                 )
             pairs.append((key.strip(), value.strip()))
     out: dict[int | str, int] = {}
@@ -133,13 +134,18 @@ def parse_max_memory(items: str | Mapping | list[str] | None) -> dict[int | str,
         elif key == "cpu":
             device = "cpu"
         else:
-            raise RecipeError(f"--max-memory: unknown device {key!r} (use 0, cuda:0, ... or cpu)")
+            raise RecipeError(
+                f"max_memory: unknown device {key!r} (use 0, cuda:0, ... or cpu)",
+                options=["max_memory"],
+            )
         try:
             out[device] = int(read_size(value))  # "5Gb" is 5 GB (hfsoup.units), never bits
         except ValueError:
-            raise RecipeError(f"--max-memory: {value!r} is not a size (e.g. 20GiB)") from None
+            raise RecipeError(
+                f"max_memory: {value!r} is not a size (e.g. 20GiB)", options=["max_memory"]
+            ) from None
         if out[device] <= 0:
-            raise RecipeError(f"--max-memory: {key}={value} must be positive")
+            raise RecipeError(f"max_memory: {key}={value} must be positive", options=["max_memory"])
     return out
 
 
@@ -209,7 +215,8 @@ def infer_device_map(
         given = ", ".join(f"{k}={_size(v)}" for k, v in budgets.items())
         raise InsufficientMemoryError(
             f"the model ({_size(need)} with its running sum) does not fit in the memory given "
-            f"({given}); raise --max-memory or use more devices"
+            f"({given}); raise max_memory or use more devices",
+            options=["max_memory"],
         )
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     ordered = sorted(device_map.items(), key=lambda item: order.get(item[0], len(order)))
@@ -262,11 +269,14 @@ def plan_placement(
             (with its running sum) too big for the first GPU is spread as by ``auto``.
 
     Raises:
-        RecipeError: ``--max-memory`` without a device map, or naming a GPU that is not visible.
+        RecipeError: ``max_memory`` without a device map, or naming a GPU that is not visible.
         InsufficientMemoryError: the model does not fit in the memory given.
     """
     if device_map is None and max_memory:
-        raise RecipeError("--max-memory applies to --device-map; add --device-map auto")
+        raise RecipeError(
+            "max_memory applies only with a device_map; set device_map to auto",
+            options=["max_memory", "device_map"],
+        )
     model = None  # the meta model, built at most once
     if device_map is None and all_gpus and device.type == "cuda" and torch.cuda.device_count() > 1:
         # --device auto with several GPUs: one GPU if the model and its sum fit there, else all.
@@ -286,7 +296,10 @@ def plan_placement(
     for key in budgets:
         if isinstance(key, int) and key not in gpus:
             seen = ", ".join(map(str, gpus)) or "none"
-            raise RecipeError(f"--max-memory names GPU {key}, but the GPUs in use are: {seen}")
+            raise RecipeError(
+                f"max_memory names GPU {key}, but the GPUs in use are: {seen}",
+                options=["max_memory"],
+            )
     budgets.setdefault("cpu", visible_budgets([])["cpu"])
     model = model if model is not None else meta_model(config, score_dtype)
     devices = infer_device_map(

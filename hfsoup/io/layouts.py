@@ -206,8 +206,9 @@ def _read_module(
         if not allow_pickle:
             raise UnsafeWeightsError(
                 f"{ingredient.label}: module {module.path} has only pickle weights "
-                f"({prefix}{_MODULE_PICKLE}); pickle can run code when loaded. Pass "
-                "--allow-pickle to load it with torch.load(weights_only=True)"
+                f"({prefix}{_MODULE_PICKLE}); pickle can run code when loaded. Set "
+                "allow_pickle to load it with torch.load(weights_only=True)",
+                options=["allow_pickle"],
             )
         from hfsoup.io.pickled import pickle_refs
 

@@ -140,7 +140,8 @@ def check_finite(index: IngredientIndex, name: str, tensor: torch.Tensor) -> Non
     if index.tensors[name].dtype in FLOAT_DTYPES and not all_finite(tensor):
         raise NonFiniteWeightsError(
             f"{index.ingredient.label}: tensor {name!r} holds NaN or Inf values; "
-            "pass --allow-nonfinite (allow_nonfinite=True) to soup it anyway"
+            "set allow_nonfinite to soup it anyway",
+            options=["allow_nonfinite"],
         )
 
 

@@ -207,7 +207,8 @@ def _weight_files(
         if not allow_pickle:
             raise UnsafeWeightsError(
                 f"{ingredient.label} has only pickle weights (pytorch_model.bin); pickle can run "
-                "code when loaded. Pass --allow-pickle to load it with torch.load(weights_only=True)"
+                "code when loaded. Set allow_pickle to load it with torch.load(weights_only=True)",
+                options=["allow_pickle"],
             )
         if _PICKLE_INDEX in files:
             weight_map = _read_index(ingredient, _PICKLE_INDEX)

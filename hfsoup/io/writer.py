@@ -106,8 +106,9 @@ def check_output_name(target: Path) -> None:
             pointed = f" (to {os.readlink(path)})"
         raise OutputExistsError(
             f"output {path} is a symlink{pointed}; hfsoup writes no soup through "
-            f"a link and replaces no folder it points to: give the folder itself "
-            f"(--output {path.resolve()})"
+            f"a link and replaces no folder it points to: give the folder itself, "
+            f"{path.resolve()}",
+            options=["output.dir"],
         )
 
 
@@ -200,7 +201,10 @@ def staged_output(
     check_output_target(target, overwrite=overwrite)
     target = target.expanduser().resolve()
     if is_nonempty(target) and not overwrite:
-        raise OutputExistsError(f"output folder {target} exists and is not empty (use --overwrite)")
+        raise OutputExistsError(
+            f"output folder {target} exists and is not empty; set overwrite to replace it",
+            options=["overwrite"],
+        )
     lock = _lock(target)
     tmp = partial_dir(target)
     try:
@@ -366,7 +370,8 @@ class ShardWriter:
                     raise NonFiniteWeightsError(
                         f"the soup's tensor {key!r} holds NaN or Inf values as {_dtype_name(t)} "
                         "(its average overflows that dtype); write a wider dtype (float32), or "
-                        "pass --allow-nonfinite (allow_nonfinite=True) to write it anyway"
+                        "set allow_nonfinite to write it anyway",
+                        options=["allow_nonfinite"],
                     )
         name = shard_filename(i, self.num_shards)
         try:

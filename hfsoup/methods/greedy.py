@@ -10,7 +10,6 @@ cache. Never more than the live model, ``S`` and one streamed tensor group are h
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -27,8 +26,7 @@ from hfsoup.compute.placement import Placement
 from hfsoup.errors import TaskError
 from hfsoup.io.streaming import iter_tensors
 from hfsoup.io.tensors import FLOAT_DTYPES, IngredientIndex
-from hfsoup.tasks.ensemble import reaches
-from hfsoup.tasks.scorer import Scorer
+from hfsoup.tasks.kinds import Direction, TaskScorer
 
 Scores = dict[str, dict[str, float]]  # {split: {metric: value}}
 STATE_FILE = "greedy_state.json"
@@ -151,6 +149,7 @@ class GreedyResult:
     examples_scored: int
     examples_full: int
     timings: dict[str, float] = field(default_factory=dict)
+    best: int = 0  # the best individual ingredient, in the task's direction
 
 
 class _State:
@@ -207,7 +206,7 @@ def saved_fingerprint(folder: Path) -> str | None:
 
 def run_greedy(
     session: SoupSession,
-    scorer: Scorer,
+    scorer: TaskScorer,
     *,
     labels: Sequence[str],
     state_dir: Path | None,
@@ -222,13 +221,15 @@ def run_greedy(
 
     Args:
         session: the live model and running sum over the ingredients.
-        scorer: the task's scorer (its cache keeps each ingredient's outputs).
+        scorer: the task's scorer (its cache keeps each ingredient's outputs); its
+            ``direction`` says which way is better, for the order and the acceptance.
         labels: how each ingredient is named in the trace.
         state_dir: where decisions are kept so an interrupted run resumes (None: nowhere; the
             processes other than the main one).
         fingerprint: identifies the run (pinned SHAs, task, rule); a state file with another
             fingerprint is ignored.
-        strict: accept only on ``>`` (the original code) instead of ``>=``.
+        strict: accept only on strictly better (the original code's ``>``) instead of at
+            least as good.
         order: ``"score"`` (best first, the paper's Recipe 1) or ``"random"`` (seeded).
         processes: the processes scoring together (as the scorer's); default this one alone.
     """
@@ -249,30 +250,9 @@ def run_greedy(
     timings["uniform_soup"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    metric = scorer.selection_metric
-    sel_scores = [individual[i][sel][metric] for i in range(k)]
-    ranking = _ranking(sel_scores, order, seed)
-    trace = state.data["trace"]
-    session.restart(ranking[0])
-    incumbent = sel_scores[ranking[0]]
-    if not trace:
-        trace.append(_step(labels, ranking[0], incumbent, True, 0))
-    examples_full = scorer.split(sel).size
-    for position, j in enumerate(ranking[1:], start=1):
-        if position < len(trace):  # decided before an interruption: replay, do not re-score
-            if trace[position]["accepted"]:
-                session.add(j)
-                incumbent = trace[position]["score"]
-            continue
-        log(f"greedy: trying {labels[j]}")
-        session.show_candidate(j)
-        outcome = scorer.score_with_early_stop(session.model, sel, incumbent, strict=strict)
-        accepted = reaches(outcome.score, incumbent, strict=strict)
-        if accepted:
-            session.add(j)
-            incumbent = outcome.score
-        trace.append(_step(labels, j, outcome.score, accepted, outcome.examples_scored))
-        state.save()
+    sel_scores = [individual[i][sel][scorer.selection_metric] for i in range(k)]
+    ranking = _ranking(sel_scores, order, seed, scorer.direction)
+    trace = _choose(session, scorer, ranking, sel_scores, labels, state, strict=strict, log=log)
     session.show_sum()
     greedy = _score_live(session, scorer, splits)
     timings["greedy_soup"] = time.perf_counter() - t0
@@ -288,14 +268,56 @@ def run_greedy(
         accepted=[ranking[p] for p, step in enumerate(trace) if step["accepted"]],
         ensemble_members=members,
         examples_scored=sum(step["examples_scored"] for step in trace[1:]),
-        examples_full=examples_full * (k - 1),
+        examples_full=scorer.split(sel).size * (k - 1),
         timings=timings,
+        best=best_index(sel_scores, scorer.direction),
     )
+
+
+def _choose(
+    session: SoupSession,
+    scorer: TaskScorer,
+    ranking: Sequence[int],
+    sel_scores: Sequence[float],
+    labels: Sequence[str],
+    state: _State,
+    *,
+    strict: bool,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """The greedy loop: try each ingredient in ``ranking`` order into the running sum.
+
+    A candidate is accepted when its selection score reaches the incumbent's in the task's
+    direction; decisions already in ``state`` (an interrupted run) are replayed, not re-scored.
+    Leaves the running sum holding the accepted ingredients; returns the trace.
+    """
+    sel, direction = scorer.selection_split, scorer.direction
+    trace = state.data["trace"]
+    session.restart(ranking[0])
+    incumbent = sel_scores[ranking[0]]
+    if not trace:
+        trace.append(_step(labels, ranking[0], incumbent, True, 0))
+    for position, j in enumerate(ranking[1:], start=1):
+        if position < len(trace):  # decided before an interruption: replay, do not re-score
+            if trace[position]["accepted"]:
+                session.add(j)
+                incumbent = trace[position]["score"]
+            continue
+        log(f"greedy: trying {labels[j]}")
+        session.show_candidate(j)
+        outcome = scorer.score_with_early_stop(session.model, sel, incumbent, strict=strict)
+        accepted = direction.reaches(outcome.score, incumbent, strict=strict)
+        if accepted:
+            session.add(j)
+            incumbent = outcome.score
+        trace.append(_step(labels, j, outcome.score, accepted, outcome.examples_scored))
+        state.save()
+    return trace
 
 
 def score_ingredients(
     session: SoupSession,
-    scorer: Scorer,
+    scorer: TaskScorer,
     *,
     labels: Sequence[str],
     state: _State | None = None,
@@ -312,7 +334,7 @@ def score_ingredients(
             continue
         log(f"scoring ingredient {i + 1}/{len(session.indexes)}: {labels[i]}")
         session.show(i)
-        logits = {s: scorer.logits(session.model, s, key=str(i)) for s in splits}
+        logits = {s: scorer.outputs(session.model, s, key=str(i)) for s in splits}
         individual.append({s: scorer.scores(logits[s], s) for s in splits})
         if state is not None:
             state.save_logits(i, logits)
@@ -341,21 +363,17 @@ def check_decidable(individual: Sequence[Scores], split: str, metric: str) -> No
         )
 
 
-def best_index(scores: Sequence[float | None]) -> int:
-    """The position of the highest score, NaN and None counting as lowest (first on ties)."""
-
-    def key(i: int) -> float:
-        value = scores[i]
-        return value if _finite_or_inf(value) else -math.inf
-
-    return max(range(len(scores)), key=key)
+def best_index(scores: Sequence[float | None], direction: Direction) -> int:
+    """The position of the best score in the task's ``direction`` (the scorer's), NaN and
+    None counting as worst (the first on ties)."""
+    return direction.best_index(scores)
 
 
 def _finite_or_inf(value: float | None) -> bool:
-    return isinstance(value, (int, float)) and not math.isnan(value)
+    return isinstance(value, (int, float)) and value == value  # not NaN
 
 
-def score_uniform(session: SoupSession, scorer: Scorer) -> Scores:
+def score_uniform(session: SoupSession, scorer: TaskScorer) -> Scores:
     """Form the uniform soup in the running sum, show it, and score it on every split."""
     session.restart(0)
     for i in range(1, len(session.indexes)):
@@ -365,7 +383,7 @@ def score_uniform(session: SoupSession, scorer: Scorer) -> Scores:
 
 
 def score_ensembles(
-    scorer: Scorer, k: int, *, strict: bool = False
+    scorer: TaskScorer, k: int, *, strict: bool = False
 ) -> tuple[Scores, Scores, list[int]]:
     """The ensemble and greedy ensemble of the ``k`` cached ingredients' outputs, on every split.
 
@@ -382,20 +400,17 @@ def score_ensembles(
     return ensemble, greedy, members
 
 
-def _score_live(session: SoupSession, scorer: Scorer, splits: Sequence[str]) -> Scores:
-    return {s: scorer.scores(scorer.logits(session.model, s), s) for s in splits}
+def _score_live(session: SoupSession, scorer: TaskScorer, splits: Sequence[str]) -> Scores:
+    return {s: scorer.scores(scorer.outputs(session.model, s), s) for s in splits}
 
 
-def _ranking(scores: Sequence[float], order: str, seed: int) -> list[int]:
+def _ranking(scores: Sequence[float], order: str, seed: int, direction: Direction) -> list[int]:
     if order == "random":
         ranking = list(range(len(scores)))
         random.Random(seed).shuffle(ranking)
         return ranking
     # Best first; ties keep the given order; NaN (a broken ingredient) last.
-    return sorted(
-        range(len(scores)),
-        key=lambda i: (scores[i] != scores[i], -scores[i] if scores[i] == scores[i] else 0),
-    )
+    return direction.ranking(scores)
 
 
 def _step(labels: Sequence[str], i: int, score: float | None, accepted: bool, n: int) -> dict:

@@ -23,7 +23,6 @@ from hfsoup.methods.greedy import (
     STATE_FILE,
     GreedyResult,
     SoupSession,
-    best_index,
     run_greedy,
     saved_fingerprint,
 )
@@ -55,7 +54,7 @@ def fingerprint(recipe: Recipe, indexes: Sequence[IngredientIndex]) -> str:
 
 def comparison_table(result: GreedyResult, selection: str, metric: str) -> dict[str, Any]:
     """The paper's side-by-side: best individual, uniform and greedy soups, ensembles."""
-    best = best_index([scores[selection][metric] for scores in result.individual])
+    best = result.best  # in the task kind's direction
     return {
         "best_individual": result.individual[best],
         "uniform_soup": result.uniform,

@@ -2,8 +2,8 @@
 
 The soup is ``θ_l = Σ_i w_il θ_il`` for every parameter group ``l`` (one group for the whole
 model, or one per layer), where ``w = softmax(α)`` over the ingredients (or ``w = α``, "free"),
-starting from uniform weights. α and β minimise the cross-entropy of ``β · f(x, θ)`` on the
-selection split with Adam. Two paths compute the same gradients:
+starting from uniform weights. α and β minimise the task kind's loss of ``β · f(x, θ)`` on the
+selection split with Adam (classification: the cross-entropy; ``TaskScorer.loss``). Two paths compute the same gradients:
 
 - **memory**: every ingredient resident on the device in float32; the mixture is formed inside
   ``torch.func.functional_call``, so autograd reaches α directly. About ``k + 3`` models.
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from hfsoup.check.estimates import (  # noqa: F401  (re-exported: learned_run and callers use them here)
     activation_bytes,
@@ -33,11 +32,11 @@ from hfsoup.check.estimates import (  # noqa: F401  (re-exported: learned_run an
     path_needs,
     read_ahead_bytes,
 )
-from hfsoup.errors import InsufficientMemoryError, TaskError
+from hfsoup.errors import InsufficientMemoryError
 from hfsoup.io.streaming import iter_tensors
 from hfsoup.methods.greedy import SoupSession
+from hfsoup.tasks.kinds import TaskScorer
 from hfsoup.tasks.preprocess import PreparedSplit
-from hfsoup.tasks.scorer import Scorer
 
 WHOLE_MODEL = "all"
 _BLOCK = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.")
@@ -157,7 +156,7 @@ def mixing_weights(raw: torch.Tensor, param: str) -> torch.Tensor:
 
 def learn(
     session: SoupSession,
-    scorer: Scorer,
+    scorer: TaskScorer,
     *,
     groups: dict[str, list[str]],
     path: str,
@@ -180,7 +179,7 @@ def learn(
         param: ``"softmax"`` (weights positive, summing to 1 per group) or ``"free"``.
 
     Raises:
-        TaskError: a regression task (no classes to take the cross-entropy over).
+        TaskError: a task the kind cannot learn on (classification: a regression task).
     """
     check_task(scorer)
     split = scorer.split(scorer.selection_split)
@@ -190,7 +189,7 @@ def learn(
     beta = torch.ones((), device=device, requires_grad=True)
     optimizer = torch.optim.Adam([raw, beta], lr=lr)
     session.show(0)  # integer buffers come from the first ingredient
-    mixer = (_Resident if path == "memory" else _Streamed)(session, groups)
+    mixer = (_Resident if path == "memory" else _Streamed)(session, groups, scorer.loss)
     steps, labels = _steps(split, batch_size), split.label_batches()
     if path == "stream":
         mixer.show(mixing_weights(raw, param).detach())
@@ -212,16 +211,13 @@ def learn(
     return LearnedResult(weights.cpu(), beta.item(), groups, path, losses, epochs * len(steps))
 
 
-def check_task(scorer: Scorer) -> None:
-    """Refuse a regression task: there are no classes to take the cross-entropy over.
+def check_task(scorer: TaskScorer) -> None:
+    """Refuse a task whose kind has no loss to learn on (classification: regression tasks).
 
     Raises:
-        TaskError: the selection split's labels are not class ids.
+        TaskError: the task cannot be learned on (``TaskScorer.check_learnable``).
     """
-    if scorer.split(scorer.selection_split).labels.is_floating_point():
-        raise TaskError(
-            "a learned soup minimises cross-entropy: regression tasks are not supported"
-        )
+    scorer.check_learnable()
 
 
 def _steps(split: PreparedSplit, batch_size: int) -> list[list[Piece]]:
@@ -247,16 +243,14 @@ def _piece(batches: list[dict], labels: list[torch.Tensor], piece: Piece, device
     return batch, labels[b][start:end].to(device)
 
 
-def _loss(output: Any, beta: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = output.logits if hasattr(output, "logits") else output[0]
-    return F.cross_entropy(beta * logits.float(), labels, reduction="sum")
+Loss = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]  # (output, β, targets) -> sum
 
 
 class _Mixer:
     """The float tensors being mixed, each once (tied names share one tensor), and their group."""
 
-    def __init__(self, session: SoupSession, groups: dict[str, list[str]]) -> None:
-        self.session, self.live = session, session.live
+    def __init__(self, session: SoupSession, groups: dict[str, list[str]], loss: Loss) -> None:
+        self.session, self.live, self.loss = session, session.live, loss
         self.group_of: dict[str, int] = {}
         seen: set[int] = set()
         for g, names in enumerate(groups.values()):
@@ -270,8 +264,8 @@ class _Mixer:
 class _Resident(_Mixer):
     """Memory path: all ingredients stacked on the device, mixed inside the forward pass."""
 
-    def __init__(self, session: SoupSession, groups: dict[str, list[str]]) -> None:
-        super().__init__(session, groups)
+    def __init__(self, session: SoupSession, groups: dict[str, list[str]], loss: Loss) -> None:
+        super().__init__(session, groups, loss)
         model, k = self.live.model, len(session.indexes)
         self.stacks = {
             n: torch.empty((k, *self.live.targets[n].shape), device=session.device)
@@ -301,7 +295,7 @@ class _Resident(_Mixer):
         params = self._mixture(w)
         n = sum(len(labels) for _, labels in pieces)
         loss = sum(
-            _loss(torch.func.functional_call(self.live.model, params, kwargs=batch), beta, y)
+            self.loss(torch.func.functional_call(self.live.model, params, kwargs=batch), beta, y)
             for batch, y in pieces
         )
         (loss / n).backward()
@@ -316,8 +310,8 @@ class _Resident(_Mixer):
 class _Streamed(_Mixer):
     """Stream path: the live model and its gradient; ingredients are streamed for each step."""
 
-    def __init__(self, session: SoupSession, groups: dict[str, list[str]]) -> None:
-        super().__init__(session, groups)
+    def __init__(self, session: SoupSession, groups: dict[str, list[str]], loss: Loss) -> None:
+        super().__init__(session, groups, loss)
         self.live.model.requires_grad_(True)
 
     def step(self, w: torch.Tensor, beta: torch.Tensor, pieces: Sequence) -> float:
@@ -326,7 +320,7 @@ class _Streamed(_Mixer):
         n = sum(len(labels) for _, labels in pieces)
         total = 0.0
         for batch, y in pieces:  # gradients accumulate over the batches of the step
-            loss = _loss(model(**batch), beta, y)
+            loss = self.loss(model(**batch), beta, y)
             (loss / n).backward()
             total += loss.item()
         dots = torch.zeros(w.shape, dtype=torch.float64, device=self.session.device)

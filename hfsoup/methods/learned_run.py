@@ -142,7 +142,7 @@ def run_learned_soup(
         method = "learned_soup_by_layer" if config.by_layer else "learned_soup"
         learned = {s: scorer.scores(scorer.logits(session.model, s), s) for s in task.splits}
         ensemble, greedy_ensemble, members = score_ensembles(scorer, k)
-        best = best_index([scores[sel][metric] for scores in individual])
+        best = best_index([scores[sel][metric] for scores in individual], scorer.direction)
         table = {
             "best_individual": individual[best],
             "uniform_soup": uniform,

@@ -8,12 +8,12 @@ from typing import Any
 
 from hfsoup.compute.distributed import Processes
 from hfsoup.io.refs import IngredientIndex
-from hfsoup.tasks.scorer import Scorer
+from hfsoup.tasks.kinds import TaskScorer, get_kind
 
 
 def make_scorer(
     task: Any, first: IngredientIndex, *, progress: bool, processes: Processes | None = None
-) -> Scorer:
+) -> TaskScorer:
     """A scorer using the first ingredient's tokenizer / image processor (pinned to its SHA).
 
     With several processes the main one loads (and caches) the data first, the others then
@@ -24,7 +24,7 @@ def make_scorer(
     source = str(spec.path) if spec.path is not None else spec.repo
     if not procs.is_main:
         procs.barrier()
-    scorer = Scorer.from_pretrained(
+    scorer = get_kind(task.kind).prepare(
         task, source, revision=first.ingredient.sha, progress=progress, processes=procs
     )
     if procs.is_main:

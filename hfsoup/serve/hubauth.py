@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from hfsoup.errors import HubServeError
-from hfsoup.serve.hubstore import HubError
+from hfsoup.serve.records import HubError
 
 # What huggingface_hub recognises as a bad token (it then raises HfHubHTTPError, not
 # RepositoryNotFoundError, so a refused write reads as an access problem).
@@ -104,6 +104,19 @@ def read_tokens_file(path: str | Path) -> list[str]:
     if not tokens:
         raise HubServeError(f"the tokens file {str(path)!r} holds no token")
     return tokens
+
+
+def tokens_from_options(tokens: Iterable[str], files: Iterable[str | Path]) -> list[str] | None:
+    """The tokens of ``--token`` values and ``--tokens-file`` files; ``None`` when neither was
+    given (the server then makes one).
+
+    Raises:
+        HubServeError: a value is malformed, or a file cannot be read (see :func:`read_tokens_file`).
+    """
+    tokens, files = list(tokens), list(files)
+    found = [check_token(t, "a --token value") for t in tokens]
+    found += [t for f in files for t in read_tokens_file(f)]
+    return found if tokens or files else None
 
 
 class HubAuth:

@@ -4,7 +4,10 @@
 - :mod:`~hfsoup.tasks.data`: load the splits, carve the holdout, apply ``limit``.
 - :mod:`~hfsoup.tasks.preprocess`: tokenize / process images once per split.
 - :mod:`~hfsoup.tasks.metrics`: ``evaluate`` metrics with bundled fallbacks.
-- :mod:`~hfsoup.tasks.scorer`: outputs, scores, exact early rejection.
+- :mod:`~hfsoup.tasks.kinds`: the task-kind protocol and registry, which way is better.
+- :mod:`~hfsoup.tasks.batches`: run a model over a split's batches (alone or data-parallel).
+- :mod:`~hfsoup.tasks.classification`: the classification kind (outputs, scores, exact
+  early rejection, the learned soup's loss).
 - :mod:`~hfsoup.tasks.ensemble`: ensemble and greedy ensemble of cached outputs.
 - :mod:`~hfsoup.tasks.labels`: align ingredients whose labels are ordered differently.
 """
@@ -29,9 +32,16 @@ _EXPORTS = {
     "PreparedSplit": "preprocess",
     "load_preprocessor": "preprocess",
     "prepare_split": "preprocess",
-    "EarlyStop": "scorer",
-    "Scorer": "scorer",
-    "required_count": "scorer",
+    "Scorer": "classification",
+    "required_count": "classification",
+    "Direction": "kinds",
+    "EarlyStop": "kinds",
+    "TaskKind": "kinds",
+    "TaskScorer": "kinds",
+    "get_kind": "kinds",
+    "kind_names": "kinds",
+    "register_kind": "kinds",
+    "unregister_kind": "kinds",
     "PRESETS": "task",
     "Holdout": "task",
     "Task": "task",

@@ -5,10 +5,12 @@ Both work on outputs already computed (cached per ingredient), so they cost no f
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+
+from hfsoup.tasks.kinds import HIGHER, Direction
 
 
 def ensemble(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -38,46 +40,48 @@ def ensemble(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
     return stacked.softmax(dim=-1).mean(dim=0)
 
 
-def reaches(score: float | None, threshold: float, *, strict: bool = False) -> bool:
-    """The acceptance rule: ``score >= threshold`` (``>`` when ``strict``); None never reaches."""
-    if score is None:
-        return False
-    return score > threshold if strict else score >= threshold
+def reaches(
+    score: float | None, threshold: float, *, strict: bool = False, direction: Direction = HIGHER
+) -> bool:
+    """The acceptance rule: ``score >= threshold`` (``>`` when ``strict``; ``<=`` / ``<`` for a
+    lower-is-better ``direction``); None and NaN never reach. See :meth:`Direction.reaches`."""
+    return direction.reaches(score, threshold, strict=strict)
 
 
 def greedy_ensemble(
-    outputs: Sequence[torch.Tensor],
-    score: Callable[[torch.Tensor], float],
+    outputs: Sequence[Any],
+    score: Callable[[Any], float],
     *,
     strict: bool = False,
+    direction: Direction = HIGHER,
+    combine: Callable[[Sequence[Any]], Any] = ensemble,
 ) -> list[int]:
     """The paper's greedy ensemble: add models by individual score while the score holds.
 
     Models are sorted by their own score, best first (ties keep the given order; NaN scores
     last). Starting from the best, each next model's outputs join the ensemble if the
-    ensemble's score does not drop (``>=``; ``>`` when ``strict``).
+    ensemble's score does not get worse (``>=``; ``>`` when ``strict``; the other way round
+    for a lower-is-better ``direction``).
 
     Args:
         outputs: Each model's outputs on the selection split.
-        score: Selection score of outputs or of an :func:`ensemble` of them, higher is better.
+        score: Selection score of outputs or of an ensemble of them.
         strict: Require a strict improvement to add a model.
+        direction: Which way the score is better (the task kind's).
+        combine: Forms an ensemble's outputs (the task kind's; default :func:`ensemble`).
 
     Returns:
         Indices into ``outputs`` of the chosen models, in the order they were added.
     """
     if not outputs:
         raise ValueError("a greedy ensemble needs at least one model's outputs")
-    individual = [score(ensemble([o])) for o in outputs]
-    order = sorted(range(len(outputs)), key=lambda i: _descending(individual[i]))
+    individual = [score(combine([o])) for o in outputs]
+    order = direction.ranking(individual)
     chosen = [order[0]]
     best = individual[order[0]]
     for index in order[1:]:
-        candidate = score(ensemble([outputs[i] for i in [*chosen, index]]))
-        if reaches(candidate, best, strict=strict):
+        candidate = score(combine([outputs[i] for i in [*chosen, index]]))
+        if direction.reaches(candidate, best, strict=strict):
             chosen.append(index)
             best = candidate
     return chosen
-
-
-def _descending(value: float) -> float:
-    return math.inf if math.isnan(value) else -value

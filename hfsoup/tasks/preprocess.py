@@ -237,6 +237,18 @@ def _labels(
             f"split {split!r} has {missing} example(s) without a label (None or NaN in column "
             f"{column!r}); it cannot be scored"
         )
+    ids = _class_ids(feature, values, label2id, split=split, column=column)
+    if isinstance(ids, torch.Tensor):  # regression targets
+        return ids
+    return _checked_ids(ids, classes, split=split, column=column)
+
+
+def _class_ids(
+    feature: Any, values: list[Any], label2id: dict[str, int] | None, *, split: str, column: str
+) -> list[Any] | torch.Tensor:
+    """The labels as class ids in the model's order (not range-checked yet), or, for numbers
+    given to a model with one output (or none known), the float32 regression targets."""
+    classes = len(label2id) if label2id else None
     if isinstance(feature, datasets.ClassLabel):
         if classes == 1:
             raise _regression_with_classes(split, column)
@@ -282,6 +294,14 @@ def _labels(
             f"column {column!r} of split {split!r} holds {_feature_name(feature)}, not class "
             "ids, label names or numbers"
         )
+    return values
+
+
+def _checked_ids(
+    values: list[Any], classes: int | None, *, split: str, column: str
+) -> torch.Tensor:
+    """Class ids as int64, refused when unlabelled (-1), negative or beyond the model's
+    classes; whole numbers for a model with one output are its float32 regression targets."""
     labels = torch.tensor(values, dtype=torch.int64)
     if (labels == -1).any():
         raise TaskError(

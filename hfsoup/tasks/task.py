@@ -13,9 +13,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from hfsoup.errors import TaskError
+from hfsoup.tasks.kinds import DEFAULT_KIND, kind_names
 
 GLUE_ID = "nyu-mll/glue"
 """The canonical Hub ID of GLUE (``glue`` is accepted as an alias and rewritten to this)."""
@@ -69,6 +78,9 @@ class Task(BaseModel):
     """A scoring task: dataset, selection and report splits, columns, metrics.
 
     Attributes:
+        kind: The task kind (:mod:`hfsoup.tasks.kinds`): ``classification`` (the default)
+            or a registered kind. Left out of dumps when it is the default, so the recipes
+            and results of classification tasks read as they always did.
         dataset: A Hub dataset ID (``org/name``), or keyword arguments of
             ``datasets.load_dataset`` for local files, e.g.
             ``{"path": "parquet", "data_files": {"validation": "v.parquet"}}``.
@@ -97,6 +109,7 @@ class Task(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    kind: str = DEFAULT_KIND
     dataset: str | dict[str, Any]
     config: str | None = None
     selection_split: str | None = None
@@ -110,8 +123,19 @@ class Task(BaseModel):
     holdout: Holdout | None = None
     allow_overlap: bool = False
 
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("kind") == DEFAULT_KIND:
+            del data["kind"]
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> Task:
+        if self.kind not in kind_names():
+            raise TaskError(
+                f"unknown task kind {self.kind!r}; task kinds: {', '.join(kind_names())}"
+            )
         if isinstance(self.dataset, dict) and "path" not in self.dataset:
             raise TaskError(
                 "task dataset given as a mapping needs a 'path' (e.g. {path: parquet, data_files: ...})"

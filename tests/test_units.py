@@ -28,9 +28,9 @@ def test_a_lowercase_b_is_bytes_not_bits():
 
 
 def test_max_memory_keeps_its_own_messages():
-    with pytest.raises(RecipeError, match=r"--max-memory: 'lots' is not a size"):
+    with pytest.raises(RecipeError, match=r"max_memory: 'lots' is not a size"):
         parse_max_memory(["0=lots"])
-    with pytest.raises(RecipeError, match=r"--max-memory: cpu=0GB must be positive"):
+    with pytest.raises(RecipeError, match=r"max_memory: cpu=0GB must be positive"):
         parse_max_memory(["cpu=0GB"])
 
 

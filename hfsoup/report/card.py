@@ -23,6 +23,8 @@ _PIPELINES = (
     ("ForMaskedLM", "fill-mask"),
     ("ForConditionalGeneration", "text2text-generation"),
 )
+
+
 @dataclass
 class CardRow:
     """One ingredient as the card lists it."""

@@ -78,8 +78,7 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> SoupResult:
     """Make the soup ``recipe`` describes (its output already chosen), as ``opts`` say."""
     method, procs = get_method(recipe.method), processes()
     weights, shard_bytes, budgets = check_run(recipe, method, opts, procs)  # before any read
-    device = resolve_device(opts.device, procs)
-    target, timings = Path(recipe.output.dir), {}
+    device, target, timings = resolve_device(opts.device, procs), Path(recipe.output.dir), {}
     if procs.distributed and not method.needs_task and not procs.is_main:
         # Nothing to score: the main process streams and writes the soup alone.
         return SoupResult(target, recipe.method, [], {}, timings=timings)
@@ -91,19 +90,21 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> SoupResult:
     )  # fmt: skip
     dtype = DTYPES[recipe.output.dtype] if recipe.output.dtype else None
     ctx = MethodContext(
-        recipe, indexes, plan_shards(indexes[0], max_shard_size=shard_bytes, dtype=dtype), target,
-        weights, method.read_config(recipe), dtype, placement, device, DTYPES[opts.accumulate],
-        procs, progress=opts.progress, overwrite=opts.overwrite, resume=opts.resume,
-        max_in_flight=opts.max_in_flight, memory_budget=opts.memory_budget, timings=timings,
+        recipe=recipe, indexes=indexes, target=target, weights=weights, dtype=dtype,
+        shards=plan_shards(indexes[0], max_shard_size=shard_bytes, dtype=dtype),
+        config=method.read_config(recipe), placement=placement, device=device,
+        accumulate=DTYPES[opts.accumulate], processes=procs, progress=opts.progress,
+        overwrite=opts.overwrite, resume=opts.resume, max_in_flight=opts.max_in_flight,
+        memory_budget=opts.memory_budget, timings=timings,
     )  # fmt: skip
-    ctx.state = method.prepare(ctx) if method.prepare else None
+    ctx.state = method.prepare(ctx) if method.prepare else None  # fails before any output
     with _stage(ctx, method) as folder:
         ctx.folder = folder
         outcome = method.run(ctx)
         if folder is None:  # a process beside the main one: it scored its share, it writes nothing
             return SoupResult(target, recipe.method, outcome.weights, outcome.results.to_dict(),
                               timings=timings)  # fmt: skip
-        results = _write(folder, outcome)
+        results = _write(folder, outcome)  # results.json, card, recipe
     return _push(recipe, target, outcome.weights, results, timings, opts.token)
 
 
@@ -127,7 +128,11 @@ def _write(folder: Path, outcome: MethodOutcome) -> dict[str, Any]:
     return results
 
 
-def _push(recipe, target, weights, results, timings, token) -> SoupResult:
+def _push(
+    recipe: Recipe, target: Path, weights: list[float], results: dict[str, Any],
+    timings: dict[str, float], token: str | None,
+) -> SoupResult:  # fmt: skip
+    """Push the soup when the recipe says where; the run's :class:`SoupResult`."""
     target = target.expanduser().resolve()
     url = None
     if recipe.output.push_to:
@@ -218,6 +223,8 @@ def check_run(
         The normalised mixing weights, the output shard size in bytes and the per-device
         memory budgets.
     """
+    if method.run is None:
+        raise RecipeError(f"method {method.name!r} is registered but cannot run yet")
     if recipe.output.push_to is not None:
         _check_push_to(recipe.output.push_to)
     if opts.resume and "resume" not in method.run_options:

@@ -27,7 +27,7 @@ from hfsoup.methods.greedy import (
     saved_fingerprint,
 )
 from hfsoup.recipe import Recipe
-from hfsoup.report.outputs import Scores, hardware_record
+from hfsoup.report.outputs import Scores, SoupResults, hardware_record
 from hfsoup.report.summary import TRAJECTORY_PNG, markdown_table, model_index, plot_trajectory
 from hfsoup.tasks.scorer import Scorer
 
@@ -149,7 +149,7 @@ def run_greedy_soup(ctx: MethodContext) -> MethodOutcome:
     )  # fmt: skip
     index = task_model_index(ctx.recipe, ctx.target, table, "greedy_soup", ctx.indexes[0].config)
     return MethodOutcome(
-        results, sections=[_card_section(results.to_dict(), sel, metric)],
+        results, sections=[_card_section(results, sel, metric)],
         model_index=index or None, scratch=["logits", STATE_FILE],
     )  # fmt: skip
 
@@ -191,8 +191,8 @@ def _check_resumable(recipe: Recipe, indexes: Sequence[IngredientIndex], target:
         )
 
 
-def _card_section(results: dict[str, Any], sel: str, metric: str) -> str:
-    g = results["greedy"]
+def _card_section(results: SoupResults, sel: str, metric: str) -> str:
+    g = results.record
     saved = g["examples_saved"]
     full = g["examples_full_evaluation"]
     pct = f" ({100 * saved / full:.0f}%)" if full else ""
@@ -202,7 +202,7 @@ def _card_section(results: dict[str, Any], sel: str, metric: str) -> str:
         f"Chosen on split `{sel}` by `{metric}`; the other splits are the report. "
         f"Greedy acceptance rule: `{g['accept']}`, order: `{g['order']}`.",
         "",
-        markdown_table(results["table"], selection_split=sel),
+        markdown_table(results.scores.table, selection_split=sel),
         "",
         f"Kept {len(g['accepted'])} of {len(g['trace'])} ingredients: "
         + ", ".join(f"`{r}`" for r in g["accepted"]) + ". "

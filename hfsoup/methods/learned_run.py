@@ -42,7 +42,7 @@ from hfsoup.methods.learned import (
     steps_per_epoch,
 )
 from hfsoup.recipe import LearnedConfig
-from hfsoup.report.outputs import Scores, hardware_record
+from hfsoup.report.outputs import Scores, SoupResults, hardware_record
 from hfsoup.report.summary import markdown_table
 from hfsoup.tasks.scorer import Scorer
 
@@ -152,7 +152,7 @@ def run_learned_soup(ctx: MethodContext) -> MethodOutcome:
     if config.by_layer:
         plot_alpha(ctx.folder / ALPHA_PNG, result.weights, ingredients=labels, groups=list(groups))
     index = task_model_index(ctx.recipe, ctx.target, table, method, ctx.indexes[0].config)
-    section = _card_section(results.to_dict(), labels, sel)
+    section = _card_section(results, labels, sel)
     return MethodOutcome(results, sections=[section], model_index=index or None)
 
 
@@ -227,8 +227,8 @@ def _learned_record(
     }
 
 
-def _card_section(results: dict[str, Any], labels: Sequence[str], sel: str) -> str:
-    learned = results["learned"]
+def _card_section(results: SoupResults, labels: Sequence[str], sel: str) -> str:
+    learned = results.record
     by_layer = learned["by_layer"]
     groups = list(learned["groups"]) if by_layer else ["α"]
     rows = learned["alpha"] if by_layer else [{"α": a} for a in learned["alpha"]]
@@ -242,7 +242,7 @@ def _card_section(results: dict[str, Any], labels: Sequence[str], sel: str) -> s
         "",
         f"Mixing weights learned on split `{sel}`; the other splits are the report.",
         "",
-        markdown_table(results["table"], selection_split=sel),
+        markdown_table(results.scores.table, selection_split=sel),
         "",
         "## Learned mixing weights",
         "",

@@ -76,7 +76,7 @@ def comparison_table(result: GreedyResult, selection: str, metric: str) -> dict[
     }
 
 
-def prepare(ctx: MethodContext) -> Scorer:
+def prepare(ctx: MethodContext) -> TaskScorer:
     """Before the output is staged: check a resume can happen, load the task (timed as
     ``load_task``).
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -29,6 +29,9 @@ from hfsoup.recipe import Recipe
 from hfsoup.report.outputs import Scores, SoupResults, hardware_record
 from hfsoup.report.summary import TRAJECTORY_PNG, markdown_table, model_index, plot_trajectory
 from hfsoup.tasks.kinds import TaskScorer, get_kind
+
+# Progress lines: the CLI and the Space show them as "hfsoup: ..." lines.
+_notices = logging.getLogger("hfsoup")
 
 
 def make_scorer(
@@ -101,7 +104,7 @@ def run_greedy_soup(ctx: MethodContext) -> MethodOutcome:
     """
     procs, scorer, tmp, labels = ctx.processes, ctx.state, ctx.folder, ctx.labels
     chatty = ctx.progress and procs.is_main
-    log = (lambda msg: print(f"hfsoup: {msg}", file=sys.stderr)) if chatty else (lambda _: None)
+    log = _notices.info if chatty else (lambda _: None)
     session = SoupSession(ctx.indexes, accumulate=ctx.accumulate,
                           allow_nonfinite=ctx.recipe.allow_nonfinite, placement=ctx.placement)  # fmt: skip
     config = ctx.config

@@ -4,8 +4,8 @@ sections and the results (the pipeline writes them). Registered in
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +47,10 @@ from hfsoup.report.summary import markdown_table
 from hfsoup.tasks.scorer import Scorer
 
 ALPHA_PNG = "learned_alpha.png"
+
+
+# Progress lines: the CLI and the Space show them as "hfsoup: ..." lines.
+_notices = logging.getLogger("hfsoup")
 
 
 def plan_learned(
@@ -103,9 +107,7 @@ def prepare(ctx: MethodContext) -> tuple[PathPlan, Scorer]:
 
 def run_learned_soup(ctx: MethodContext) -> MethodOutcome:
     """Score the ingredients and their uniform soup, learn α and β, write the weights."""
-    log = (
-        (lambda msg: print(f"hfsoup: {msg}", file=sys.stderr)) if ctx.progress else (lambda _: None)
-    )
+    log = _notices.info if ctx.progress else (lambda _: None)
     (plan, scorer), config, k, timings = ctx.state, ctx.config, len(ctx.indexes), ctx.timings
     first = ctx.indexes[0].tensors
     floats = [n for n, r in first.items() if r.dtype in FLOAT_DTYPES]

@@ -301,7 +301,8 @@ def _with_output(
     if recipe.from_soup is not None and not output:
         raise RecipeError(
             f"the recipe from {recipe.from_soup} does not choose where to write: "
-            "give the output folder (--output DIR)"
+            "give the output folder",
+            options=["output.dir"],
         )
     given = {"dir": output and str(output), "push_to": push_to, "private": private}
     out = recipe.output.model_copy(update={k: v for k, v in given.items() if v})

@@ -231,10 +231,12 @@ def check_run(
         kinds = " or ".join(m.name for m in methods() if "resume" in m.run_options)
         raise NothingToResumeError(f"only {kinds} runs can be resumed, not {recipe.method!r} ones")
     if not recipe.output.dir:
-        raise RecipeError("no output folder: set output.dir in the recipe or pass --output")
+        raise RecipeError("no output folder: set output.dir", options=["output.dir"])
     if method.needs_task and recipe.task is None:
         raise RecipeError(
-            f"a {recipe.method} soup needs a task to score on (--task glue/sst2, or a task: block)"
+            f"a {recipe.method} soup needs a task to score on (a preset such as glue/sst2, "
+            "or a task block)",
+            options=["task"],
         )
     _check_method_options(recipe, method)
     if opts.accumulate not in ("float32", "float64"):
@@ -247,7 +249,8 @@ def check_run(
                               or opts.score_dtype != "float32" or opts.accumulate != "float32"):  # fmt: skip
         raise RecipeError(
             f"{method.name} soups run in one process on one device in float32: drop accelerate "
-            "launch, --device-map, --score-dtype and --accumulate"
+            "launch, device_map, score_dtype and accumulate",
+            options=["device_map", "score_dtype", "accumulate"],
         )
     _check_options(recipe, method, opts)
     budgets = memory_budgets(opts.max_memory)
@@ -276,7 +279,8 @@ def _check_options(recipe: Recipe, method: MergeMethod, opts: RunOptions) -> Non
         if "memory_budget" not in method.run_options:
             users = ", ".join(repr(m.name) for m in methods() if "memory_budget" in m.run_options)
             raise RecipeError(
-                f"--memory-budget (memory_budget) applies to method {users}, not {recipe.method!r}"
+                f"memory_budget applies to method {users}, not {recipe.method!r}",
+                options=["memory_budget"],
             )
         _size("memory_budget", opts.memory_budget)
 
@@ -302,7 +306,9 @@ def memory_budgets(max_memory: str | list[str] | dict | None) -> dict[int | str,
     try:
         return parse_max_memory(max_memory)
     except (OverflowError, ValueError, TypeError) as exc:
-        raise RecipeError(f"--max-memory: cannot read {max_memory!r} as sizes ({exc})") from exc
+        raise RecipeError(
+            f"max_memory: cannot read {max_memory!r} as sizes ({exc})", options=["max_memory"]
+        ) from exc
 
 
 def _check_push_to(repo_id: str) -> None:

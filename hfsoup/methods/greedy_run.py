@@ -189,7 +189,8 @@ def _check_resumable(recipe: Recipe, indexes: Sequence[IngredientIndex], target:
     if saved != fingerprint(recipe, indexes):
         raise NothingToResumeError(
             f"cannot resume: the run interrupted in {folder} had other ingredients, task or "
-            "rules; run without --resume to start afresh"
+            "rules; run without resume to start afresh",
+            options=["resume"],
         )
 
 

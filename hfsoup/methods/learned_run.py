@@ -163,7 +163,8 @@ def _check_converged(result: LearnedResult, config: LearnedConfig) -> None:
             and math.isfinite(result.beta)):  # fmt: skip
         raise TaskError(
             f"the learned soup diverged (selection loss {result.losses[-1]}) with learning "
-            f"rate {config.lr:g}; give a smaller --learned-lr (learned.lr)"
+            f"rate {config.lr:g}; give a smaller learned.lr",
+            options=["learned.lr"],
         )
 
 

@@ -76,7 +76,7 @@ def test_greedy_state_survives_a_failed_final_write(tiny_greedy, tmp_path, monke
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("hfsoup.methods.greedy_run.write_soup_files", disk_full)
+    monkeypatch.setattr("hfsoup.pipeline.write_soup_files", disk_full)
     target = tmp_path / "soup"
     with pytest.raises(OutputWriteError, match="resume state kept"):
         hfsoup.soup(tiny_greedy["repos"], output=target, method="greedy",

@@ -4,6 +4,7 @@ stream path's peak memory is flat in k, and the written soup is Σ α_i θ_i by 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -52,7 +53,8 @@ def learn_both_paths(s, **options):
     }
 
 
-def test_alpha_moves_towards_the_clearly_better_ingredient(hub, sentiment, tmp_path, capsys):
+def test_alpha_moves_towards_the_clearly_better_ingredient(hub, sentiment, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="hfsoup")  # progress lines go to the hfsoup logger
     result = hfsoup.soup(sentiment["repos"], output=tmp_path / "soup", method="learned",
                          task=sentiment["task"], learned={"epochs": 3, "lr": 0.1})  # fmt: skip
     learned = result.results["learned"]
@@ -64,7 +66,7 @@ def test_alpha_moves_towards_the_clearly_better_ingredient(hub, sentiment, tmp_p
     assert sum(alpha) == pytest.approx(1.0, abs=1e-6)
     assert learned["loss"][-1] < learned["loss"][0]
     assert learned["path"] == "memory"  # both fit; the memory path is chosen
-    plan = [line for line in capsys.readouterr().err.splitlines() if "path (" in line]
+    plan = [f"hfsoup: {m}" for m in caplog.messages if "path (" in m]
     assert len(plan) == 1 and plan[0].startswith(
         "hfsoup: learned soup: memory path (all 3 ingredients fit): needs ~"
     ), plan

@@ -170,7 +170,7 @@ def test_a_usage_error_is_one_line(capfd, args, fragment):
 
 @reliability(
     "--max-memory with a size too large for a number (cpu=1e400GB)",
-    "one line: '--max-memory: cannot read ['cpu=1e400GB'] as sizes (...)' (RecipeError), before "
+    "one line: 'max_memory: cannot read ['cpu=1e400GB'] as sizes (...) (--max-memory)' (RecipeError), before "
     "anything is read (it was a traceback)",
 )
 def test_a_max_memory_that_overflows_is_one_line(tmp_path, cli, pair):
@@ -182,7 +182,7 @@ def test_a_max_memory_that_overflows_is_one_line(tmp_path, cli, pair):
 
 @reliability(
     "--memory-budget on a soup that is not learned (where it did nothing), or not a size",
-    "one line: '--memory-budget (memory_budget) applies to method 'learned', not 'uniform'' "
+    "one line: 'memory_budget applies to method 'learned', not 'uniform' (--memory-budget)' "
     "(RecipeError); nothing written",
 )
 def test_a_memory_budget_that_would_do_nothing_is_refused(tmp_path, cli, pair):

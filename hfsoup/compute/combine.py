@@ -1,7 +1,8 @@
-"""The arithmetic of a soup: a weighted running sum in float32, fed by streamed tensors.
+"""The arithmetic of a soup: per-tensor accumulators (a weighted running sum in float32 for the
+uniform soup), fed by streamed tensors.
 
 This module is deliberately short. Scheduling and I/O live in :mod:`hfsoup.io.streaming`; here
-each streamed tensor is added into its accumulator and each finished output shard is handed on.
+each streamed tensor is handed to its accumulator and each finished output shard is handed on.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any, Protocol
 
 import torch
 
@@ -40,36 +42,94 @@ def normalise_weights(k: int, weights: Sequence[float] | None) -> list[float]:
     return [w / total for w in scaled]
 
 
+class Accumulator(Protocol):
+    """How a streamed method combines one tensor across the ingredients.
+
+    The streaming code makes one accumulator per float tensor of the current output shard
+    (memory stays one shard), calls :meth:`start` once, then :meth:`add` with every
+    ingredient's copy of the tensor, ``passes`` times over (pass 0 for every ingredient, then
+    pass 1, ...), and finally takes :meth:`result`. A one-pass method is a running sum; a
+    two-pass one (TIES: elect signs in pass 0, average the agreeing values in pass 1) keeps
+    what pass 0 found for pass 1.
+    """
+
+    passes: int
+
+    def start(self, name: str, like: torch.Tensor, device: torch.device | str) -> None:
+        """Make the state for tensor ``name`` (shaped like ``like``) on ``device``."""
+
+    def add(self, pass_index: int, slot: int, tensor: torch.Tensor) -> None:
+        """Take ingredient ``slot``'s copy of the tensor in pass ``pass_index``."""
+
+    def result(self) -> torch.Tensor:
+        """The combined tensor (any float dtype; the caller casts it to the output's)."""
+
+
+class WeightedSum:
+    """The uniform (weighted) soup of one tensor: ``sum_i w_i * theta_i``, accumulated in
+    ``dtype`` (float32, or float64 on request) in the order the ingredients arrive."""
+
+    passes = 1
+
+    def __init__(self, weights: Sequence[float], dtype: torch.dtype = torch.float32) -> None:
+        self.weights, self.dtype = weights, dtype
+
+    def start(self, name: str, like: torch.Tensor, device: torch.device | str) -> None:
+        self.sum = torch.zeros(like.shape, dtype=self.dtype, device=device)
+
+    def add(self, pass_index: int, slot: int, tensor: torch.Tensor) -> None:
+        moved = tensor.to(device=self.sum.device, dtype=self.dtype, non_blocking=True)
+        self.sum.add_(moved, alpha=self.weights[slot])
+
+    def result(self) -> torch.Tensor:
+        return self.sum
+
+
 def stream_average(
     indexes: Sequence[IngredientIndex],
     weights: Sequence[float],
     shards: Sequence[Sequence[str]],
     *,
+    accumulate: torch.dtype = torch.float32,
+    **options: Any,
+) -> None:
+    """The uniform soup: :func:`stream_combine` with a :class:`WeightedSum` per tensor.
+
+    ``weights`` are the normalised mixing weights, one per ingredient; ``accumulate`` the
+    running sums' dtype; ``options`` as for :func:`stream_combine`.
+    """
+    stream_combine(indexes, shards, lambda: WeightedSum(weights, accumulate), **options)
+
+
+def stream_combine(
+    indexes: Sequence[IngredientIndex],
+    shards: Sequence[Sequence[str]],
+    accumulator: Callable[[], Accumulator],
+    *,
     on_shard: Callable[[int, dict[str, torch.Tensor]], None],
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
-    accumulate: torch.dtype = torch.float32,
     on_bytes: Callable[[int], None] | None = None,
     max_in_flight: int | None = None,
     allow_nonfinite: bool = False,
     placement: Placement | None = None,
 ) -> None:
-    """Average the ingredients shard by shard and pass each finished shard to ``on_shard``.
+    """Combine the ingredients shard by shard and pass each finished shard to ``on_shard``.
 
-    For each output shard the ingredients' tensors are streamed in and added, weighted, into
-    float32 accumulators on ``device``; memory holds one output shard plus the bytes in flight.
-    Non-float tensors (integer buffers) are taken from the first ingredient.
+    For each output shard the ingredients' tensors are streamed in (``passes`` times over) and
+    fed to one ``accumulator()`` per float tensor, on the device its block is placed on; memory
+    holds one output shard plus the bytes in flight. Non-float tensors (integer buffers) are
+    taken from the first ingredient.
 
     Args:
         indexes: the ingredients' indexes, checked compatible.
-        weights: normalised mixing weights, one per ingredient.
         shards: the output shard plan (tensor names per shard).
+        accumulator: makes a fresh :class:`Accumulator` (cheap: it allocates in ``start``).
         on_shard: called with ``(shard_number, tensors_in_output_dtype)``.
         dtype: output dtype for float tensors; ``None`` keeps the first ingredient's.
         device: where the arithmetic runs (when no ``placement``).
-        accumulate: accumulator dtype (float32, or float64 on request).
         on_bytes: progress callback, called with the size of each completed read.
-        allow_nonfinite: average tensors holding NaN/Inf instead of refusing them.
+        allow_nonfinite: combine tensors holding NaN/Inf instead of refusing them.
         placement: a device map: each accumulator lives on the device of its block, and reads
             go through pinned buffers when a GPU is among them (asynchronous copies).
 
@@ -78,6 +138,7 @@ def stream_average(
             streams in, before it is added; the staged writer removes any shard already written).
     """
     first = indexes[0].tensors
+    passes = accumulator().passes
     placement = placement or Placement.single(device)
     gpus = sorted(
         {torch.device(d) for d in placement.devices.values() if torch.device(d).type == "cuda"},
@@ -87,24 +148,23 @@ def stream_average(
     if max_in_flight is not None:
         kwargs["max_in_flight"] = max_in_flight
     with _one_cpu_thread(placement.main_device if not gpus else "cuda"):
-        stream = prefetch(_fetches(indexes, shards), **kwargs)
+        stream = prefetch(_fetches(indexes, shards, passes), **kwargs)
         current, acc = 0, {}
         for fetch, tensors in stream:
-            if fetch.tag != current:
+            shard, pass_index = divmod(fetch.tag, passes)
+            if shard != current:
                 on_shard(current, _finish(acc, first, dtype))
-                current, acc = fetch.tag, {}
-            w = weights[fetch.slot]
+                current, acc = shard, {}
             for name, t in tensors.items():
                 if first[name].dtype not in FLOAT_DTYPES:
                     acc[name] = t.clone()
                     continue
-                if not allow_nonfinite:
+                if not allow_nonfinite and pass_index == 0:
                     check_finite(fetch.index, name, t)
                 if name not in acc:
-                    target = placement.device_for(name)
-                    acc[name] = torch.zeros(t.shape, dtype=accumulate, device=target)
-                a = acc[name]
-                a.add_(t.to(device=a.device, dtype=accumulate, non_blocking=True), alpha=w)
+                    acc[name] = accumulator()
+                    acc[name].start(name, t, placement.device_for(name))
+                acc[name].add(pass_index, fetch.slot, t)
             if on_bytes:
                 on_bytes(fetch.nbytes)
         on_shard(current, _finish(acc, first, dtype))
@@ -130,23 +190,40 @@ def _one_cpu_thread(device: torch.device | str) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _fetches(indexes: Sequence[IngredientIndex], shards: Sequence[Sequence[str]]):
+def _fetches(indexes: Sequence[IngredientIndex], shards: Sequence[Sequence[str]], passes: int):
+    """The reads of each shard, pass by pass; a fetch's ``tag`` is ``shard * passes + pass``."""
     first = indexes[0].tensors
-    for tag, names in enumerate(shards):
+    for shard, names in enumerate(shards):
         floats = [n for n in names if first[n].dtype in FLOAT_DTYPES]
-        for slot, index in enumerate(indexes):
-            # Integer buffers are read once, from the first ingredient.
-            wanted = names if slot == 0 else floats
-            yield from plan_fetches(index, wanted, slot=slot, tag=tag)
+        for pass_index in range(passes):
+            tag = shard * passes + pass_index
+            for slot, index in enumerate(indexes):
+                # Integer buffers are read once, from the first ingredient.
+                wanted = names if slot == 0 and pass_index == 0 else floats
+                yield from plan_fetches(index, wanted, slot=slot, tag=tag)
 
 
-def _finish(acc: dict[str, torch.Tensor], first: dict, dtype: torch.dtype | None) -> dict:
-    return {name: t.to(output_dtype(first[name], dtype)).cpu() for name, t in acc.items()}
+def _finish(acc: dict[str, Any], first: dict, dtype: torch.dtype | None) -> dict:
+    out = {}
+    for name, value in acc.items():
+        t = value if isinstance(value, torch.Tensor) else value.result()
+        out[name] = t.to(output_dtype(first[name], dtype)).cpu()
+    return out
 
 
-def fetch_plan_bytes(indexes: Sequence[IngredientIndex], shards: Sequence[Sequence[str]]) -> int:
-    """How many bytes :func:`stream_average` will read (for progress bars and benchmarks)."""
-    return sum(f.nbytes for f in _fetches(indexes, shards))
+def fetch_plan_bytes(
+    indexes: Sequence[IngredientIndex], shards: Sequence[Sequence[str]], passes: int = 1
+) -> int:
+    """How many bytes :func:`stream_combine` will read (for progress bars and benchmarks)."""
+    return sum(f.nbytes for f in _fetches(indexes, shards, passes))
 
 
-__all__ = ["Fetch", "fetch_plan_bytes", "normalise_weights", "stream_average"]
+__all__ = [
+    "Accumulator",
+    "Fetch",
+    "WeightedSum",
+    "fetch_plan_bytes",
+    "normalise_weights",
+    "stream_average",
+    "stream_combine",
+]

@@ -1,12 +1,15 @@
 """Merge methods: each a value in the registry (:mod:`hfsoup.methods.registry`), run by the
-pipeline. Importing this package registers the built-in ones."""
+pipeline (:mod:`hfsoup.pipeline`). Importing this package registers the built-in ones; a new
+method is one module that calls ``register`` and one import line here (in the order that
+``--help``, the recipe and the Space list them).
+"""
 
-from hfsoup.methods.registry import MergeMethod, register
+# isort: off
+from hfsoup.methods import uniform  # noqa: F401
+from hfsoup.methods import greedy_soup  # noqa: F401
+from hfsoup.methods import learned_soup  # noqa: F401
+# isort: on
 
-# Placeholders until each method's own module registers its run function.
-register(MergeMethod("uniform", "the (weighted) average of every ingredient"))
-register(MergeMethod("greedy", "keep an ingredient only if the held-out score does not drop",
-                     needs_task=True))  # fmt: skip
-register(MergeMethod("learned", "mixing weights learned on the held-out split", needs_task=True))
+from hfsoup.methods.registry import MergeMethod, get_method, method_names, register, unregister
 
-__all__ = ["MergeMethod", "register"]
+__all__ = ["MergeMethod", "get_method", "method_names", "register", "unregister"]

@@ -1,24 +1,22 @@
-"""A greedy soup run end to end: score, choose, write the soup, its card and results.json."""
+"""A greedy soup run: score, choose, write the weights; the card's scores section and the
+results (the pipeline writes them). Registered in :mod:`hfsoup.methods.greedy_soup`."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
-import sys
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from hfsoup.compute.distributed import Processes
-from hfsoup.compute.placement import Placement
 from hfsoup.errors import NothingToResumeError, TaskError
 from hfsoup.io.tensors import IngredientIndex, output_dtype
-from hfsoup.io.writer import partial_dir, staged_output
+from hfsoup.io.writer import partial_dir
+from hfsoup.methods.context import MethodContext, MethodOutcome
 from hfsoup.methods.greedy import (
     STATE_FILE,
     GreedyResult,
@@ -29,15 +27,12 @@ from hfsoup.methods.greedy import (
 from hfsoup.methods.shared import make_scorer
 from hfsoup.recipe import Recipe
 from hfsoup.report.model_index import task_model_index
-from hfsoup.report.outputs import (
-    hardware_record,
-    pin_recipe,
-    results_base,
-    scored_results,
-    write_soup_files,
-    write_weights,
-)
+from hfsoup.report.outputs import Scores, SoupResults, hardware_record
 from hfsoup.report.summary import TRAJECTORY_PNG, markdown_table, plot_trajectory
+from hfsoup.tasks.kinds import TaskScorer
+
+# Progress lines: the CLI and the Space show them as "hfsoup: ..." lines.
+_notices = logging.getLogger("hfsoup")
 
 
 def fingerprint(recipe: Recipe, indexes: Sequence[IngredientIndex]) -> str:
@@ -64,105 +59,81 @@ def comparison_table(result: GreedyResult, selection: str, metric: str) -> dict[
     }
 
 
-def run_greedy_soup(
-    recipe: Recipe,
-    indexes: Sequence[IngredientIndex],
-    shards: Sequence[Sequence[str]],
-    *,
-    target: Path,
-    overwrite: bool,
-    dtype: torch.dtype | None,
-    placement: Placement,
-    accumulate: torch.dtype,
-    progress: bool,
-    timings: dict[str, float],
-    resume: bool = False,
-    processes: Processes | None = None,
-) -> dict[str, Any]:
-    """Run a greedy soup and write it to ``target``; returns the results.json content.
-
-    An interrupted run of the same recipe continues from the state in the output's partial
-    folder; ``resume=True`` insists on it. Under ``accelerate launch`` every process takes the
-    same decisions (scoring is split between them) and only the main one writes.
+def prepare(ctx: MethodContext) -> TaskScorer:
+    """Before the output is staged: check a resume can happen, load the task (timed as
+    ``load_task``).
 
     Raises:
         NothingToResumeError: ``resume`` and no interrupted run of this recipe was found.
     """
-    procs = processes or Processes()
-    if resume and procs.is_main:
-        _check_resumable(recipe, indexes, target)
-    chatty = progress and procs.is_main
-    log = (lambda msg: print(f"hfsoup: {msg}", file=sys.stderr)) if chatty else (lambda _: None)
-    labels = [ix.ingredient.label for ix in indexes]
-    task = recipe.task
+    if ctx.resume and ctx.processes.is_main:
+        _check_resumable(ctx.recipe, ctx.indexes, ctx.target)
     t0 = time.perf_counter()
-    scorer = make_scorer(task, indexes[0], progress=progress, processes=procs)
-    timings["load_task"] = time.perf_counter() - t0
-    output = staged_output(target, overwrite=overwrite, keep_partial=True)
-    with output if procs.is_main else nullcontext() as tmp:
-        session = SoupSession(
-            indexes, accumulate=accumulate, allow_nonfinite=recipe.allow_nonfinite,
-            placement=placement,
-        )  # fmt: skip
-        try:
-            result = run_greedy(
-                session, scorer, labels=labels, state_dir=tmp,
-                fingerprint=fingerprint(recipe, indexes), strict=recipe.accept == ">",
-                order=recipe.order, seed=recipe.seed, log=log, processes=procs,
-            )  # fmt: skip
-        except TaskError:
-            # Not an interruption (every ingredient scoring NaN, labels the outputs cannot be
-            # scored against): a resume would meet it again, so no state is kept to resume.
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        timings.update(result.timings)
-        hardware = hardware_record(procs, placement)
-        n = len(result.accepted)
-        weights = [1.0 / n if i in result.accepted else 0.0 for i in range(len(indexes))]
-        if tmp is None:  # not the main process: it scored its share; the main one writes
-            return results_base(recipe, indexes, weights, timings, shards, hardware)
-        t0 = time.perf_counter()
-        first = indexes[0].tensors
-        write_weights(
-            tmp, indexes, shards,
-            lambda names: session.soup_tensors(names, lambda n: output_dtype(first[n], dtype)),
-            dtype,
-            allow_nonfinite=recipe.allow_nonfinite,
-        )  # fmt: skip
-        timings["write"] = time.perf_counter() - t0
+    scorer = make_scorer(ctx.recipe.task, ctx.indexes[0], progress=ctx.progress,
+                         processes=ctx.processes)  # fmt: skip
+    ctx.timings["load_task"] = time.perf_counter() - t0
+    return scorer
 
-        pinned = pin_recipe(recipe, indexes)
-        sel, metric = scorer.selection_split, scorer.selection_metric
-        table = comparison_table(result, sel, metric)
-        results = scored_results(
-            pinned, indexes, weights, timings=timings, shards=shards, hardware=hardware,
-            individual=result.individual, table=table,
-            ensemble_members=[labels[i] for i in result.ensemble_members], selection=(sel, metric),
+
+def run_greedy_soup(ctx: MethodContext) -> MethodOutcome:
+    """Run a greedy soup and write its weights to ``ctx.folder`` (the staged output, kept on
+    failure so that a rerun resumes from the state saved there).
+
+    Under ``accelerate launch`` every process takes the same decisions (scoring is split
+    between them) and only the main one (``ctx.folder`` set) writes.
+    """
+    procs, scorer, tmp, labels = ctx.processes, ctx.state, ctx.folder, ctx.labels
+    chatty = ctx.progress and procs.is_main
+    log = _notices.info if chatty else (lambda _: None)
+    session = SoupSession(ctx.indexes, accumulate=ctx.accumulate,
+                          allow_nonfinite=ctx.recipe.allow_nonfinite, placement=ctx.placement)  # fmt: skip
+    config = ctx.config
+    try:
+        result = run_greedy(
+            session, scorer, labels=labels, state_dir=tmp,
+            fingerprint=fingerprint(ctx.recipe, ctx.indexes), strict=config.accept == ">",
+            order=config.order, seed=config.seed, log=log, processes=procs,
         )  # fmt: skip
-        results["greedy"] = {
-            "trace": result.trace,
-            "accepted": [labels[i] for i in result.accepted],
-            "accept": recipe.accept,
-            "order": recipe.order,
-            "examples_scored": result.examples_scored,
-            "examples_full_evaluation": result.examples_full,
-            "examples_saved": result.examples_full - result.examples_scored,
-        }
-        plot_trajectory(
-            tmp / TRAJECTORY_PNG, result.trace, metric=metric,
-            best_individual=table["best_individual"][sel][metric],
-            uniform=table["uniform_soup"][sel][metric],
-        )  # fmt: skip
-        index = task_model_index(recipe, target, table, "greedy_soup", indexes[0].config)
-        write_soup_files(
-            tmp, pinned, indexes, weights, results,
-            sections=[_card_section(results, sel, metric)], model_index=index or None,
-        )  # fmt: skip
-        # Only now that everything is written: a failed write above keeps the run resumable.
-        shutil.rmtree(tmp / "logits", ignore_errors=True)
-        (tmp / STATE_FILE).unlink(missing_ok=True)
-    return results
+    except TaskError:
+        # Not an interruption (every ingredient scoring NaN, labels the outputs cannot be
+        # scored against): a resume would meet it again, so no state is kept to resume.
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    ctx.timings.update(result.timings)
+    hardware = hardware_record(procs, ctx.placement)
+    n = len(result.accepted)
+    weights = [1.0 / n if i in result.accepted else 0.0 for i in range(len(ctx.indexes))]
+    if tmp is None:  # not the main process: it scored its share; the main one writes
+        return MethodOutcome(replace(ctx.results(weights, hardware), recipe=ctx.recipe))
+    first, dtype = ctx.indexes[0].tensors, ctx.dtype
+    ctx.write_weights(
+        lambda names: session.soup_tensors(names, lambda n: output_dtype(first[n], dtype))
+    )
+    sel, metric = scorer.selection_split, scorer.selection_metric
+    table = comparison_table(result, sel, metric)
+    scores = Scores(ctx.recipe.task, result.individual, table,
+                    [labels[i] for i in result.ensemble_members], (sel, metric))  # fmt: skip
+    record = {
+        "trace": result.trace,
+        "accepted": [labels[i] for i in result.accepted],
+        "accept": config.accept,
+        "order": config.order,
+        "examples_scored": result.examples_scored,
+        "examples_full_evaluation": result.examples_full,
+        "examples_saved": result.examples_full - result.examples_scored,
+    }
+    results = ctx.results(weights, hardware, scores=scores, record=record)
+    plot_trajectory(
+        tmp / TRAJECTORY_PNG, result.trace, metric=metric,
+        best_individual=table["best_individual"][sel][metric],
+        uniform=table["uniform_soup"][sel][metric],
+    )  # fmt: skip
+    index = task_model_index(ctx.recipe, ctx.target, table, "greedy_soup", ctx.indexes[0].config)
+    return MethodOutcome(
+        results, sections=[_card_section(results, sel, metric)],
+        model_index=index or None, scratch=["logits", STATE_FILE],
+    )  # fmt: skip
 
 
 def _check_resumable(recipe: Recipe, indexes: Sequence[IngredientIndex], target: Path) -> None:
@@ -175,12 +146,13 @@ def _check_resumable(recipe: Recipe, indexes: Sequence[IngredientIndex], target:
     if saved != fingerprint(recipe, indexes):
         raise NothingToResumeError(
             f"cannot resume: the run interrupted in {folder} had other ingredients, task or "
-            "rules; run without --resume to start afresh"
+            "rules; run without resume to start afresh",
+            options=["resume"],
         )
 
 
-def _card_section(results: dict[str, Any], sel: str, metric: str) -> str:
-    g = results["greedy"]
+def _card_section(results: SoupResults, sel: str, metric: str) -> str:
+    g = results.record
     saved = g["examples_saved"]
     full = g["examples_full_evaluation"]
     pct = f" ({100 * saved / full:.0f}%)" if full else ""
@@ -190,7 +162,7 @@ def _card_section(results: dict[str, Any], sel: str, metric: str) -> str:
         f"Chosen on split `{sel}` by `{metric}`; the other splits are the report. "
         f"Greedy acceptance rule: `{g['accept']}`, order: `{g['order']}`.",
         "",
-        markdown_table(results["table"], selection_split=sel),
+        markdown_table(results.scores.table, selection_split=sel),
         "",
         f"Kept {len(g['accepted'])} of {len(g['trace'])} ingredients: "
         + ", ".join(f"`{r}`" for r in g["accepted"]) + ". "

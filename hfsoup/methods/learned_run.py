@@ -1,9 +1,11 @@
-"""A learned soup run end to end: choose the path, score, learn α and β, write soup, card, results."""
+"""A learned soup run: choose the path, score, learn α and β, write the weights; the card's
+sections and the results (the pipeline writes them). Registered in
+:mod:`hfsoup.methods.learned_soup`."""
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +17,7 @@ from hfsoup.compute.distributed import Processes
 from hfsoup.compute.placement import Placement
 from hfsoup.errors import RecipeError, TaskError
 from hfsoup.io.tensors import FLOAT_DTYPES, IngredientIndex, output_dtype, parse_size
-from hfsoup.io.writer import staged_output
+from hfsoup.methods.context import MethodContext, MethodOutcome
 from hfsoup.methods.greedy import (
     SoupSession,
     best_index,
@@ -39,18 +41,17 @@ from hfsoup.methods.learned import (
     steps_per_epoch,
 )
 from hfsoup.methods.shared import make_scorer
-from hfsoup.recipe import LearnedConfig, Recipe
+from hfsoup.recipe import LearnedConfig
 from hfsoup.report.model_index import task_model_index
-from hfsoup.report.outputs import (
-    hardware_record,
-    pin_recipe,
-    scored_results,
-    write_soup_files,
-    write_weights,
-)
+from hfsoup.report.outputs import Scores, SoupResults, hardware_record
 from hfsoup.report.summary import markdown_table
+from hfsoup.tasks.scorer import Scorer
 
 ALPHA_PNG = "learned_alpha.png"
+
+
+# Progress lines: the CLI and the Space show them as "hfsoup: ..." lines.
+_notices = logging.getLogger("hfsoup")
 
 
 def plan_learned(
@@ -85,102 +86,87 @@ def plan_learned(
     )  # fmt: skip
 
 
-def run_learned_soup(
-    recipe: Recipe,
-    indexes: Sequence[IngredientIndex],
-    shards: Sequence[Sequence[str]],
-    *,
-    target: Path,
-    overwrite: bool,
-    dtype: torch.dtype | None,
-    device: torch.device,
-    progress: bool,
-    timings: dict[str, float],
-    memory_budget: str | int | None = None,
-) -> dict[str, Any]:
-    """Run a learned soup and write it to ``target``; returns the results.json content."""
-    log = (lambda msg: print(f"hfsoup: {msg}", file=sys.stderr)) if progress else (lambda _: None)
-    config, task, k = recipe.learned or LearnedConfig(), recipe.task, len(indexes)
+def prepare(ctx: MethodContext) -> tuple[PathPlan, Scorer]:
+    """Before the output is staged: choose the path (refusing one that cannot fit) and load the
+    task (timed as ``load_task``).
+
+    Raises:
+        RecipeError: an infinite learning rate.
+        InsufficientMemoryError: neither path (or the forced one) fits.
+    """
+    config, task = ctx.config, ctx.recipe.task
     if not math.isfinite(config.lr):  # pydantic's gt=0 lets inf through
         raise RecipeError(f"learned.lr: must be a finite positive number, got {config.lr}")
-    plan = plan_learned(config, indexes, max_length=task.max_length, device=device,
-                        memory_budget=memory_budget)  # fmt: skip
-    first = indexes[0].tensors
+    plan = plan_learned(config, ctx.indexes, max_length=task.max_length, device=ctx.device,
+                        memory_budget=ctx.memory_budget)  # fmt: skip
+    t0 = time.perf_counter()
+    scorer = make_scorer(task, ctx.indexes[0], progress=ctx.progress)
+    ctx.timings["load_task"] = time.perf_counter() - t0
+    check_task(scorer)
+    return plan, scorer
+
+
+def run_learned_soup(ctx: MethodContext) -> MethodOutcome:
+    """Score the ingredients and their uniform soup, learn α and β, write the weights."""
+    log = _notices.info if ctx.progress else (lambda _: None)
+    (plan, scorer), config, k, timings = ctx.state, ctx.config, len(ctx.indexes), ctx.timings
+    first = ctx.indexes[0].tensors
     floats = [n for n, r in first.items() if r.dtype in FLOAT_DTYPES]
     groups = layer_groups(floats) if config.by_layer else {WHOLE_MODEL: floats}
-    labels = [ix.ingredient.label for ix in indexes]
+    labels, sel, metric = ctx.labels, scorer.selection_split, scorer.selection_metric
+    session = SoupSession(
+        ctx.indexes, device=ctx.device, allow_nonfinite=ctx.recipe.allow_nonfinite
+    )
     t0 = time.perf_counter()
-    scorer = make_scorer(task, indexes[0], progress=progress)
-    timings["load_task"] = time.perf_counter() - t0
-    check_task(scorer)
-    sel, metric = scorer.selection_split, scorer.selection_metric
-    with staged_output(target, overwrite=overwrite) as tmp:
-        session = SoupSession(indexes, device=device, allow_nonfinite=recipe.allow_nonfinite)
-        t0 = time.perf_counter()
-        individual = score_ingredients(session, scorer, labels=labels, log=log)
-        timings["score_ingredients"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        log("scoring the uniform soup")
-        uniform = score_uniform(session, scorer)
-        session.drop_sum()
-        timings["uniform_soup"] = time.perf_counter() - t0
+    individual = score_ingredients(session, scorer, labels=labels, log=log)
+    timings["score_ingredients"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    log("scoring the uniform soup")
+    uniform = score_uniform(session, scorer)
+    session.drop_sum()
+    timings["uniform_soup"] = time.perf_counter() - t0
 
-        seconds = _estimate_seconds(scorer, config, k, timings)
-        log(_plan_line(plan, seconds))
-        t0 = time.perf_counter()
-        result = learn(
-            session, scorer, groups=groups, path=plan.path, epochs=config.epochs, lr=config.lr,
-            batch_size=config.batch_size, param=config.param, seed=recipe.seed, log=log,
-        )  # fmt: skip
-        timings["learn"] = time.perf_counter() - t0
-        if not (all(math.isfinite(x) for x in result.losses) and result.weights.isfinite().all()
-                and math.isfinite(result.beta)):  # fmt: skip
-            raise TaskError(
-                f"the learned soup diverged (selection loss {result.losses[-1]}) with learning "
-                f"rate {config.lr:g}; give a smaller --learned-lr (learned.lr)"
-            )
-        method = "learned_soup_by_layer" if config.by_layer else "learned_soup"
-        learned = {s: scorer.scores(scorer.logits(session.model, s), s) for s in task.splits}
-        ensemble, greedy_ensemble, members = score_ensembles(scorer, k)
-        best = best_index([scores[sel][metric] for scores in individual], scorer.direction)
-        table = {
-            "best_individual": individual[best],
-            "uniform_soup": uniform,
-            method: learned,
-            "ensemble": ensemble,
-            "greedy_ensemble": greedy_ensemble,
+    seconds = _estimate_seconds(scorer, config, k, timings)
+    log(_plan_line(plan, seconds))
+    t0 = time.perf_counter()
+    result = learn(
+        session, scorer, groups=groups, path=plan.path, epochs=config.epochs, lr=config.lr,
+        batch_size=config.batch_size, param=config.param, seed=ctx.recipe.seed, log=log,
+    )  # fmt: skip
+    timings["learn"] = time.perf_counter() - t0
+    _check_converged(result, config)
+    method = "learned_soup_by_layer" if config.by_layer else "learned_soup"
+    learned = {s: scorer.scores(scorer.logits(session.model, s), s) for s in ctx.recipe.task.splits}
+    ensemble, greedy_ensemble, members = score_ensembles(scorer, k)
+    best = best_index([scores[sel][metric] for scores in individual], scorer.direction)
+    table = {"best_individual": individual[best], "uniform_soup": uniform, method: learned,
+             "ensemble": ensemble, "greedy_ensemble": greedy_ensemble}  # fmt: skip
+    targets, dtype = session.live.targets, ctx.dtype
+    ctx.write_weights(
+        lambda names: {
+            n: targets[n].detach().to(output_dtype(first[n], dtype), copy=True).cpu() for n in names
         }
+    )
+    scores = Scores(ctx.recipe.task, individual, table, [labels[i] for i in members], (sel, metric))
+    results = ctx.results(
+        ingredient_weights(result, ctx.indexes[0]), hardware_record(Processes(), Placement.single(ctx.device)),
+        scores=scores, record=_learned_record(result, config, plan, seconds),
+    )  # fmt: skip
+    if config.by_layer:
+        plot_alpha(ctx.folder / ALPHA_PNG, result.weights, ingredients=labels, groups=list(groups))
+    index = task_model_index(ctx.recipe, ctx.target, table, method, ctx.indexes[0].config)
+    section = _card_section(results, labels, sel)
+    return MethodOutcome(results, sections=[section], model_index=index or None)
 
-        t0 = time.perf_counter()
-        targets = session.live.targets
-        write_weights(
-            tmp, indexes, shards,
-            lambda names: {
-                n: targets[n].detach().to(output_dtype(first[n], dtype), copy=True).cpu()
-                for n in names
-            },
-            dtype,
-            allow_nonfinite=recipe.allow_nonfinite,
-        )  # fmt: skip
-        timings["write"] = time.perf_counter() - t0
 
-        weights = ingredient_weights(result, indexes[0])
-        pinned = pin_recipe(recipe, indexes)
-        hardware = hardware_record(Processes(), Placement.single(device))
-        results = scored_results(
-            pinned, indexes, weights, timings=timings, shards=shards, hardware=hardware,
-            individual=individual, table=table, ensemble_members=[labels[i] for i in members],
-            selection=(sel, metric),
-        )  # fmt: skip
-        results["learned"] = _learned_record(result, config, plan, seconds)
-        if config.by_layer:
-            plot_alpha(tmp / ALPHA_PNG, result.weights, ingredients=labels, groups=list(groups))
-        index = task_model_index(recipe, target, table, method, indexes[0].config)
-        write_soup_files(
-            tmp, pinned, indexes, weights, results,
-            sections=[_card_section(results, labels, sel)], model_index=index or None,
-        )  # fmt: skip
-    return results
+def _check_converged(result: LearnedResult, config: LearnedConfig) -> None:
+    if not (all(math.isfinite(x) for x in result.losses) and result.weights.isfinite().all()
+            and math.isfinite(result.beta)):  # fmt: skip
+        raise TaskError(
+            f"the learned soup diverged (selection loss {result.losses[-1]}) with learning "
+            f"rate {config.lr:g}; give a smaller learned.lr",
+            options=["learned.lr"],
+        )
 
 
 def ingredient_weights(result: LearnedResult, first: IngredientIndex) -> list[float]:
@@ -245,8 +231,8 @@ def _learned_record(
     }
 
 
-def _card_section(results: dict[str, Any], labels: Sequence[str], sel: str) -> str:
-    learned = results["learned"]
+def _card_section(results: SoupResults, labels: Sequence[str], sel: str) -> str:
+    learned = results.record
     by_layer = learned["by_layer"]
     groups = list(learned["groups"]) if by_layer else ["α"]
     rows = learned["alpha"] if by_layer else [{"α": a} for a in learned["alpha"]]
@@ -260,7 +246,7 @@ def _card_section(results: dict[str, Any], labels: Sequence[str], sel: str) -> s
         "",
         f"Mixing weights learned on split `{sel}`; the other splits are the report.",
         "",
-        markdown_table(results["table"], selection_split=sel),
+        markdown_table(results.scores.table, selection_split=sel),
         "",
         "## Learned mixing weights",
         "",

@@ -3,7 +3,8 @@
 Everything that lists or describes methods (the CLI's ``--method`` choices, the recipe's
 ``method`` values, the card's method text, the Space's method list) reads this registry, so a
 new method is one file that calls :func:`register` plus one import line in
-:mod:`hfsoup.methods`.
+:mod:`hfsoup.methods`. What the pipeline hands a method, and what it hands back, is in
+:mod:`hfsoup.methods.context`.
 
 >>> from hfsoup.methods.registry import get_method, method_names
 >>> method_names()[:3]
@@ -16,11 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from hfsoup.errors import RecipeError
+
+if TYPE_CHECKING:
+    from hfsoup.methods.context import MethodContext, MethodOutcome
+    from hfsoup.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -29,20 +34,54 @@ class MergeMethod:
 
     Attributes:
         name: The ``--method`` / recipe ``method`` value.
-        summary: One line for ``--help``, the Space and the card.
+        summary: One line for ``--help`` and the Space.
+        run: ``run(ctx) -> MethodOutcome``: inside the staged output folder ``ctx.folder``,
+            write the soup's weights and return its results (see :mod:`hfsoup.methods.context`).
+        card: The card's "Method:" sentence (default: ``summary``).
         needs_task: Whether it scores on a task (greedy, learned) or not (uniform).
         needs_base: Whether it needs a base model (task-vector methods).
+        chooses_weights: How it sets the mixing weights itself (``"learns the weights"``);
+            empty when it takes the user's weights.
+        rejects: A weight of 0 means it left the ingredient out (the card marks it rejected).
         config: Its options, a pydantic model with ``extra="forbid"`` (None: no options).
-        run: ``run(ctx) -> outcome``: runs the method inside the pipeline (see
-            :mod:`hfsoup.pipeline`).
+        options_key: The recipe block that holds ``config`` (``"learned"``); None: the config's
+            fields are read from the recipe's top-level keys of the same names.
+        run_options: The :func:`hfsoup.run` options that apply only to methods naming them
+            (``"resume"``, ``"memory_budget"``).
+        one_device: It runs in one process on one device in float32.
+        prepare: ``prepare(ctx) -> state``, run before the output folder is staged (load the
+            task, plan memory): what fails there leaves nothing on disk. Its value is
+            ``ctx.state`` when ``run`` is called.
     """
 
     name: str
     summary: str
+    run: Callable[[MethodContext], MethodOutcome] | None = None
+    card: str = ""
     needs_task: bool = False
     needs_base: bool = False
+    chooses_weights: str = ""
+    rejects: bool = False
     config: type[BaseModel] | None = None
-    run: Callable[..., Any] | None = None
+    options_key: str | None = None
+    run_options: frozenset[str] = frozenset()
+    one_device: bool = False
+    prepare: Callable[[MethodContext], Any] | None = None
+
+    @property
+    def card_text(self) -> str:
+        """The card's sentence about this method."""
+        return self.card or self.summary
+
+    def read_config(self, recipe: Recipe) -> BaseModel | None:
+        """This method's options as ``recipe`` gives them (defaults where it gives none)."""
+        if self.config is None:
+            return None
+        if self.options_key is not None:
+            block = getattr(recipe, self.options_key, None)
+            return self.config.model_validate(block.model_dump() if block is not None else {})
+        fields = {k: getattr(recipe, k) for k in self.config.model_fields if hasattr(recipe, k)}
+        return self.config.model_validate(fields)
 
 
 _METHODS: dict[str, MergeMethod] = {}
@@ -63,6 +102,12 @@ def method_names() -> list[str]:
     """The registered methods' names, in registration order."""
     _load_builtin()
     return list(_METHODS)
+
+
+def methods() -> list[MergeMethod]:
+    """The registered methods, in registration order."""
+    _load_builtin()
+    return list(_METHODS.values())
 
 
 def get_method(name: str) -> MergeMethod:

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from hfsoup.methods.registry import get_method
 from hfsoup.recipe import Recipe
 
 _PIPELINES = (
@@ -22,14 +23,6 @@ _PIPELINES = (
     ("ForMaskedLM", "fill-mask"),
     ("ForConditionalGeneration", "text2text-generation"),
 )
-_METHODS = {
-    "uniform": "uniform soup: the plain average of all ingredients' weights",
-    "greedy": (
-        "greedy soup (Wortsman et al. 2022, Recipe 1): ingredients sorted by held-out score, "
-        "each kept only if the soup with it does not score lower"
-    ),
-    "learned": "learned soup: mixing weights learned on a held-out split",
-}
 
 
 @dataclass
@@ -43,7 +36,8 @@ class CardRow:
     extra: dict[str, Any] = field(default_factory=dict)
     # A local folder, not a Hub repo: marked as such in the table, never in base_model.
     local: bool = False
-    # A candidate the greedy soup left out (weight 0): in the table, marked, never in base_model.
+    # A candidate the method left out (weight 0, e.g. greedy): in the table, marked, never in
+    # base_model.
     rejected: bool = False
 
 
@@ -119,11 +113,11 @@ def render_card(info: CardInfo) -> str:
         "It was made with [hfsoup](https://pypi.org/project/hfsoup/) from the ingredients below, "
         "each pinned to the commit that was read.",
         "",
-        f"**Method:** {_METHODS[recipe.method]}.",
+        f"**Method:** {get_method(recipe.method).card_text}.",
         "",
         "## Ingredients",
         "",
-        _table(info.rows),
+        _table(info.rows, recipe.method),
         "",
     ]
     lines += [s.rstrip() + "\n" for s in info.sections]
@@ -142,13 +136,13 @@ def render_card(info: CardInfo) -> str:
     return "\n".join(lines)
 
 
-def _table(rows: list[CardRow]) -> str:
+def _table(rows: list[CardRow], method: str) -> str:
     extra_keys = sorted({k for r in rows for k in r.extra})
     head = ["#", "repo", "requested revision", "commit SHA", "weight", *extra_keys]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(rows, 1):
         sha = "local folder, not on the Hub" if r.local or not r.sha else f"`{r.sha}`"
-        weight = f"{r.weight:.4g}" + (" (rejected by greedy)" if r.rejected else "")
+        weight = f"{r.weight:.4g}" + (f" (rejected by {method})" if r.rejected else "")
         cells = [str(i), f"`{r.repo}`", f"`{r.revision}`" if r.revision else "(default)",
                  sha, weight,
                  *(_cell(r.extra.get(k)) for k in extra_keys)]  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,10 @@ def write_card(
 ) -> None:
     """Render the model card into ``folder/README.md``."""
     from hfsoup._version import __version__
+    from hfsoup.methods.registry import get_method
+
+    # A weight of 0 from a method that rejects ingredients marks one it left out.
+    rejects = get_method(recipe.method).rejects
 
     rows = [
         CardRow(
@@ -74,7 +79,7 @@ def write_card(
             weight=w,
             extra=sweep_hparams(ix),
             local=ix.ingredient.spec.path is not None,
-            rejected=recipe.method == "greedy" and w == 0,
+            rejected=rejects and w == 0,
         )  # fmt: skip
         for ix, w in zip(indexes, weights, strict=True)
     ]
@@ -103,32 +108,78 @@ def sweep_hparams(ix: IngredientIndex) -> dict[str, Any]:
     return {short: hp[key] for key, short in _CARD_HPARAMS.items() if key in hp}
 
 
-def results_base(recipe: Recipe, indexes: Sequence[IngredientIndex], weights: Sequence[float],
-                 timings: dict[str, float], shards: Sequence,
-                 hardware: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    """The results.json keys every method shares (``timings``: wall seconds per phase)."""
-    from hfsoup._version import __version__
+@dataclass
+class Scores:
+    """What a scored soup (greedy, learned) adds to results.json: the task, each ingredient's
+    scores, the comparison table, the greedy ensemble's members and the selection rule."""
 
+    task: Any
+    individual: Sequence[dict]
+    table: dict[str, Any]
+    ensemble_members: Sequence[str]
+    selection: tuple[str, str]
+
+
+@dataclass
+class SoupResults:
+    """A soup's results, filled by its method and read by the writers; results.json is
+    :meth:`to_dict`.
+
+    Attributes:
+        recipe: the pinned recipe (:func:`pin_recipe`).
+        indexes: the ingredients read.
+        weights: one mixing weight per ingredient (0 for one a method left out).
+        timings: wall seconds per phase.
+        shards: the output shard plan.
+        hardware: :func:`hardware_record` of the run.
+        scores: for a scored soup (None for an unscored one).
+        record: the method's own block, written under the method's name (``"greedy"``).
+    """
+
+    recipe: Recipe
+    indexes: Sequence[IngredientIndex]
+    weights: Sequence[float]
+    timings: dict[str, float]
+    shards: Sequence
+    hardware: dict[str, Any] = field(default_factory=dict)
+    scores: Scores | None = None
+    record: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """results.json: the keys every method shares, then the scored keys, then the record."""
+        from hfsoup._version import __version__
+
+        recipe, scores = self.recipe, self.scores
+        individual = list(scores.individual) if scores else [{} for _ in self.indexes]
+        rows = zip(recipe.ingredients, self.indexes, self.weights, individual, strict=True)
+        out: dict[str, Any] = {
+            "hfsoup_version": __version__,
+            "name": recipe.name,
+            "method": recipe.method,
+            "ingredients": [_ingredient_row(e, ix, w, s) for e, ix, w, s in rows],
+            "output": {"shards": len(self.shards), "parameters": self.indexes[0].num_parameters},
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "hardware": self.hardware or {},
+        }
+        if scores is not None:
+            out["task"] = scores.task.model_dump(mode="json", by_alias=True)
+            out["greedy_ensemble"] = {"members": list(scores.ensemble_members)}
+            out["table"] = scores.table
+            out["selection"] = {"split": scores.selection[0], "metric": scores.selection[1]}
+        if self.record is not None:
+            out[recipe.method] = self.record
+        return out
+
+
+def _ingredient_row(entry: Any, ix: IngredientIndex, weight: float, scores: dict) -> dict:
+    spec = ix.ingredient.spec
     return {
-        "hfsoup_version": __version__,
-        "name": recipe.name,
-        "method": recipe.method,
-        "ingredients": [
-            {
-                # A local ingredient as the (pinned) recipe names it: relative to the soup.
-                "repo": entry.repo
-                if ix.ingredient.spec.path is not None
-                else ix.ingredient.spec.repo,
-                "revision": ix.ingredient.spec.revision,
-                "sha": ix.ingredient.sha,
-                "weight": w,
-                "scores": {},
-            }  # fmt: skip
-            for entry, ix, w in zip(recipe.ingredients, indexes, weights, strict=True)
-        ],
-        "output": {"shards": len(shards), "parameters": indexes[0].num_parameters},
-        "timings": {k: round(v, 4) for k, v in timings.items()},
-        "hardware": hardware or {},
+        # A local ingredient as the (pinned) recipe names it: relative to the soup.
+        "repo": entry.repo if spec.path is not None else spec.repo,
+        "revision": spec.revision,
+        "sha": ix.ingredient.sha,
+        "weight": weight,
+        "scores": scores,
     }
 
 
@@ -194,50 +245,26 @@ def write_weights(
     copy_aux_files(folder, indexes[0].ingredient)
 
 
-def scored_results(
-    recipe: Recipe,
-    indexes: Sequence[IngredientIndex],
-    weights: Sequence[float],
-    *,
-    timings: dict[str, float],
-    shards: Sequence,
-    hardware: dict[str, Any],
-    individual: Sequence[dict],
-    table: dict[str, Any],
-    ensemble_members: Sequence[str],
-    selection: tuple[str, str],
-) -> dict[str, Any]:
-    """results.json of a scored soup (greedy, learned): the shared keys, the per-ingredient
-    scores, the task, the comparison table, the greedy ensemble and the selection rule."""
-    results = results_base(recipe, indexes, weights, timings, shards, hardware)
-    for row, scores in zip(results["ingredients"], individual, strict=True):
-        row["scores"] = scores
-    results["task"] = recipe.task.model_dump(mode="json", by_alias=True)
-    results["greedy_ensemble"] = {"members": list(ensemble_members)}
-    results["table"] = table
-    results["selection"] = {"split": selection[0], "metric": selection[1]}
-    return results
-
-
 def write_soup_files(
     folder: Path,
-    recipe: Recipe,
-    indexes: Sequence[IngredientIndex],
-    weights: Sequence[float],
-    results: dict[str, Any],
+    results: SoupResults,
     *,
     sections: Sequence[str] = (),
     model_index: list[dict] | None = None,
-) -> None:
+) -> dict[str, Any]:
     """The card (with the hardware and time section last), the pinned recipe and results.json;
     first, a sentence-transformers soup's module folders (:func:`write_modules`, mixed with
-    ``weights``).
+    the soup's weights).
 
-    ``recipe`` is the pinned recipe (:func:`pin_recipe`).
+    Returns:
+        The content of results.json.
     """
+    recipe, indexes, weights = results.recipe, results.indexes, results.weights
+    data = results.to_dict()
     dtype = getattr(torch, recipe.output.dtype) if recipe.output.dtype else None
     write_modules(folder, indexes, weights, dtype=dtype, allow_nonfinite=recipe.allow_nonfinite)
-    sections = [*sections, hardware_section(results)]
+    sections = [*sections, hardware_section(data)]
     write_card(folder, recipe, indexes, weights, sections=sections, model_index=model_index)
     (folder / "hfsoup_recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (folder / "results.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return data

@@ -165,8 +165,8 @@ class Task(BaseModel):
         if self.selection_split in self.report_splits and not self.allow_overlap:
             raise TaskError(
                 f"report split {self.selection_split!r} is also the selection split; scores on it "
-                "would be biased upwards: report another split, or allow it with allow_overlap "
-                "(--allow-overlap)"
+                "would be biased upwards: report another split, or allow it with allow_overlap",
+                options=["allow_overlap"],
             )
         if self.is_glue:
             self._check_glue()
@@ -175,7 +175,8 @@ class Task(BaseModel):
     def _check_glue(self) -> None:
         if self.config is None:
             raise TaskError(
-                f"GLUE needs a config naming the task ({', '.join(_GLUE)}); try --task glue/sst2"
+                f"GLUE needs a config naming the task ({', '.join(_GLUE)}); try the task glue/sst2",
+                options=["task"],
             )
         splits = [*self.source_splits(), *self.report_splits]
         unlabelled = sorted({s for s in splits if s.startswith("test")})
@@ -292,7 +293,8 @@ def _preset(name: str) -> Task:
             return glue_task(key[len(prefix) :])
     raise TaskError(
         f"unknown task {name!r}; built-in tasks: {', '.join(PRESETS)} "
-        "(for another dataset give a task block or --dataset ...)"
+        "(for another dataset give a task block naming its dataset)",
+        options=["dataset"],
     )
 
 

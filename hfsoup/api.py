@@ -28,7 +28,13 @@ from hfsoup.errors import (
     PushError,
     RecipeError,
 )
-from hfsoup.io.hub import IngredientSpec, parse_ingredient, push_folder, resolve
+from hfsoup.io.hub import (
+    IngredientSpec,
+    parse_ingredient,
+    push_folder,
+    refuse_push_offline,
+    resolve,
+)
 from hfsoup.io.layouts import check_layouts, read_layout
 from hfsoup.io.tensors import (
     IngredientIndex,
@@ -544,6 +550,7 @@ def _check_push_to(repo_id: str) -> None:
         check_repo_id(repo_id)
     except ValueError as exc:
         raise RecipeError(f"output.push_to: {exc}") from exc
+    refuse_push_offline(repo_id)  # HF_HUB_OFFLINE: refused before anything is read or written
 
 
 def weights_of(results: dict[str, Any]) -> list[float]:

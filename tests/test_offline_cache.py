@@ -1,0 +1,166 @@
+"""The HF cache is used, and HF_HUB_OFFLINE=1 is honoured by every command (issue 15).
+
+Each test has its own HF cache folder (``HF_HUB_CACHE``), warmed with ``snapshot_download`` or
+by an earlier hfsoup run, so that no test sees another's files. Offline is set both ways: the
+environment variable and ``huggingface_hub.constants.HF_HUB_OFFLINE`` (read at import), or in a
+subprocess's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from factories import load_state_dict, save_ingredient, tiny_bert_config
+from test_errors import assert_nothing_written, assert_one_line_error
+from test_soup import max_diff, plain_average
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A fresh, empty HF cache folder for this test (in this process and its subprocesses)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf_cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def go_offline(monkeypatch):
+    """Set HF_HUB_OFFLINE=1 from now on: in the environment and in huggingface_hub's constant."""
+    from huggingface_hub import constants
+
+    def switch() -> None:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    return switch
+
+
+def requests_seen(hub):
+    """A rule that only records every request the test Hub gets."""
+    return hub.add_fault(path=".*", times=None)
+
+
+def weight_requests(hub):
+    """A rule that only records requests for weight files (their Range headers)."""
+    return hub.add_fault(path=r"/resolve/[^/]+/.*\.safetensors$", times=None)
+
+
+def download(repo: str, **kwargs) -> str:
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo, **kwargs)
+
+
+def two_ingredients(tmp_path, publish, *, shard: str = "5GB"):
+    dirs = [
+        save_ingredient(tmp_path / f"ing{i}", tiny_bert_config(), seed=i + 1, max_shard_size=shard)
+        for i in range(2)
+    ]
+    return [publish(d)[0] for d in dirs], dirs
+
+
+def test_cached_weights_are_read_from_disk_not_the_hub(
+    tmp_path, publish, own_cache, faulty_hub, cli
+):
+    repos, dirs = two_ingredients(tmp_path, publish)
+    for repo in repos:
+        download(repo)
+    seen = weight_requests(faulty_hub)
+    proc = cli("soup", *repos, "--output", tmp_path / "soup", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert seen.hits == 0, seen.ranges  # no byte of any weight file came over HTTP
+    assert max_diff(load_state_dict(tmp_path / "soup"), plain_average(dirs)) <= 1e-6
+
+
+def test_offline_soup_after_snapshot_download(
+    tmp_path, publish, own_cache, go_offline, faulty_hub, cli
+):
+    repos, dirs = two_ingredients(tmp_path, publish, shard="8KB")
+    for repo in repos:
+        download(repo)
+    go_offline()
+    seen = requests_seen(faulty_hub)
+    proc = cli("soup", *repos, "--output", tmp_path / "soup", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert seen.hits == 0
+    assert max_diff(load_state_dict(tmp_path / "soup"), plain_average(dirs)) <= 1e-6
+    results = json.loads((tmp_path / "soup" / "results.json").read_text())
+    assert [r["sha"] for r in results["ingredients"]] == [
+        (own_cache / f"models--{r.replace('/', '--')}" / "refs" / "main").read_text() for r in repos
+    ]
+
+
+def test_offline_branch_resolves_to_the_cached_commit(
+    tmp_path, publish, own_cache, go_offline, faulty_hub, cli
+):
+    folder = save_ingredient(tmp_path / "v1", tiny_bert_config(), seed=1)
+    repo, first = publish(folder)
+    download(repo)
+    # main moves on the Hub after the download: offline, the cached commit is the one used.
+    save_ingredient(tmp_path / "v1", tiny_bert_config(), seed=5)
+    _, second = publish(folder, repo=repo, message="v2")
+    assert second != first
+    go_offline()
+    proc = cli("inspect", repo, "--json")
+    assert proc.returncode == 0, proc.stderr
+    shown = json.dumps(json.loads(proc.stdout))
+    assert first in shown and second not in shown
+    proc = cli("inspect", f"{repo}@{first}", "--json")  # a SHA is itself
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_offline_file_not_cached_is_one_line_and_fast(
+    tmp_path, publish, own_cache, go_offline, faulty_hub, cli
+):
+    repos, _ = two_ingredients(tmp_path, publish, shard="8KB")
+    download(repos[0])
+    files = sorted(p.name for p in tmp_path.joinpath("ing1").glob("model-*.safetensors"))
+    missing = files[-1]
+    download(repos[1], ignore_patterns=[missing])
+    go_offline()
+    seen = requests_seen(faulty_hub)
+    t0 = time.monotonic()
+    proc = cli("soup", *repos, "--output", tmp_path / "soup", "-q")
+    seconds = time.monotonic() - t0
+    assert_one_line_error(proc, f"{repos[1]}/{missing}: not in the HF cache", "HF_HUB_OFFLINE=1")
+    assert "retr" not in proc.stderr and "cannot reach" not in proc.stderr
+    assert_nothing_written(tmp_path)
+    assert seen.hits == 0
+    assert seconds < 10, seconds  # no retries, no back-off
+
+
+def test_offline_repo_not_cached_is_one_line(tmp_path, publish, own_cache, go_offline, cli):
+    repos, _ = two_ingredients(tmp_path, publish)
+    download(repos[0])
+    go_offline()
+    proc = cli("soup", *repos, "--output", tmp_path / "soup", "-q")
+    assert_one_line_error(proc, f"{repos[1]}: not in the HF cache", f"hf download {repos[1]}")
+    assert_nothing_written(tmp_path)
+    proc = cli("inspect", f"{repos[0]}@no-such-branch")
+    assert_one_line_error(proc, "no commit for revision 'no-such-branch'")
+
+
+def test_offline_push_is_refused_before_anything_is_read(
+    tmp_path, publish, own_cache, go_offline, faulty_hub, cli, repo_id
+):
+    repos, _ = two_ingredients(tmp_path, publish)
+    for repo in repos:
+        download(repo)
+    go_offline()
+    seen = requests_seen(faulty_hub)
+    target = repo_id("soup")
+    proc = cli("soup", *repos, "--output", tmp_path / "soup", "--push-to", target, "-q")
+    assert_one_line_error(proc, f"cannot push to {target}: HF_HUB_OFFLINE=1 is set")
+    assert_nothing_written(tmp_path)
+    assert seen.hits == 0
+    # Offline, a soup is made from the cache; its push is refused, with the folder intact.
+    assert cli("soup", *repos, "--output", tmp_path / "soup", "-q").returncode == 0
+    proc = cli("push", tmp_path / "soup", target)
+    assert_one_line_error(proc, f"cannot push to {target}: HF_HUB_OFFLINE=1 is set", "intact")
+    assert seen.hits == 0
+    assert (tmp_path / "soup" / "model.safetensors").is_file()

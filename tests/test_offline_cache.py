@@ -12,6 +12,7 @@ import json
 import time
 
 import pytest
+from conftest import run_cli
 from factories import load_state_dict, save_ingredient, tiny_bert_config
 from test_errors import assert_nothing_written, assert_one_line_error
 from test_soup import max_diff, plain_average
@@ -164,3 +165,34 @@ def test_offline_push_is_refused_before_anything_is_read(
     assert_one_line_error(proc, f"cannot push to {target}: HF_HUB_OFFLINE=1 is set", "intact")
     assert seen.hits == 0
     assert (tmp_path / "soup" / "model.safetensors").is_file()
+
+
+def test_offline_greedy_and_evaluate_after_an_earlier_run(tiny_greedy, tmp_path, faulty_hub):
+    """An online greedy run warms the cache (weights, tokenizer, data set); offline, the same
+    greedy soup and an evaluate run read everything from it and make no request."""
+    home = tmp_path / "hf_home"
+    env = {"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub")}
+    task = tmp_path / "task.yaml"
+    task.write_text(json.dumps(tiny_greedy["task"]))  # JSON is YAML
+    repos = tiny_greedy["repos"]
+    greedy = ("soup", *repos, "--method", "greedy", "--task", str(task), "-q", "--output")
+    online = run_cli(*greedy, str(tmp_path / "online"), env=env)
+    assert online.returncode == 0, online.stderr
+    seen = requests_seen(faulty_hub)
+    metric = faulty_hub.add_fault(path="evaluate-metric", times=None)
+    faulty_hub.faults.reverse()  # first match wins: this one records the metric requests
+    offline = {**env, "HF_HUB_OFFLINE": "1"}
+    proc = run_cli(*greedy, str(tmp_path / "offline"), env=offline)
+    assert proc.returncode == 0, proc.stderr
+    results = [
+        json.loads((tmp_path / d / "results.json").read_text()) for d in ("online", "offline")
+    ]
+    # The same SHAs, weights and scores: the same soup, read from the cache.
+    assert results[1]["ingredients"] == results[0]["ingredients"]
+    proc = run_cli("evaluate", *repos, "--task", str(task), "--json", env=offline)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert [r["sha"] for r in report["ingredients"]] == [
+        r["sha"] for r in results[0]["ingredients"]
+    ]
+    assert (seen.hits, metric.hits) == (0, 0), faulty_hub.unhandled

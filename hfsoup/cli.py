@@ -545,7 +545,8 @@ class _Notices(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             text = scrub(" ".join(record.getMessage().split()))
-            print(f"{_who()}: {text}", file=sys.stderr, flush=True)
+            who = getattr(record, "hfsoup_who", None) or _who()  # "hfsoup demo" for its steps
+            print(f"{who}: {text}", file=sys.stderr, flush=True)
         except Exception:  # a notice must never turn into an error (or a traceback) of its own
             pass
 

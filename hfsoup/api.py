@@ -137,18 +137,20 @@ def _spec(item: IngredientLike) -> IngredientSpec:
 
 
 def load_ingredients(
-    ingredients: Sequence[IngredientLike], *, token: str | None = None, allow_pickle: bool = False
-) -> list[IngredientIndex]:
+    ingredients: Sequence[IngredientLike], *, token: str | None = None, allow_pickle: bool = False,
+    cache: bool | None = None,
+) -> list[IngredientIndex]:  # fmt: skip
     """Resolve every ingredient to a SHA and read its config and headers (no weights).
 
-    Ingredients are resolved concurrently: on a real Hub each is a few round trips.
+    Ingredients are resolved concurrently: on a real Hub each is a few round trips. ``cache``:
+    see :func:`run`.
     """
     specs = [_spec(i) for i in ingredients]
     if not specs:
         raise RecipeError("no ingredients given")
 
     def one(spec: IngredientSpec) -> IngredientIndex:
-        ingredient = resolve(spec, token=token)
+        ingredient = resolve(spec, token=token, cache=cache)
         layout = read_layout(ingredient, allow_pickle=allow_pickle)  # an adapter is refused first
         index = index_ingredient(ingredient, allow_pickle=allow_pickle)
         index.layout = layout
@@ -244,7 +246,7 @@ def soup(
             ``stream``), ``epochs``, ``lr``, ``batch_size``, ``param`` (``softmax``, ``free``).
         options: ``overwrite``, ``device``, ``token``, ``allow_pickle``, ``allow_nonfinite``,
             ``resume``, ``accumulate``,
-            ``progress``, ``memory_budget`` (see :func:`run`).
+            ``progress``, ``memory_budget``, ``cache`` (see :func:`run`).
 
     Returns:
         A :class:`SoupResult`.
@@ -311,6 +313,7 @@ def run(
     max_memory: str | list[str] | dict | None = None,
     score_dtype: str = "float32",
     allow_local: bool = False,
+    cache: bool | None = None,
 ) -> SoupResult:
     """Run a recipe (a YAML file, a soup's README.md, or a :class:`Recipe`).
 
@@ -346,6 +349,11 @@ def run(
             memory is about one output shard plus this, whatever the number of ingredients.
         memory_budget: learned soups: plan against this many bytes (``"8GB"``) instead of the
             memory available on the device.
+        cache: the HF cache (files already there for the pinned SHA are always read from
+            disk): ``None`` (default) writes into it the files read whole anyway (greedy and
+            learned soups, configs, tokenizers); ``True`` also the weight files a uniform soup
+            streams (written on the way, kept once their digest matched); ``False`` writes no
+            file hfsoup downloads into it (whole downloads go to a temporary folder).
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(_recipe_file(recipe))
@@ -381,7 +389,9 @@ def run(
     local = [p for e in recipe.ingredients for p in _local_paths(_spec(e))]
     check_output_target(target, overwrite=overwrite, inputs=local)  # before anything is read
     t0 = time.perf_counter()
-    indexes = load_ingredients(recipe.ingredients, token=token, allow_pickle=allow_pickle)
+    indexes = load_ingredients(
+        recipe.ingredients, token=token, allow_pickle=allow_pickle, cache=cache
+    )
     check_resolved(recipe, [(ix.ingredient.spec.label, ix.ingredient.spec.path is not None)
                             for ix in indexes], allow_local=allow_local)  # fmt: skip
     indexes = align_ingredients(indexes)

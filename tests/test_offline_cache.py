@@ -196,3 +196,64 @@ def test_offline_greedy_and_evaluate_after_an_earlier_run(tiny_greedy, tmp_path,
         r["sha"] for r in results[0]["ingredients"]
     ]
     assert (seen.hits, metric.hits) == (0, 0), faulty_hub.unhandled
+
+
+def snapshot_files(cache, repo: str) -> list[str]:
+    folder = cache / f"models--{repo.replace('/', '--')}" / "snapshots"
+    return sorted(p.name for p in folder.glob("*/*"))
+
+
+def test_cache_flag_writes_streamed_weights_through_for_a_later_offline_run(
+    tmp_path, publish, own_cache, go_offline, faulty_hub, cli
+):
+    repos, dirs = two_ingredients(tmp_path, publish, shard="8KB")
+    proc = cli("soup", *repos, "--output", tmp_path / "default", "-q")
+    assert proc.returncode == 0, proc.stderr
+    # By default a uniform soup streams its weights and leaves no copy of them in the cache.
+    assert not [
+        f for r in repos for f in snapshot_files(own_cache, r) if f.endswith(".safetensors")
+    ]
+    proc = cli("soup", *repos, "--output", tmp_path / "cached", "--cache", "-q")
+    assert proc.returncode == 0, proc.stderr
+    for repo, folder in zip(repos, dirs, strict=True):
+        shards = sorted(p.name for p in folder.glob("*.safetensors"))
+        assert set(shards) <= set(snapshot_files(own_cache, repo))
+        blobs = own_cache / f"models--{repo.replace('/', '--')}" / "blobs"
+        assert not list(blobs.glob(".*.hfsoup"))  # no temporary file left behind
+    go_offline()
+    seen = requests_seen(faulty_hub)
+    proc = cli("soup", *repos, "--output", tmp_path / "offline", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert seen.hits == 0
+    a, b = (load_state_dict(tmp_path / d) for d in ("default", "offline"))
+    assert max_diff(a, b) == 0
+
+
+def test_no_cache_greedy_writes_no_weights_into_the_cache(tiny_greedy, tmp_path, own_cache, cli):
+    task = tmp_path / "task.yaml"
+    task.write_text(json.dumps(tiny_greedy["task"]))
+    repos = tiny_greedy["repos"]
+    proc = cli("soup", *repos, "--method", "greedy", "--task", task, "--no-cache", "-q",
+               "--output", tmp_path / "soup")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert not list(own_cache.rglob("*.safetensors"))
+    assert (tmp_path / "soup" / "model.safetensors").is_file()
+
+
+def test_a_damaged_cached_file_is_refused_in_one_line(tmp_path, publish, own_cache, cli):
+    """huggingface_hub checks only a download's size: hfsoup hashes what it reads from the
+    cache against the Hub's digest, so a blob damaged on disk is never averaged in."""
+    repos, _ = two_ingredients(tmp_path, publish)
+    for repo in repos:
+        download(repo)
+    blob = (own_cache / f"models--{repos[1].replace('/', '--')}" / "snapshots").glob(
+        "*/model.safetensors"
+    )
+    blob = next(blob).resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # a weight byte: the header still parses, the digest fails
+    blob.write_bytes(bytes(data))
+    proc = cli("soup", *repos, "--output", tmp_path / "soup", "-q")
+    assert_one_line_error(proc, f"{repos[1]}: model.safetensors: the bytes in the HF cache")
+    assert "damaged on disk" in proc.stderr
+    assert_nothing_written(tmp_path)

@@ -230,3 +230,84 @@ def not_cached(repo: str, sha: str, filename: str) -> IngredientNotFoundError:
         f"HF_HUB_OFFLINE=1 forbids downloading it; fetch it first with "
         f"`hf download {repo} {filename} --revision {sha}`"
     )
+
+
+class CacheSink:
+    """Writes one file into the HF cache as its bytes stream past, start to end (``--cache``).
+
+    The bytes go to a temporary file beside the cache's blobs; :meth:`commit` (called once the
+    whole file matched the Hub's digest) moves it to ``blobs/DIGEST`` and links it from
+    ``snapshots/SHA/FILENAME``, as huggingface_hub lays out its own downloads. A sink never
+    committed (a failed digest, an interrupted run) leaves nothing: its temporary file is
+    removed when the sink is dropped, or at exit. Failing to write (a full or read-only disk)
+    only stops the caching, with a notice; the soup goes on.
+    """
+
+    def __init__(self, repo: str, sha: str, filename: str, digest: checksums.Digest) -> None:
+        import tempfile
+        import weakref
+
+        self.repo, self.sha, self.filename, self.digest = repo, sha, filename, digest
+        self._file = None
+        blobs = repo_folder(repo) / "blobs"
+        try:
+            blobs.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=blobs, prefix=f".{digest[1][:16]}.", suffix=".hfsoup")
+        except OSError as exc:
+            self._give_up(exc)
+            return
+        self._tmp = Path(tmp)
+        self._file = os.fdopen(fd, "wb")
+        self._cleanup = weakref.finalize(self, _remove, self._file, self._tmp)
+
+    def write(self, data: memoryview) -> None:
+        """Append ``data`` (the next bytes of the file)."""
+        if self._file is None:
+            return
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            self._cleanup()
+            self._file = None
+            self._give_up(exc)
+
+    def commit(self) -> None:
+        """The file is whole and verified: put it in the cache (best effort)."""
+        if self._file is None:
+            return
+        blob = self._tmp.parent / self.digest[1]
+        link = repo_folder(self.repo) / "snapshots" / self.sha / Path(*self.filename.split("/"))
+        try:
+            self._file.close()
+            self._cleanup.detach()
+            if blob.exists():
+                self._tmp.unlink()
+            else:
+                os.replace(self._tmp, blob)
+            if not link.exists():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    link.symlink_to(os.path.relpath(blob, link.parent))
+                except OSError:  # no symlinks here (as huggingface_hub does then: a copy)
+                    import shutil
+
+                    shutil.copyfile(blob, link)
+        except OSError as exc:
+            _remove(None, self._tmp)
+            self._give_up(exc)
+        self._file = None
+
+    def _give_up(self, exc: OSError) -> None:
+        log.warning(
+            "%s/%s: not written into the HF cache (%s); the soup goes on",
+            self.repo,
+            self.filename,
+            exc.strerror or exc,
+        )
+
+
+def _remove(file: object, path: Path) -> None:
+    close = getattr(file, "close", None)
+    if close is not None:
+        close()
+    path.unlink(missing_ok=True)

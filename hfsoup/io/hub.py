@@ -412,9 +412,12 @@ class HubSource(Source):
         files: dict[str, int | None],
         token: str | None,
         digests: dict[str, checksums.Digest] | None = None,
+        cache: bool | None = None,
     ):
         self.repo, self.sha, self.files, self._token = repo, sha, files, token
         self.digests = digests or {}
+        self.cache = cache
+        self._scratch: Any = None  # cache=False: a temporary folder for whole downloads
         self._verified: dict[str, Path] = {}
         self._on_disk: dict[str, Path | None] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -438,6 +441,17 @@ class HubSource(Source):
 
     def where(self, filename: str) -> str:
         return f"{self.repo}/{filename}"
+
+    def cache_sink(self, filename: str) -> hfcache.CacheSink | None:
+        """Where a stream reading ``filename`` whole, in order, writes it into the HF cache:
+        only with ``cache=True`` (``--cache``), online, for a file with a digest that is not
+        cached yet."""
+        digest = self.digests.get(filename)
+        if self.cache is not True or digest is None or hfcache.offline():
+            return None
+        if self.cached_path(filename) is not None:
+            return None
+        return hfcache.CacheSink(self.repo, self.sha, filename, digest)
 
     def _url(self, filename: str) -> str:
         from huggingface_hub import constants, hf_hub_url
@@ -609,13 +623,20 @@ class HubSource(Source):
         )
 
     def _download(self, filename: str, *, force: bool) -> Path:
+        """Download into the HF cache, or with ``cache=False`` into a temporary folder that
+        goes when this source does."""
+        import tempfile
+
         from huggingface_hub import hf_hub_download
 
+        if self.cache is False and self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="hfsoup-no-cache-")
+        where = self._scratch.name if self._scratch is not None else None
         return Path(
             _call_hub(
                 lambda: hf_hub_download(
                     self.repo, filename, revision=self.sha, token=self._token,
-                    force_download=force,
+                    force_download=force, cache_dir=where,
                 ),
                 what=f"{self.repo}/{filename}",
             )
@@ -933,12 +954,20 @@ class Ingredient:
         return self.source.files
 
 
-def resolve(spec: IngredientSpec, *, token: str | None = None) -> Ingredient:
+def resolve(
+    spec: IngredientSpec, *, token: str | None = None, cache: bool | None = None
+) -> Ingredient:
     """Pin an ingredient to a commit SHA and list its files.
+
+    Offline (``HF_HUB_OFFLINE``) it is resolved from the HF cache alone (see
+    :mod:`hfsoup.io.hfcache`); online, files already cached for the SHA are read from disk.
 
     Args:
         spec: the parsed ingredient.
         token: a Hub token; ``None`` uses ``HF_TOKEN`` or the stored login.
+        cache: ``True``: files a stream reads whole are also written into the HF cache;
+            ``None`` (default): only files downloaded whole go there; ``False``: nothing is
+            written into it (whole downloads go to a temporary folder).
 
     Returns:
         An :class:`Ingredient` whose every later read uses the resolved SHA.
@@ -956,7 +985,7 @@ def resolve(spec: IngredientSpec, *, token: str | None = None) -> Ingredient:
     from huggingface_hub import HfApi
 
     if hfcache.offline():
-        return _resolve_offline(spec, token)
+        return _resolve_offline(spec, token, cache)
     try:
         info = _call_hub(lambda: _model_info(HfApi(token=token), spec), what=spec.label)
     except HfsoupError as exc:
@@ -964,15 +993,16 @@ def resolve(spec: IngredientSpec, *, token: str | None = None) -> Ingredient:
             raise
         return _resolve_fallback(spec, exc)
     sha, files, digests = _checked_listing(spec.label, info)
-    hfcache.write_ref(spec.repo, spec.revision, sha)  # so that an offline run finds the commit
-    source = HubSource(spec.repo, sha, files, token, digests=digests)
+    if cache is not False:  # so that an offline run finds the commit
+        hfcache.write_ref(spec.repo, spec.revision, sha)
+    source = HubSource(spec.repo, sha, files, token, digests=digests, cache=cache)
     card = _card_data(info)
     if not card and "README.md" in files:
         card = _front_matter(source.local_file("README.md"))
     return Ingredient(spec=spec, sha=sha, source=source, card=card)
 
 
-def _resolve_offline(spec: IngredientSpec, token: str | None) -> Ingredient:
+def _resolve_offline(spec: IngredientSpec, token: str | None, cache: bool | None) -> Ingredient:
     """Resolve from the HF cache alone (``HF_HUB_OFFLINE``): see :mod:`hfsoup.io.hfcache`.
 
     Raises:
@@ -994,7 +1024,7 @@ def _resolve_offline(spec: IngredientSpec, token: str | None) -> Ingredient:
             f"({', '.join(sorted(files)[:5]) or 'no files'}), and HF_HUB_OFFLINE=1 forbids "
             f"downloading them; fetch them first with `hf download {spec.repo} --revision {sha}`"
         )
-    source = HubSource(spec.repo, sha, files, token, digests=digests)
+    source = HubSource(spec.repo, sha, files, token, digests=digests, cache=cache)
     card = _front_matter(source.local_file("README.md")) if "README.md" in files else {}
     return Ingredient(spec=spec, sha=sha, source=source, card=card)
 

@@ -9,6 +9,9 @@ subprocess's environment.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -257,3 +260,18 @@ def test_a_damaged_cached_file_is_refused_in_one_line(tmp_path, publish, own_cac
     assert_one_line_error(proc, f"{repos[1]}: model.safetensors: the bytes in the HF cache")
     assert "damaged on disk" in proc.stderr
     assert_nothing_written(tmp_path)
+
+
+def test_offline_evaluate_with_a_data_set_not_cached_is_one_line(tiny_greedy, tmp_path):
+    home = tmp_path / "hf_home"
+    env = {"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub")}
+    repos = tiny_greedy["repos"]
+    fetch = "import sys\nfrom huggingface_hub import snapshot_download\n"
+    fetch += "for r in sys.argv[1:]: snapshot_download(r)"
+    subprocess.run([sys.executable, "-c", fetch, *repos], env={**os.environ, **env}, check=True)
+    task = tmp_path / "task.yaml"
+    task.write_text(json.dumps(tiny_greedy["task"]))
+    proc = run_cli("evaluate", *repos, "--task", str(task), env={**env, "HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(
+        proc, f"dataset {tiny_greedy['dataset']!r} is not in the datasets cache", "HF_HUB_OFFLINE=1"
+    )

@@ -20,6 +20,8 @@ from factories import load_state_dict, save_ingredient, tiny_bert_config
 from test_errors import assert_nothing_written, assert_one_line_error
 from test_soup import max_diff, plain_average
 
+reliability = pytest.mark.reliability
+
 
 @pytest.fixture
 def own_cache(tmp_path, monkeypatch):
@@ -118,6 +120,10 @@ def test_offline_branch_resolves_to_the_cached_commit(
     assert proc.returncode == 0, proc.stderr
 
 
+@reliability(
+    "HF_HUB_OFFLINE=1 and a weight shard of an ingredient is not in the HF cache",
+    "one line naming the file: 'org/b/model-00004-of-00004.safetensors: not in the HF cache for commit ... and HF_HUB_OFFLINE=1 forbids downloading it; fetch it first with `hf download ...`' (IngredientNotFoundError); no request, no retry; nothing written",
+)
 def test_offline_file_not_cached_is_one_line_and_fast(
     tmp_path, publish, own_cache, go_offline, faulty_hub, cli
 ):
@@ -138,6 +144,10 @@ def test_offline_file_not_cached_is_one_line_and_fast(
     assert seconds < 10, seconds  # no retries, no back-off
 
 
+@reliability(
+    "HF_HUB_OFFLINE=1 and an ingredient (or its branch) is not in the HF cache",
+    "one line: 'org/b: not in the HF cache (...); HF_HUB_OFFLINE=1 forbids downloading it; fetch it first with `hf download org/b`' or 'the HF cache has no commit for revision ...' (IngredientNotFoundError); nothing written",
+)
 def test_offline_repo_not_cached_is_one_line(tmp_path, publish, own_cache, go_offline, cli):
     repos, _ = two_ingredients(tmp_path, publish)
     download(repos[0])
@@ -149,6 +159,10 @@ def test_offline_repo_not_cached_is_one_line(tmp_path, publish, own_cache, go_of
     assert_one_line_error(proc, "no commit for revision 'no-such-branch'")
 
 
+@reliability(
+    "HF_HUB_OFFLINE=1 with --push-to, or hfsoup push",
+    "one line before anything is read: 'cannot push to org/soup: HF_HUB_OFFLINE=1 is set; push it later ...' (PushError); the soup folder intact",
+)
 def test_offline_push_is_refused_before_anything_is_read(
     tmp_path, publish, own_cache, go_offline, faulty_hub, cli, repo_id
 ):
@@ -243,6 +257,10 @@ def test_no_cache_greedy_writes_no_weights_into_the_cache(tiny_greedy, tmp_path,
     assert (tmp_path / "soup" / "model.safetensors").is_file()
 
 
+@reliability(
+    "A weight file in the HF cache damaged on disk (huggingface_hub checks sizes only)",
+    "one line: 'org/b: model.safetensors: the bytes in the HF cache (...) do not match its sha256 ...; refused (damaged on disk: fetch it again with `hf download ... --force-download`)' (CorruptWeightsError); nothing written",
+)
 def test_a_damaged_cached_file_is_refused_in_one_line(tmp_path, publish, own_cache, cli):
     """huggingface_hub checks only a download's size: hfsoup hashes what it reads from the
     cache against the Hub's digest, so a blob damaged on disk is never averaged in."""
@@ -262,6 +280,10 @@ def test_a_damaged_cached_file_is_refused_in_one_line(tmp_path, publish, own_cac
     assert_nothing_written(tmp_path)
 
 
+@reliability(
+    "HF_HUB_OFFLINE=1 and the task's data set is not in the datasets cache",
+    "one line: \"dataset 'org/data' is not in the datasets cache, and HF_HUB_OFFLINE=1 forbids downloading it; ...\" (HubConnectionError)",
+)
 def test_offline_evaluate_with_a_data_set_not_cached_is_one_line(tiny_greedy, tmp_path):
     home = tmp_path / "hf_home"
     env = {"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub")}

@@ -177,7 +177,13 @@ class StreamCheck:
             kind, expected = running.digest
             cached = fetch.index.ingredient.source.cached_path(running.file)
             where = f"in the HF cache ({cached})" if cached else "streamed from the Hub"
-            why = "damaged on disk" if cached else "damaged in transit, or the server is faulty"
+            ing = fetch.index.ingredient
+            again = f"hf download {ing.spec.repo} {running.file} --revision {ing.sha}"
+            why = (
+                f"damaged on disk: fetch it again with `{again} --force-download`"
+                if cached
+                else "damaged in transit, or the server is faulty"
+            )
             raise CorruptWeightsError(
                 f"{running.index.ingredient.label}: {running.file}: the bytes {where} do not "
                 f"match its {kind} {expected[:12]}...; refused ({why})"

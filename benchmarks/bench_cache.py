@@ -66,12 +66,13 @@ def run_case(args: list[str], env: dict[str, str]) -> float:
     return seconds
 
 
-def served_bytes(fault) -> int:
-    """Weight bytes the Hub answered with, from the Range headers the recorder saw."""
+def served_bytes(fault, whole: int) -> int:
+    """Weight bytes the Hub answered GETs with: the ranges asked, ``whole`` for a GET of a
+    whole file (every ingredient is one file of that size)."""
     total = 0
     for r in fault.ranges:
         m = re.fullmatch(r"bytes=(\d+)-(\d+)", r or "")
-        total += int(m[2]) - int(m[1]) + 1 if m else 0
+        total += int(m[2]) - int(m[1]) + 1 if m else whole
     return total
 
 
@@ -84,6 +85,7 @@ def main() -> None:
     opts = parser.parse_args()
     work = Path(opts.workdir or tempfile.mkdtemp(prefix="hfsoup-bench-cache-"))
     work.mkdir(parents=True, exist_ok=True)
+    os.environ.update(HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
 
     from hfsoup.serve.hubserver import LocalHub
 
@@ -99,6 +101,7 @@ def main() -> None:
         api.create_repo(repo, exist_ok=True)
         api.upload_folder(repo_id=repo, folder_path=str(folder))
         repos.append(repo)
+    whole = (dirs[0] / "model.safetensors").stat().st_size
     size_mb = sum(f.stat().st_size for d in dirs for f in d.glob("*.safetensors")) / 1e6
 
     base_env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -111,11 +114,11 @@ def main() -> None:
     def case(name: str, cmd: list[str], cache: Path, fresh: bool, **extra: str) -> None:
         if fresh:
             shutil.rmtree(cache, ignore_errors=True)
-        recorder = hub.add_fault(path=r"/resolve/[^/]+/.*\.safetensors$", times=None)
+        recorder = hub.add_fault(method="GET", path=r"/resolve/[^/]+/.*\.safetensors$", times=None)
         env = {**base_env, "HF_HUB_CACHE": str(cache), **extra}
         seconds = run_case(cmd, env)
         hub.faults.remove(recorder)
-        rows.setdefault(name, []).append((seconds, served_bytes(recorder)))
+        rows.setdefault(name, []).append((seconds, served_bytes(recorder, whole)))
 
     for _ in range(opts.repeats):
         out = str(work / "soup")

@@ -25,7 +25,13 @@ from hfsoup.compute.combine import normalise_weights
 from hfsoup.compute.distributed import Processes, processes
 from hfsoup.compute.placement import SCORE_DTYPES, parse_max_memory, plan_placement
 from hfsoup.errors import NothingToResumeError, PushError, RecipeError
-from hfsoup.io.hub import IngredientSpec, parse_ingredient, push_folder, resolve
+from hfsoup.io.hub import (
+    IngredientSpec,
+    parse_ingredient,
+    push_folder,
+    refuse_push_offline,
+    resolve,
+)
 from hfsoup.io.layouts import check_layouts, read_layout
 from hfsoup.io.tensors import IngredientIndex, index_ingredient, parse_size, plan_shards
 from hfsoup.io.tokenizer_files import check_tokenizers
@@ -72,6 +78,7 @@ class RunOptions:
     max_memory: str | list[str] | dict | None = None
     score_dtype: str = "float32"
     allow_local: bool = False
+    cache: bool | None = None
 
 
 def run_recipe(recipe: Recipe, opts: RunOptions) -> SoupResult:
@@ -154,7 +161,8 @@ def _index(
     local = [p for e in recipe.ingredients for p in _local_paths(ingredient_spec(e))]
     check_output_target(target, overwrite=opts.overwrite, inputs=local)  # before anything is read
     t0 = time.perf_counter()
-    indexes = load_ingredients(recipe.ingredients, token=opts.token, allow_pickle=opts.allow_pickle)
+    indexes = load_ingredients(recipe.ingredients, token=opts.token,
+                               allow_pickle=opts.allow_pickle, cache=opts.cache)  # fmt: skip
     check_resolved(recipe, [(ix.ingredient.spec.label, ix.ingredient.spec.path is not None)
                             for ix in indexes], allow_local=opts.allow_local)  # fmt: skip
     indexes = checked(indexes)
@@ -182,9 +190,12 @@ def _local_paths(spec: IngredientSpec) -> list[Path]:
 
 
 def load_ingredients(
-    ingredients: Sequence[IngredientLike], *, token: str | None = None, allow_pickle: bool = False
-) -> list[IngredientIndex]:
+    ingredients: Sequence[IngredientLike], *, token: str | None = None, allow_pickle: bool = False,
+    cache: bool | None = None,
+) -> list[IngredientIndex]:  # fmt: skip
     """Resolve every ingredient to a SHA and read its config and headers (no weights).
+
+    ``cache``: as for :func:`hfsoup.run`.
 
     Ingredients are resolved concurrently: on a real Hub each is a few round trips.
     """
@@ -193,7 +204,7 @@ def load_ingredients(
         raise RecipeError("no ingredients given")
 
     def one(spec: IngredientSpec) -> IngredientIndex:
-        ingredient = resolve(spec, token=token)
+        ingredient = resolve(spec, token=token, cache=cache)
         layout = read_layout(ingredient, allow_pickle=allow_pickle)  # an adapter is refused first
         index = index_ingredient(ingredient, allow_pickle=allow_pickle)
         index.layout = layout
@@ -317,6 +328,7 @@ def _check_push_to(repo_id: str) -> None:
         check_repo_id(repo_id)
     except ValueError as exc:
         raise RecipeError(f"output.push_to: {exc}") from exc
+    refuse_push_offline(repo_id)  # HF_HUB_OFFLINE: refused before anything is read or written
 
 
 def resolve_device(device: str, procs: Processes | None = None) -> torch.device:

@@ -176,7 +176,7 @@ def soup(
             ``stream``), ``epochs``, ``lr``, ``batch_size``, ``param`` (``softmax``, ``free``).
         options: ``overwrite``, ``device``, ``token``, ``allow_pickle``, ``allow_nonfinite``,
             ``resume``, ``accumulate``,
-            ``progress``, ``memory_budget`` (see :func:`run`).
+            ``progress``, ``memory_budget``, ``cache`` (see :func:`run`).
 
     Returns:
         A :class:`SoupResult`.
@@ -232,6 +232,7 @@ def run(
     max_memory: str | list[str] | dict | None = None,
     score_dtype: str = "float32",
     allow_local: bool = False,
+    cache: bool | None = None,
 ) -> SoupResult:
     """Run a recipe (a YAML file, a soup's README.md, or a :class:`Recipe`).
 
@@ -267,6 +268,11 @@ def run(
             memory is about one output shard plus this, whatever the number of ingredients.
         memory_budget: learned soups: plan against this many bytes (``"8GB"``) instead of the
             memory available on the device.
+        cache: the HF cache (files already there for the pinned SHA are always read from
+            disk): ``None`` (default) writes into it the files read whole anyway (greedy and
+            learned soups, configs, tokenizers); ``True`` also the weight files a uniform soup
+            streams (written on the way, kept once their digest matched); ``False`` writes no
+            file hfsoup downloads into it (whole downloads go to a temporary folder).
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(_recipe_file(recipe))
@@ -278,7 +284,7 @@ def run(
         overwrite=overwrite, device=device, token=token, allow_pickle=allow_pickle, resume=resume,
         accumulate=accumulate, progress=progress, max_in_flight=max_in_flight,
         memory_budget=memory_budget, device_map=device_map, max_memory=max_memory,
-        score_dtype=score_dtype, allow_local=allow_local,
+        score_dtype=score_dtype, allow_local=allow_local, cache=cache,
     )  # fmt: skip
     return run_recipe(recipe, options)
 

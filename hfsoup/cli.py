@@ -71,6 +71,9 @@ def _soup_options(p: argparse.ArgumentParser) -> None:
                    help="continue an interrupted greedy run (an error if there is none)")  # fmt: skip
     p.add_argument("--memory-budget", metavar="SIZE",
                    help="learned soups: plan against SIZE bytes (e.g. 8GB), not the free memory")  # fmt: skip
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the weights a uniform soup streams into the HF cache too; "
+                        "--no-cache: write nothing there (default: only files read whole)")  # fmt: skip
 
 
 def _learned_options(p: argparse.ArgumentParser) -> None:
@@ -475,7 +478,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_options = dict(overwrite=args.overwrite, allow_pickle=args.allow_pickle,
                            allow_nonfinite=args.allow_nonfinite, resume=args.resume,
                            accumulate=args.accumulate, progress=progress,
-                           memory_budget=args.memory_budget, **_device_args(args))  # fmt: skip
+                           memory_budget=args.memory_budget, cache=args.cache,
+                           **_device_args(args))  # fmt: skip
     if args.command == "soup":
         result = api.soup(
             args.ingredients, output=args.output, method=args.method, weights=args.weights,
@@ -652,7 +656,8 @@ class _Notices(logging.Handler):
             if options and self._hint is not None:
                 text = self._hint(text, options)
             text = scrub(" ".join(text.split()))
-            print(f"{_who()}: {text}", file=sys.stderr, flush=True)
+            who = getattr(record, "hfsoup_who", None) or _who()  # "hfsoup demo" for its steps
+            print(f"{who}: {text}", file=sys.stderr, flush=True)
         except Exception:  # a notice must never turn into an error (or a traceback) of its own
             pass
 

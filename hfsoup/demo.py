@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -23,7 +24,10 @@ from typing import Any
 
 from hfsoup.errors import MissingDependencyError, RecipeError
 
+log = logging.getLogger("hfsoup")
 LABELS = ["negative", "neutral", "positive"]
+# The switches that keep huggingface_hub, transformers and datasets off the network.
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 BASE_REPO = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -113,7 +117,7 @@ def demo(
     from hfsoup.serve.hubserver import LocalHub
 
     # A new token each run (the Hub folder is kept, tokens are not stored in it).
-    with LocalHub(work / "hub") as hub, _token_in_environment(hub.token):
+    with LocalHub(work / "hub") as hub, _token_in_environment(hub.token), _online(hub.url):
         _point_clients_at(hub.url)
         return _run(work, namespace, k, train, evaluation, max_length, seed, space, progress,
                     token=hub.token)  # fmt: skip
@@ -134,6 +138,59 @@ def _token_in_environment(token: str) -> Iterator[None]:
             os.environ["HF_TOKEN"] = saved
 
 
+@contextlib.contextmanager
+def _online(url: str) -> Iterator[None]:
+    """Clear ``HF_HUB_OFFLINE`` (and its kin) while the demo runs against its own Hub.
+
+    The demo's Hub is a process on 127.0.0.1 that it started itself, so the offline switch
+    (meant to keep a run off the network) would only stop the demo from talking to it; nothing
+    else is contacted. The variables and the libraries' constants are restored afterwards.
+    """
+    saved = {name: os.environ.get(name) for name in _OFFLINE_VARIABLES}
+    if not any(_is_true(v) for v in saved.values()):
+        yield
+        return
+    log.warning(
+        "HF_HUB_OFFLINE is set; the demo talks only to its own Hub at %s, so it clears "
+        "the offline switch for this run (nothing else is contacted)",
+        url,
+        extra={"hfsoup_who": "hfsoup demo"},
+    )
+    for name in _OFFLINE_VARIABLES:
+        os.environ[name] = "0"
+    patched = _set_offline_constants(False)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for (module, attr), value in patched.items():
+            setattr(sys.modules[module], attr, value)
+
+
+def _set_offline_constants(value: bool) -> dict[tuple[str, str], Any]:
+    """Set the offline constants huggingface_hub and datasets read at import (where they are
+    imported already); returns the old values."""
+    old: dict[tuple[str, str], Any] = {}
+    for module, attr in (
+        ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_DATASETS_OFFLINE"),
+    ):
+        mod = sys.modules.get(module)
+        if mod is not None and hasattr(mod, attr):
+            old[(module, attr)] = getattr(mod, attr)
+            setattr(mod, attr, value)
+    return old
+
+
+def _is_true(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def _run(work: Path, ns: str, k: int, train: int, evaluation: int, max_length: int,
          seed: int, space: Any, progress: bool, token: str | None = None) -> Any:  # fmt: skip
     from huggingface_hub import HfApi
@@ -142,8 +199,8 @@ def _run(work: Path, ns: str, k: int, train: int, evaluation: int, max_length: i
     from hfsoup.sweep import SearchSpace, SweepRecipe, sweep
 
     def say(msg: str) -> None:
-        if progress:
-            print(f"hfsoup demo: {msg}", file=sys.stderr, flush=True)
+        if progress:  # the CLI shows it as "hfsoup demo: ..." on stderr
+            log.warning("%s", msg, extra={"hfsoup_who": "hfsoup demo"})
 
     api = HfApi(token=token)
     say(f"publishing {BASE_REPO} and the tweets data set to {os.environ['HF_ENDPOINT']}")

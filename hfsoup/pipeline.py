@@ -30,7 +30,7 @@ from hfsoup.dtypes import OUTPUT_DTYPES as DTYPES
 from hfsoup.errors import NothingToResumeError, PushError, RecipeError
 from hfsoup.ingredients import IngredientLike
 from hfsoup.ingredients import to_spec as ingredient_spec
-from hfsoup.io.hub import IngredientSpec, resolve
+from hfsoup.io.hub import IngredientSpec, refuse_push_offline, resolve
 from hfsoup.io.layouts import read_layout
 from hfsoup.io.tensors import IngredientIndex, index_ingredient, parse_size, plan_shards
 from hfsoup.io.tokenizer_files import check_tokenizers
@@ -74,6 +74,7 @@ class RunOptions:
     max_memory: str | list[str] | dict | None = None
     score_dtype: str = "float32"
     allow_local: bool = False
+    cache: bool | None = None
 
 
 def run_recipe(recipe: Recipe, opts: RunOptions) -> SoupResult:
@@ -156,7 +157,8 @@ def _index(
     local = [p for e in recipe.ingredients for p in _local_paths(ingredient_spec(e))]
     check_output_target(target, overwrite=opts.overwrite, inputs=local)  # before anything is read
     t0 = time.perf_counter()
-    indexes = load_ingredients(recipe.ingredients, token=opts.token, allow_pickle=opts.allow_pickle)
+    indexes = load_ingredients(recipe.ingredients, token=opts.token,
+                               allow_pickle=opts.allow_pickle, cache=opts.cache)  # fmt: skip
     check_resolved(recipe, [(ix.ingredient.spec.label, ix.ingredient.spec.path is not None)
                             for ix in indexes], allow_local=opts.allow_local)  # fmt: skip
     indexes = checked(indexes)
@@ -173,9 +175,12 @@ def _local_paths(spec: IngredientSpec) -> list[Path]:
 
 
 def load_ingredients(
-    ingredients: Sequence[IngredientLike], *, token: str | None = None, allow_pickle: bool = False
-) -> list[IngredientIndex]:
+    ingredients: Sequence[IngredientLike], *, token: str | None = None, allow_pickle: bool = False,
+    cache: bool | None = None,
+) -> list[IngredientIndex]:  # fmt: skip
     """Resolve every ingredient to a SHA and read its config and headers (no weights).
+
+    ``cache``: as for :func:`hfsoup.run`.
 
     Ingredients are resolved concurrently: on a real Hub each is a few round trips.
     """
@@ -184,7 +189,7 @@ def load_ingredients(
         raise RecipeError("no ingredients given")
 
     def one(spec: IngredientSpec) -> IngredientIndex:
-        ingredient = resolve(spec, token=token)
+        ingredient = resolve(spec, token=token, cache=cache)
         layout = read_layout(ingredient, allow_pickle=allow_pickle)  # an adapter is refused first
         index = index_ingredient(ingredient, allow_pickle=allow_pickle)
         index.layout = layout
@@ -308,6 +313,7 @@ def _check_push_to(repo_id: str) -> None:
         check_repo_id(repo_id)
     except ValueError as exc:
         raise RecipeError(f"output.push_to: {exc}") from exc
+    refuse_push_offline(repo_id)  # HF_HUB_OFFLINE: refused before anything is read or written
 
 
 def resolve_device(device: str, procs: Processes | None = None) -> torch.device:

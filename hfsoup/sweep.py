@@ -239,9 +239,12 @@ def sweep(recipe: SweepRecipe, *, progress: bool = True, token: str | None = Non
     """
     from transformers import AutoModelForSequenceClassification
 
+    from hfsoup.io.hub import refuse_push_offline
     from hfsoup.report.pushplan import push_folder
     from hfsoup.tasks.scorer import Scorer
 
+    if recipe.push_prefix:  # HF_HUB_OFFLINE: refused before any training
+        refuse_push_offline(f"{recipe.push_prefix}-1")
     out = Path(recipe.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(recipe.seed)

@@ -100,6 +100,7 @@ def test_demo_runs_the_whole_loop_offline(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HF_ENDPOINT"}
     env["HF_HOME"] = str(tmp_path / "hf_home")
     env["HF_TOKEN"] = "hf_the_users_own_token"
+    env["HF_HUB_OFFLINE"] = "1"  # the demo talks only to its own Hub: it runs to the end anyway
     proc = subprocess.run(
         [sys.executable, "-m", "hfsoup", "demo", "--workdir", str(tmp_path / "demo"),
          "--k", "2", "--train", "64", "--eval", "32", "-q"],
@@ -107,6 +108,7 @@ def test_demo_runs_the_whole_loop_offline(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "hf_the_users_own_token" not in proc.stdout + proc.stderr
+    assert "hfsoup demo: HF_HUB_OFFLINE is set; the demo talks only to its own Hub" in proc.stderr
     assert "greedy soup" in proc.stdout
     assert (
         "pushed: " in proc.stdout and "/demo-org/minilm-tweets-greedy-soup/commit/" in proc.stdout

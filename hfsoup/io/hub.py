@@ -48,7 +48,7 @@ from hfsoup.ingredients import (
     looks_like_path,
     parse_ingredient,  # noqa: F401  (re-exported)
 )
-from hfsoup.io import checksums
+from hfsoup.io import checksums, hfcache
 
 T = TypeVar("T")
 log = logging.getLogger("hfsoup")
@@ -319,15 +319,46 @@ class HubSource(Source):
         files: dict[str, int | None],
         token: str | None,
         digests: dict[str, checksums.Digest] | None = None,
+        cache: bool | None = None,
     ):
         self.repo, self.sha, self.files, self._token = repo, sha, files, token
         self.digests = digests or {}
+        self.cache = cache
+        self._scratch: Any = None  # cache=False: a temporary folder for whole downloads
         self._verified: dict[str, Path] = {}
+        self._on_disk: dict[str, Path | None] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
+    def cached_path(self, filename: str) -> Path | None:
+        """The copy of ``filename`` in the HF cache for this commit, if there is one to use
+        (:func:`hfsoup.io.hfcache.cached_file`); looked up once per file.
+
+        Raises:
+            IngredientNotFoundError: offline (``HF_HUB_OFFLINE``) and the file is not cached.
+        """
+        if filename not in self._on_disk:
+            self._on_disk[filename] = hfcache.cached_file(
+                self.repo, self.sha, filename, self.files.get(filename), self.digests.get(filename)
+            )
+        path = self._on_disk[filename]
+        if path is None and hfcache.offline():
+            raise hfcache.not_cached(self.repo, self.sha, filename)
+        return path
+
     def where(self, filename: str) -> str:
         return f"{self.repo}/{filename}"
+
+    def cache_sink(self, filename: str) -> hfcache.CacheSink | None:
+        """Where a stream reading ``filename`` whole, in order, writes it into the HF cache:
+        only with ``cache=True`` (``--cache``), online, for a file with a digest that is not
+        cached yet."""
+        digest = self.digests.get(filename)
+        if self.cache is not True or digest is None or hfcache.offline():
+            return None
+        if self.cached_path(filename) is not None:
+            return None
+        return hfcache.CacheSink(self.repo, self.sha, filename, digest)
 
     def _url(self, filename: str) -> str:
         from huggingface_hub import constants, hf_hub_url
@@ -337,7 +368,8 @@ class HubSource(Source):
     def read_range(
         self, filename: str, start: int, end: int, out: bytearray | None = None
     ) -> bytearray:
-        """Bytes ``[start, end)`` of ``filename`` by HTTP range requests.
+        """Bytes ``[start, end)`` of ``filename``: from the HF cache when it holds the file
+        (:meth:`cached_path`), else by HTTP range requests.
 
         A dropped connection resumes from the last byte received; 429/5xx answers are retried
         within :func:`max_retry_wait` seconds of waiting in all.
@@ -345,11 +377,23 @@ class HubSource(Source):
         Raises:
             HubConnectionError: the Hub kept failing, asked to wait longer than allowed, or
                 answered another range than the one asked (``Content-Range``).
+            IngredientNotFoundError: offline, and the file is not cached.
         """
+        buf = _buffer(out, start, end)
+        cached = self.cached_path(filename)
+        if cached is not None:
+            if not _read_file_range(cached, start, buf):
+                raise CorruptWeightsError(
+                    f"{self.where(filename)}: the copy in the HF cache ({cached}) is shorter than "
+                    "its header says"
+                )
+            return buf
+        return self._read_remote(filename, start, end, buf)
+
+    def _read_remote(self, filename: str, start: int, end: int, buf: bytearray) -> bytearray:
         from huggingface_hub import constants, get_session
         from huggingface_hub.utils import build_hf_headers
 
-        buf = _buffer(out, start, end)
         got = 0
         where = self.where(filename)
         headers = build_hf_headers(token=self._token, library_name="hfsoup")
@@ -462,7 +506,17 @@ class HubSource(Source):
             return self._verified[filename]
 
     def _download_verified(self, filename: str) -> Path:
-        path = self._download(filename, force=False)
+        cached = self.cached_path(filename)  # offline: the cached copy or a one-line error
+        if cached is not None and hfcache.offline():
+            if checksums.matches(cached, self.digests.get(filename)):
+                return cached
+            kind, expected = self.digests[filename]
+            raise CorruptWeightsError(
+                f"{self.where(filename)}: the copy in the HF cache ({cached}) does not match its "
+                f"{kind} {expected[:12]}...; refused (HF_HUB_OFFLINE=1 forbids fetching it again: "
+                f"`hf download {self.repo} {filename} --revision {self.sha} --force-download`)"
+            )
+        path = cached or self._download(filename, force=False)
         if checksums.matches(path, self.digests.get(filename)):
             return path
         path = self._download(filename, force=True)
@@ -476,13 +530,20 @@ class HubSource(Source):
         )
 
     def _download(self, filename: str, *, force: bool) -> Path:
+        """Download into the HF cache, or with ``cache=False`` into a temporary folder that
+        goes when this source does."""
+        import tempfile
+
         from huggingface_hub import hf_hub_download
 
+        if self.cache is False and self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="hfsoup-no-cache-")
+        where = self._scratch.name if self._scratch is not None else None
         return Path(
             _call_hub(
                 lambda: hf_hub_download(
                     self.repo, filename, revision=self.sha, token=self._token,
-                    force_download=force,
+                    force_download=force, cache_dir=where,
                 ),
                 what=f"{self.repo}/{filename}",
             )
@@ -800,12 +861,20 @@ class Ingredient:
         return self.source.files
 
 
-def resolve(spec: IngredientSpec, *, token: str | None = None) -> Ingredient:
+def resolve(
+    spec: IngredientSpec, *, token: str | None = None, cache: bool | None = None
+) -> Ingredient:
     """Pin an ingredient to a commit SHA and list its files.
+
+    Offline (``HF_HUB_OFFLINE``) it is resolved from the HF cache alone (see
+    :mod:`hfsoup.io.hfcache`); online, files already cached for the SHA are read from disk.
 
     Args:
         spec: the parsed ingredient.
         token: a Hub token; ``None`` uses ``HF_TOKEN`` or the stored login.
+        cache: ``True``: files a stream reads whole are also written into the HF cache;
+            ``None`` (default): only files downloaded whole go there; ``False``: nothing is
+            written into it (whole downloads go to a temporary folder).
 
     Returns:
         An :class:`Ingredient` whose every later read uses the resolved SHA.
@@ -822,6 +891,8 @@ def resolve(spec: IngredientSpec, *, token: str | None = None) -> Ingredient:
 
     from huggingface_hub import HfApi
 
+    if hfcache.offline():
+        return _resolve_offline(spec, token, cache)
     try:
         info = _call_hub(lambda: _model_info(HfApi(token=token), spec), what=spec.label)
     except HfsoupError as exc:
@@ -829,12 +900,44 @@ def resolve(spec: IngredientSpec, *, token: str | None = None) -> Ingredient:
             raise
         return _resolve_fallback(spec, exc)
     sha, files, digests = _checked_listing(spec.label, info)
-    source = HubSource(spec.repo, sha, files, token, digests=digests)
+    if cache is not False:  # so that an offline run finds the commit
+        hfcache.write_ref(spec.repo, spec.revision, sha)
+    source = HubSource(spec.repo, sha, files, token, digests=digests, cache=cache)
     card = _card_data(info)
     if not card and "README.md" in files:
         card = _front_matter(source.local_file("README.md"))
     return Ingredient(spec=spec, sha=sha, source=source, card=card)
 
+
+def _resolve_offline(spec: IngredientSpec, token: str | None, cache: bool | None) -> Ingredient:
+    """Resolve from the HF cache alone (``HF_HUB_OFFLINE``): see :mod:`hfsoup.io.hfcache`.
+
+    Raises:
+        IngredientNotFoundError: the repo or revision is not cached (with a hint at the local
+            folder of that name, when there is one), or the snapshot holds no weights file.
+    """
+    try:
+        sha, files, digests = hfcache.offline_listing(spec.repo, spec.revision)
+    except IngredientNotFoundError as exc:
+        if spec.local_fallback is None:
+            raise
+        written = f"./{spec.label}"
+        raise IngredientNotFoundError(
+            f"{exc} (a local folder {written} exists: write {written} to use it)"
+        ) from exc
+    if not any(_WEIGHTS_RE.search(name) for name in files):
+        raise IngredientNotFoundError(
+            f"{spec.label}: the HF cache holds no weights of commit {sha[:12]} "
+            f"({', '.join(sorted(files)[:5]) or 'no files'}), and HF_HUB_OFFLINE=1 forbids "
+            f"downloading them; fetch them first with `hf download {spec.repo} --revision {sha}`"
+        )
+    source = HubSource(spec.repo, sha, files, token, digests=digests, cache=cache)
+    card = _front_matter(source.local_file("README.md")) if "README.md" in files else {}
+    return Ingredient(spec=spec, sha=sha, source=source, card=card)
+
+
+# The weight files an ingredient may hold (see hfsoup.io.tensors): one is needed offline.
+_WEIGHTS_RE = re.compile(r"(^|/)[^/]*\.(safetensors|bin)(\.index\.json)?$")
 
 _NOT_A_HUB = "the server at HF_ENDPOINT does not answer as the Hub does"
 
@@ -1059,6 +1162,21 @@ def commit_files(
             f"push to {repo_id} failed ({reason}); the soup is intact in {folder}; {retry}"
         ) from exc
     return info.commit_url
+
+
+def refuse_push_offline(repo_id: str, folder: Path | None = None) -> None:
+    """Refuse a push while ``HF_HUB_OFFLINE`` is set (nothing is sent).
+
+    Raises:
+        PushError: offline; saying how to push later.
+    """
+    if not hfcache.offline():
+        return
+    kept = f"; the soup is intact in {folder}" if folder is not None else ""
+    raise PushError(
+        f"cannot push to {repo_id}: HF_HUB_OFFLINE=1 is set{kept}; push it later from a machine "
+        f"that can reach the Hub with `hfsoup push {folder or 'SOUP_DIR'} {repo_id}`"
+    )
 
 
 def _push_reason(exc: BaseException) -> str:

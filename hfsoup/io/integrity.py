@@ -12,6 +12,12 @@ output follows) cannot be hashed that way within bounded memory: it is downloade
 HF cache, checked there (:meth:`hfsoup.io.hub.HubSource.local_file`), and its ranges are read from
 disk. A file for which the Hub lists no digest or size is read unverified, with a notice.
 Local folders and files already verified on disk are not hashed again.
+
+A Hub file already in the HF cache for the pinned commit is read from disk (no HTTP request) and
+hashed the same way, whoever downloaded it: huggingface_hub checks only a download's size, so
+its bytes are compared with the digest here. With ``--cache`` a file streamed whole is also
+written into the HF cache on the way, and committed there only once its digest matched
+(:class:`hfsoup.io.hfcache.CacheSink`).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class _Running:
     size: int
     hash: Any
     pos: int = 0
+    sink: Any = None  # a hfsoup.io.hfcache.CacheSink: the file written through into the cache
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,9 @@ class StreamCheck:
                 out_of_order.setdefault(first.index.ingredient.label, []).append(first.file)
                 continue
             self._running[key] = _Running(
-                first.index, first.file, digest, size, checksums.new_hash(digest, size)
-            )
+                first.index, first.file, digest, size, checksums.new_hash(digest, size),
+                sink=source.cache_sink(first.file),
+            )  # fmt: skip
             pos = 0
             for j, p in enumerate(positions):
                 f = fetches[p]
@@ -158,14 +166,29 @@ class StreamCheck:
         if fetch.start == 0:
             _check_header(running, data)
         running.hash.update(data)
+        if running.sink is not None:
+            running.sink.write(data)
         running.pos = fetch.end
-        if running.pos == running.size and running.hash.hexdigest() != running.digest[1]:
+        if running.pos != running.size:
+            return
+        if running.hash.hexdigest() != running.digest[1]:
             kind, expected = running.digest
-            raise CorruptWeightsError(
-                f"{running.index.ingredient.label}: {running.file}: the bytes streamed from the "
-                f"Hub do not match its {kind} {expected[:12]}...; refused (damaged in transit, "
-                "or the server is faulty)"
+            cached = fetch.index.ingredient.source.cached_path(running.file)
+            where = f"in the HF cache ({cached})" if cached else "streamed from the Hub"
+            ing = fetch.index.ingredient
+            again = f"hf download {ing.spec.repo} {running.file} --revision {ing.sha}"
+            why = (
+                f"damaged on disk: fetch it again with `{again} --force-download`"
+                if cached
+                else "damaged in transit, or the server is faulty"
             )
+            raise CorruptWeightsError(
+                f"{running.index.ingredient.label}: {running.file}: the bytes {where} do not "
+                f"match its {kind} {expected[:12]}...; refused ({why})"
+            )
+        if running.sink is not None:  # whole and verified: into the HF cache (--cache)
+            running.sink.commit()
+            running.sink = None
 
 
 def _stretch(like: Fetch, start: int, end: int, max_chunk: int) -> list[Fetch]:

@@ -330,12 +330,13 @@ def push_folder(
         PushError: a file is a symlink or not a regular file (refused before anything is sent),
             or the upload failed; the message says how to retry. ``folder`` is left intact.
     """
-    from hfsoup.io.hub import commit_files
+    from hfsoup.io.hub import commit_files, refuse_push_offline
 
     try:
         check_repo_id(repo_id)
     except ValueError as exc:
         raise PushError(f"cannot push: {exc}") from exc
+    refuse_push_offline(repo_id, folder)
     files = regular_files(folder) if files is None else list(files)
     retry = f"retry with: hfsoup push {folder} {repo_id}" + (" --private" if private else "")
     retry += "".join(f" --include {shlex.quote(p)}" for p in include or ())

@@ -112,6 +112,13 @@ def _load_split(task: Task, split: str) -> datasets.Dataset:
         with _datasets_quiet():
             return datasets.load_dataset(**kwargs, split=split)
     except ConnectionError as err:
+        from hfsoup.io.hfcache import offline
+
+        if offline():
+            raise HubConnectionError(
+                f"dataset {label!r} is not in the datasets cache, and HF_HUB_OFFLINE=1 forbids "
+                "downloading it; load it once where the Hub can be reached (datasets.load_dataset)"
+            ) from err
         raise HubConnectionError(
             f"cannot reach the Hub for dataset {label!r}: {_line(err)}"
         ) from err

@@ -135,6 +135,8 @@ def why_not_loaded(err: BaseException) -> str:
             return f"the Hub's script needs {' and '.join(names)}, which {verb} not installed"
         return f"the Hub's script could not be imported ({_first_line(err)})"
     if _is_unreachable(err):
+        if "HF_HUB_OFFLINE" in str(err):
+            return str(err)
         return f"not reachable on the Hub ({type(err).__name__})"
     if isinstance(err, FileNotFoundError):
         return "not found on the Hub"
@@ -209,7 +211,11 @@ def _load_from_hub(space: str) -> evaluate.EvaluationModule:
         import_main_class,
     )
 
+    from hfsoup.io.hfcache import offline
+
     try:
+        if offline():  # evaluate heeds only HF_EVALUATE_OFFLINE: never ask the Hub offline
+            raise ConnectionError("HF_HUB_OFFLINE=1 is set and no copy is cached")
         module = HubEvaluationModuleFactory(space).get_module()
     except Exception as hub_error:
         try:

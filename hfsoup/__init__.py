@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from hfsoup._version import __version__
 
 _API = ("Inspection", "SoupResult", "evaluate", "inspect", "push", "run", "soup")
 __all__ = [*_API, "__version__"]

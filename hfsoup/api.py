@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hfsoup.compute.distributed import processes
-from hfsoup.compute.placement import SCORE_DTYPES, plan_placement
+from hfsoup.compute.placement import plan_placement
+from hfsoup.dtypes import SCORE_DTYPES
 from hfsoup.errors import IncompatibleIngredientsError, RecipeError
+from hfsoup.ingredients import to_entry as _entry
 from hfsoup.io.tensors import IngredientIndex, parse_size
 from hfsoup.pipeline import (
     DTYPES,
@@ -24,7 +26,6 @@ from hfsoup.pipeline import (
     RunOptions,
     SoupResult,
     checked,
-    ingredient_spec,
     load_ingredients,
     memory_budgets,
     push,
@@ -211,12 +212,6 @@ def soup(
     return run(recipe, **options)
 
 
-def _entry(item: IngredientLike) -> dict[str, Any]:
-    spec = ingredient_spec(item)
-    repo = spec.repo if spec.path is None else str(spec.path)
-    return {"repo": repo, "revision": spec.revision, "weight": spec.weight}
-
-
 def run(
     recipe: str | Path | Recipe,
     *,
@@ -366,7 +361,7 @@ def evaluate(
         >>> hfsoup.evaluate(["org/ft-1", "org/ft-2"], task="glue/sst2")  # doctest: +SKIP
     """
     from hfsoup.methods.greedy import SoupSession, best_index, score_ingredients
-    from hfsoup.methods.greedy_run import make_scorer
+    from hfsoup.methods.shared import make_scorer
     from hfsoup.tasks.task import resolve_task
 
     if score_dtype not in SCORE_DTYPES:

@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     The ``--method`` choices are read from the method registry here, so a method registered at
     run time (:func:`hfsoup.methods.registry.register`) is a valid choice of the next parser.
     """
-    from hfsoup import __version__
+    from hfsoup._version import __version__
     from hfsoup.methods.registry import method_names
 
     parser = _Parser(

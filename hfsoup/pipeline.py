@@ -21,32 +21,28 @@ from typing import Any
 import torch
 
 from hfsoup.check.compat import align_ingredients
+from hfsoup.check.layouts import check_layouts
 from hfsoup.compute.combine import normalise_weights
 from hfsoup.compute.distributed import Processes, processes
-from hfsoup.compute.placement import SCORE_DTYPES, parse_max_memory, plan_placement
+from hfsoup.compute.placement import parse_max_memory, plan_placement
+from hfsoup.dtypes import ACCUMULATE_DTYPES, SCORE_DTYPES
+from hfsoup.dtypes import OUTPUT_DTYPES as DTYPES
 from hfsoup.errors import NothingToResumeError, PushError, RecipeError
-from hfsoup.io.hub import (
-    IngredientSpec,
-    parse_ingredient,
-    push_folder,
-    refuse_push_offline,
-    resolve,
-)
-from hfsoup.io.layouts import check_layouts, read_layout
+from hfsoup.ingredients import IngredientLike
+from hfsoup.ingredients import to_spec as ingredient_spec
+from hfsoup.io.hub import IngredientSpec, refuse_push_offline, resolve
+from hfsoup.io.layouts import read_layout
 from hfsoup.io.tensors import IngredientIndex, index_ingredient, parse_size, plan_shards
 from hfsoup.io.tokenizer_files import check_tokenizers
 from hfsoup.io.writer import check_output_target, staged_output
 from hfsoup.methods.context import MethodContext, MethodOutcome
 from hfsoup.methods.registry import MergeMethod, get_method, methods
-from hfsoup.recipe import IngredientEntry, Recipe
+from hfsoup.recipe import Recipe
 from hfsoup.report.outputs import write_soup_files
-from hfsoup.report.pushplan import check_repo_id, plan_push
+from hfsoup.report.pushplan import check_repo_id, plan_push, push_folder
 from hfsoup.untrusted import check_resolved, plan_lines
 
 log = logging.getLogger("hfsoup")
-
-IngredientLike = str | Path | IngredientSpec | IngredientEntry | dict
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -92,7 +88,7 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> SoupResult:
     indexes = _index(recipe, opts, target, procs, timings)  # resolve -> index -> check
     placement = plan_placement(
         indexes[0].config, device=device, device_map=opts.device_map, max_memory=budgets,
-        score_dtype=SCORE_DTYPES[opts.score_dtype], accumulate=DTYPES[opts.accumulate],
+        score_dtype=SCORE_DTYPES[opts.score_dtype], accumulate=ACCUMULATE_DTYPES[opts.accumulate],
         all_gpus=opts.device == "auto" and not procs.distributed,
     )  # fmt: skip
     dtype = DTYPES[recipe.output.dtype] if recipe.output.dtype else None
@@ -100,7 +96,7 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> SoupResult:
         recipe=recipe, indexes=indexes, target=target, weights=weights, dtype=dtype,
         shards=plan_shards(indexes[0], max_shard_size=shard_bytes, dtype=dtype),
         config=method.read_config(recipe), placement=placement, device=device,
-        accumulate=DTYPES[opts.accumulate], processes=procs, progress=opts.progress,
+        accumulate=ACCUMULATE_DTYPES[opts.accumulate], processes=procs, progress=opts.progress,
         overwrite=opts.overwrite, resume=opts.resume, max_in_flight=opts.max_in_flight,
         memory_budget=opts.memory_budget, timings=timings,
     )  # fmt: skip
@@ -173,17 +169,6 @@ def _index(
     return indexes
 
 
-def ingredient_spec(item: IngredientLike) -> IngredientSpec:
-    """An ingredient as given (a string, a local folder, a recipe entry or mapping) as a spec."""
-    if isinstance(item, IngredientSpec):
-        return item
-    if isinstance(item, dict):
-        item = IngredientEntry.model_validate(item)
-    if isinstance(item, IngredientEntry):
-        return parse_ingredient(item.text, weight=item.weight)
-    return parse_ingredient(str(item))  # a string, or a local folder as a Path
-
-
 def _local_paths(spec: IngredientSpec) -> list[Path]:
     """The local folders an ingredient may read (its path, or the folder named like its repo)."""
     return [p for p in (spec.path, spec.local_fallback) if p is not None]
@@ -250,7 +235,7 @@ def check_run(
             options=["task"],
         )
     _check_method_options(recipe, method)
-    if opts.accumulate not in ("float32", "float64"):
+    if opts.accumulate not in ACCUMULATE_DTYPES:
         raise RecipeError(f"accumulate must be float32 or float64, got {opts.accumulate!r}")
     if opts.score_dtype not in SCORE_DTYPES:
         raise RecipeError(

@@ -28,6 +28,7 @@ from yaml.constructor import SafeConstructor
 from yaml.resolver import Resolver
 
 from hfsoup.errors import RecipeError
+from hfsoup.ingredients import IngredientEntry
 
 MAX_RECIPE_BYTES = 1 << 20
 """The largest recipe read: a YAML file, or the recipe block of a card (1 MiB)."""
@@ -52,18 +53,6 @@ DType = Literal["float32", "float16", "bfloat16"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class IngredientEntry(_Strict):
-    """One ingredient: a repo ID (or local directory), an optional revision and weight."""
-
-    repo: str
-    revision: str | None = None
-    weight: float | None = None
-
-    @property
-    def text(self) -> str:
-        return f"{self.repo}@{self.revision}" if self.revision else self.repo
 
 
 class OutputConfig(_Strict):
@@ -146,7 +135,7 @@ class Recipe(_Strict):
     def _entries(cls, value: Any) -> Any:
         if not isinstance(value, list):
             return value
-        return [_entry(v) for v in value]
+        return [IngredientEntry.from_item(v) for v in value]
 
     def to_yaml(self) -> str:
         """The recipe as YAML, in the order a person would write it, defaults left out."""
@@ -155,13 +144,6 @@ class Recipe(_Strict):
         data["ingredients"] = [_compact(e) for e in data.get("ingredients", [])]
         ordered = {k: data[k] for k in type(self).model_fields if k in data}
         return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True)
-
-
-def _entry(value: Any) -> Any:
-    if isinstance(value, str):
-        repo, _, revision = value.partition("@")
-        return {"repo": repo, "revision": revision or None}
-    return value
 
 
 def _compact(entry: dict) -> str | dict:

@@ -23,11 +23,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hfsoup.errors import RecipeError, TaskError
+from hfsoup.ingredients import HPARAMS_FILE
 from hfsoup.tasks.task import Task, resolve_task
 
 log = logging.getLogger("hfsoup")
 
-HPARAMS_FILE = "hfsoup_hparams.json"
 _DONE = "hfsoup_sweep_done.json"
 
 
@@ -239,7 +239,8 @@ def sweep(recipe: SweepRecipe, *, progress: bool = True, token: str | None = Non
     """
     from transformers import AutoModelForSequenceClassification
 
-    from hfsoup.io.hub import push_folder, refuse_push_offline
+    from hfsoup.io.hub import refuse_push_offline
+    from hfsoup.report.pushplan import push_folder
     from hfsoup.tasks.scorer import Scorer
 
     if recipe.push_prefix:  # HF_HUB_OFFLINE: refused before any training

@@ -197,15 +197,11 @@ def human_count(n: int | None) -> str:
 
 
 def human_bytes(n: int | None) -> str:
-    """``17600000`` -> ``"16.8 MiB"``."""
-    if n is None:
-        return ""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    """``17600000`` -> ``"16.8 MiB"`` (:func:`hfsoup.units.human_bytes` in binary units);
+    ``None`` -> ``""``."""
+    from hfsoup.units import human_bytes as format_bytes
+
+    return "" if n is None else format_bytes(n, binary=True)
 
 
 def inspection_rows(report: dict[str, Any]) -> list[list[Any]]:

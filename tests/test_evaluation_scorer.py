@@ -10,9 +10,9 @@ import torch
 from factories import make_model, perturbed, tiny_bert_config, tiny_vit_config
 from test_evaluation_data import make_tokenizer, sentences, text_dataset, text_task, write_split
 
+from hfsoup.check.labels import label_permutation
 from hfsoup.errors import IncompatibleIngredientsError
 from hfsoup.tasks.ensemble import ensemble, greedy_ensemble, reaches
-from hfsoup.tasks.labels import label_permutation
 from hfsoup.tasks.scorer import Scorer, required_count
 
 N_SELECTION = 24

@@ -17,8 +17,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from hfsoup.check.labels import label_permutation
+from hfsoup.dtypes import FLOAT_CODES as FLOAT_DTYPES
 from hfsoup.errors import IncompatibleIngredientsError
-from hfsoup.io.tensors import FLOAT_DTYPES, IngredientIndex, _brief, _few
+from hfsoup.io.refs import IngredientIndex
+from hfsoup.io.refs import brief as _brief
+from hfsoup.io.refs import few as _few
 
 log = logging.getLogger("hfsoup")
 
@@ -184,8 +188,6 @@ def _label_alignment(
 ) -> LabelAlignment | None:
     """Same label names in another order: the head rows to permute; a problem is appended to
     ``found`` when the label sets differ or no head can be aligned."""
-    from hfsoup.tasks.labels import label_permutation
-
     a, b = _labels(first.config), _labels(other.config)
     if a == b:
         return None

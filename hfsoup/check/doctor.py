@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
-from hfsoup.check.estimates import estimate_run, human_bytes
+from hfsoup.check.estimates import estimate_run
+from hfsoup.check.layouts import normalised_settings
 from hfsoup.errors import CorruptWeightsError
 from hfsoup.io.hub import HubSource, Ingredient
-from hfsoup.io.layouts import normalised_settings
 from hfsoup.io.tensors import FLOAT_DTYPES, IngredientIndex
 from hfsoup.io.tokenizer_files import compare, read_tokenizers
+from hfsoup.units import human_bytes
 
 # Layout files: read to be compared when small JSON files, else only their presence.
 _LAYOUT_NAMES = (

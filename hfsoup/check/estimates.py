@@ -16,6 +16,7 @@ import torch
 from hfsoup.errors import RecipeError
 from hfsoup.io.streaming import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT
 from hfsoup.io.tensors import FLOAT_DTYPES, IngredientIndex, output_dtype, plan_shards
+from hfsoup.units import human_bytes
 
 METHODS = ("uniform", "greedy", "learned")
 # Assumed when none is given: a good home or cloud link to the Hub's CDN, in bytes per second.
@@ -62,15 +63,6 @@ def read_ahead_bytes(ingredient_bytes: int) -> int:
     return min(DEFAULT_IN_FLIGHT + DEFAULT_CHUNK, ingredient_bytes)
 
 
-def human_bytes(n: float) -> str:
-    """``1234567`` -> ``"1.2 MB"`` (decimal units, as ``--max-shard-size`` reads them)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def estimate_run(
     indexes: Sequence[IngredientIndex],
     details: Sequence[dict[str, Any]],
@@ -102,11 +94,6 @@ def estimate_run(
     if method not in METHODS:
         raise RecipeError(f"unknown method {method!r} (use {', '.join(METHODS)})")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    first = indexes[0]
-    floats = [r for r in first.tensors.values() if r.dtype in FLOAT_DTYPES]
-    model32 = 4 * sum(r.numel for r in floats)
-    others = sum(r.nbytes for r in first.tensors.values() if r.dtype not in FLOAT_DTYPES)
-    largest = max(ix.nbytes for ix in indexes)
     hub = [d for d in details if not d["local"]]
     weight_bytes = sum(d["weight_bytes"] for d in hub)
     # A uniform soup streams every Hub weight file whole (each byte is hashed), cached or not;
@@ -115,51 +102,21 @@ def estimate_run(
         weight_bytes if method == "uniform" else weight_bytes - sum(d["cached_bytes"] for d in hub)
     )
     local = sum(d["weight_bytes"] for d in details if d["local"])
-    assumes = []
     if method == "uniform":
-        shards = plan_shards(first, max_shard_size=max_shard_size, dtype=dtype)
-        shard = max(_shard_bytes(first, names, dtype) for names in shards)
         read = sum(d["weight_bytes"] for d in details)
-        peak = min(DEFAULT_IN_FLIGHT + DEFAULT_CHUNK, read) + shard
-        assumes.append(
-            f"reads in flight (up to {human_bytes(DEFAULT_IN_FLIGHT + DEFAULT_CHUNK)}) + "
-            f"the largest of {len(shards)} output shard(s) ({human_bytes(shard)} with its "
-            "float32 sums and serialised copy); fetching overlaps averaging"
-        )
-        path = None
+        peak, path, assumed = _uniform_peak(indexes[0], read, max_shard_size, dtype)
     elif method == "greedy":
-        peak = 2 * model32 + 2 * others + read_ahead_bytes(largest)
-        assumes.append(
-            "the live model and one float32 running sum (float32 scoring), plus one "
-            "ingredient's reads; scoring activations (the task's batch size and "
-            "length) are not counted, nor is scoring time"
-        )
-        path = None
+        peak, path, assumed = _greedy_peak(indexes)
     else:
-        activations = activation_bytes(
-            first.config, batch_size=LEARNED_BATCH, max_length=LEARNED_LENGTH
-        )
-        needs = path_needs(
-            k=len(indexes),
-            model_bytes=model32,
-            read_ahead=read_ahead_bytes(largest),
-            activations=activations,
-        )
-        available, _ = available_memory(device)
-        path = "memory" if needs["memory"] <= available else "stream"
-        peak = needs[path]
-        assumes.append(
-            f"the {path} path (memory path ~{human_bytes(needs['memory'])}, stream path "
-            f"~{human_bytes(needs['stream'])}), activations at batch size {LEARNED_BATCH} "
-            f"and {LEARNED_LENGTH} tokens; training time is not counted"
-        )
+        peak, path, assumed = _learned_peak(indexes, device)
     available, where = available_memory(device)
     rate = float(bandwidth) if bandwidth else float(DEFAULT_BANDWIDTH)
     seconds = download / rate + local / DISK_BANDWIDTH
-    assumes.append(
+    assumes = [
+        assumed,
         f"{'the given' if bandwidth else 'an assumed'} {human_bytes(rate)}/s from the "
-        f"Hub and {human_bytes(DISK_BANDWIDTH)}/s from local folders"
-    )
+        f"Hub and {human_bytes(DISK_BANDWIDTH)}/s from local folders",
+    ]
     return {
         "method": method,
         "device": str(device),
@@ -176,6 +133,63 @@ def estimate_run(
         "assumes": assumes,
         "estimate": True,
     }
+
+
+# Each method's peak memory: (bytes, the learned path or None, what the estimate assumes).
+_Peak = tuple[int, str | None, str]
+
+
+def _model_bytes(first: IngredientIndex) -> tuple[int, int]:
+    """The first ingredient's float tensors in float32, and its other tensors as stored."""
+    floats = [r for r in first.tensors.values() if r.dtype in FLOAT_DTYPES]
+    others = sum(r.nbytes for r in first.tensors.values() if r.dtype not in FLOAT_DTYPES)
+    return 4 * sum(r.numel for r in floats), others
+
+
+def _uniform_peak(
+    first: IngredientIndex, read: int, max_shard_size: int, dtype: torch.dtype | None
+) -> _Peak:
+    """The reads in flight plus the largest output shard (its sums and serialised copy)."""
+    shards = plan_shards(first, max_shard_size=max_shard_size, dtype=dtype)
+    shard = max(_shard_bytes(first, names, dtype) for names in shards)
+    peak = min(DEFAULT_IN_FLIGHT + DEFAULT_CHUNK, read) + shard
+    return peak, None, (
+        f"reads in flight (up to {human_bytes(DEFAULT_IN_FLIGHT + DEFAULT_CHUNK)}) + "
+        f"the largest of {len(shards)} output shard(s) ({human_bytes(shard)} with its "
+        "float32 sums and serialised copy); fetching overlaps averaging"
+    )  # fmt: skip
+
+
+def _greedy_peak(indexes: Sequence[IngredientIndex]) -> _Peak:
+    """The live model and one float32 running sum, plus one ingredient's reads."""
+    model32, others = _model_bytes(indexes[0])
+    largest = max(ix.nbytes for ix in indexes)
+    return 2 * model32 + 2 * others + read_ahead_bytes(largest), None, (
+        "the live model and one float32 running sum (float32 scoring), plus one "
+        "ingredient's reads; scoring activations (the task's batch size and "
+        "length) are not counted, nor is scoring time"
+    )  # fmt: skip
+
+
+def _learned_peak(indexes: Sequence[IngredientIndex], device: torch.device) -> _Peak:
+    """The learned soup's memory path when it fits on ``device``, else its stream path."""
+    first = indexes[0]
+    activations = activation_bytes(
+        first.config, batch_size=LEARNED_BATCH, max_length=LEARNED_LENGTH
+    )
+    needs = path_needs(
+        k=len(indexes),
+        model_bytes=_model_bytes(first)[0],
+        read_ahead=read_ahead_bytes(max(ix.nbytes for ix in indexes)),
+        activations=activations,
+    )
+    available, _ = available_memory(device)
+    path = "memory" if needs["memory"] <= available else "stream"
+    return needs[path], path, (
+        f"the {path} path (memory path ~{human_bytes(needs['memory'])}, stream path "
+        f"~{human_bytes(needs['stream'])}), activations at batch size {LEARNED_BATCH} "
+        f"and {LEARNED_LENGTH} tokens; training time is not counted"
+    )  # fmt: skip
 
 
 def _shard_bytes(index: IngredientIndex, names: Sequence[str], dtype: torch.dtype | None) -> int:

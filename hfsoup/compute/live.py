@@ -7,31 +7,11 @@ parameters in place rather than loading a model per combination.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 
-from hfsoup.compute.placement import Placement
+from hfsoup.compute.placement import Placement, model_class
 from hfsoup.errors import IncompatibleIngredientsError
-
-
-def model_class(config: Mapping) -> tuple[type, Any]:
-    """The ``transformers`` class of the config's architecture and its config object.
-
-    Raises:
-        IncompatibleIngredientsError: the architecture is not one ``transformers`` knows.
-    """
-    import transformers
-    from transformers import AutoConfig
-
-    config = dict(config)
-    arch = (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise IncompatibleIngredientsError(
-            f"architecture {arch!r} is not in transformers; scoring needs a known architecture"
-        )
-    return cls, AutoConfig.for_model(**config)
 
 
 def build_model(config: Mapping, *, placement: Placement | None = None) -> torch.nn.Module:

@@ -5,10 +5,11 @@
 over this process's GPU under ``accelerate launch``), spilling to the CPU when they are full:
 the model is built on the ``meta`` device (``init_empty_weights``), accelerate's
 ``infer_auto_device_map`` assigns each block a device within ``--max-memory`` (accelerate's
-syntax: ``0=20GiB cpu=64GiB``), and ``attach_align_device_hook_on_blocks`` places the blocks and
-moves activations between them. Unlike ``dispatch_model``, blocks that spill to the CPU *run*
-there rather than being copied to the GPU at every forward pass: a soup rewrites the weights in
-place between forward passes, so they must stay real tensors.
+syntax: ``0=20GiB cpu=64GiB``; sizes as :mod:`hfsoup.units` reads them), and
+``attach_align_device_hook_on_blocks`` places the blocks and moves activations between them.
+Unlike ``dispatch_model``, blocks that spill to the CPU *run* there rather than being copied to
+the GPU at every forward pass: a soup rewrites the weights in place between forward passes, so
+they must stay real tensors.
 
 The memory planned for each parameter is its scoring copy (``--score-dtype``) plus the float32
 running sum kept beside it; the budgets given to accelerate are scaled down accordingly.
@@ -22,9 +23,9 @@ from typing import Any
 
 import torch
 
-from hfsoup.errors import InsufficientMemoryError, RecipeError
+from hfsoup.errors import IncompatibleIngredientsError, InsufficientMemoryError, RecipeError
+from hfsoup.units import human_bytes, read_size
 
-SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 
 
@@ -102,13 +103,12 @@ def parse_max_memory(items: str | Mapping | list[str] | None) -> dict[int | str,
     """accelerate's ``max_memory``: ``{0: bytes, 1: bytes, "cpu": bytes}`` from flags or a mapping.
 
     Accepts ``["0=20GiB", "cpu=64GiB"]``, ``"0=20GiB,cpu=64GiB"``, or a mapping; devices may be
-    written ``0``, ``cuda:0`` or ``cpu``.
+    written ``0``, ``cuda:0`` or ``cpu``. Sizes are read as :func:`hfsoup.units.parse_size` reads
+    every size (``5Gb`` is 5 GB, where accelerate's own parser would read 5 gigabits).
 
     Raises:
         RecipeError: an item is not ``DEVICE=SIZE`` or names an unknown device or size.
     """
-    from accelerate.utils import convert_file_size_to_int
-
     if items is None:
         return {}
     if isinstance(items, Mapping):
@@ -139,7 +139,7 @@ def parse_max_memory(items: str | Mapping | list[str] | None) -> dict[int | str,
                 options=["max_memory"],
             )
         try:
-            out[device] = convert_file_size_to_int(value)
+            out[device] = int(read_size(value))  # "5Gb" is 5 GB (hfsoup.units), never bits
         except ValueError:
             raise RecipeError(
                 f"max_memory: {value!r} is not a size (e.g. 20GiB)", options=["max_memory"]
@@ -149,11 +149,28 @@ def parse_max_memory(items: str | Mapping | list[str] | None) -> dict[int | str,
     return out
 
 
+def model_class(config: Mapping) -> tuple[type, Any]:
+    """The ``transformers`` class of the config's architecture and its config object.
+
+    Raises:
+        IncompatibleIngredientsError: the architecture is not one ``transformers`` knows.
+    """
+    import transformers
+    from transformers import AutoConfig
+
+    config = dict(config)
+    arch = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise IncompatibleIngredientsError(
+            f"architecture {arch!r} is not in transformers; scoring needs a known architecture"
+        )
+    return cls, AutoConfig.for_model(**config)
+
+
 def meta_model(config: Mapping, score_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The config's model on the ``meta`` device: shapes without memory, for planning."""
     from accelerate import init_empty_weights
-
-    from hfsoup.compute.live import model_class
 
     cls, cfg = model_class(config)
     with init_empty_weights():
@@ -213,10 +230,8 @@ def model_bytes(model: torch.nn.Module, accumulate: torch.dtype = torch.float32)
 
 
 def _size(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{int(n)}B"
+    """A memory size in a message, in binary units (:func:`hfsoup.units.human_bytes`)."""
+    return human_bytes(n, binary=True)
 
 
 def _device_name(device: int | str | torch.device) -> str:

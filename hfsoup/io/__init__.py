@@ -1,1 +1,2 @@
-"""Reading and writing bytes: the Hub (the only HTTP), headers, streams, staged output."""
+"""Reading and writing bytes: the Hub (:mod:`~hfsoup.io.hub`, hfsoup's only HTTP calls of its
+own), headers, streams, staged output."""

@@ -1,8 +1,17 @@
 """Everything that talks to the Hub: resolving ingredients, reading bytes, pushing a soup.
 
-This is the only module that makes HTTP calls. An ingredient is resolved once to a commit SHA and
-every later read goes through a :class:`Source` pinned to that SHA, so a branch that moves while
-a soup is being made cannot mix two versions of one ingredient.
+This is the only module of hfsoup that makes HTTP calls of its own (through huggingface_hub's
+session and ``HfApi``): resolving, reading ingredient bytes, downloading, committing a push. An
+ingredient is resolved once to a commit SHA and every later read goes through a :class:`Source`
+pinned to that SHA, so a branch that moves while a soup is being made cannot mix two versions of
+one ingredient.
+
+Elsewhere, the libraries hfsoup calls fetch what they are asked for, through their own caches:
+``transformers``' ``from_pretrained`` (the tokenizer, image processor and config a task scores
+with: :mod:`hfsoup.tasks.preprocess`, :mod:`hfsoup.tasks.scorer`; the base model of
+:mod:`hfsoup.sweep`), ``datasets.load_dataset`` (:mod:`hfsoup.tasks.data`, :mod:`hfsoup.sweep`)
+and ``evaluate.load`` of a Hub metric (:mod:`hfsoup.tasks.metrics`); :mod:`hfsoup.demo` publishes
+its models and data to the loopback Hub it starts with ``HfApi``.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from hfsoup.errors import (
     AccessDeniedError,
@@ -33,13 +42,17 @@ from hfsoup.errors import (
     RecipeError,
     scrub,
 )
+from hfsoup.ingredients import (
+    IngredientSpec,
+    _invalid_repo_id,
+    looks_like_path,
+    parse_ingredient,  # noqa: F401  (re-exported)
+)
 from hfsoup.io import checksums, hfcache
 
 T = TypeVar("T")
 log = logging.getLogger("hfsoup")
 
-# A Hub repo ID: optional namespace, then a name; '@' separates an optional revision.
-_REPO_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 _RETRIES = 5
 _BACKOFF_S = 0.5
 # The longest one request may spend waiting in all (Retry-After waits and back-off together), so
@@ -54,117 +67,11 @@ MIN_BYTES_PER_S = 1024
 _TRANSIENT = (408, 429)
 
 
-# How a local folder is written: ./x, ../x, /abs, ~/x, ~user, . or .., C:\x; any backslash.
-_PATH_RE = re.compile(r"^(?:\.\.?(?:[/\\]|$)|[/\\~]|[A-Za-z]:[/\\])")
 # A local ingredient is a model folder: listing stops (with an error) past these bounds, so a
 # folder such as / or ~ fails in a moment rather than walking a whole disk.
 MAX_LOCAL_ENTRIES = 10_000
 MAX_LOCAL_DEPTH = 8
 _UNLISTED_DIRS = {".git", ".cache"}  # version control, huggingface_hub's download metadata
-
-
-@dataclass(frozen=True)
-class IngredientSpec:
-    """What the user asked for: a repo ID with an optional revision, or a local directory.
-
-    ``local_fallback`` is a folder in the working directory named like the repo ID: it is read
-    only when the Hub has no such repo (see :func:`resolve`).
-    """
-
-    repo: str | None = None
-    revision: str | None = None
-    path: Path | None = None
-    weight: float | None = None
-    local_fallback: Path | None = None
-
-    @property
-    def label(self) -> str:
-        """How the ingredient is named in messages, tables and cards."""
-        if self.path is not None:
-            return str(self.path)
-        return f"{self.repo}@{self.revision}" if self.revision else str(self.repo)
-
-
-def looks_like_path(text: str) -> bool:
-    """Whether ``text`` is written as a path (``./x``, ``../x``, ``/abs``, ``~/x``, ``.``, a
-    Windows drive or backslash path) rather than as a Hub repo ID."""
-    return bool(_PATH_RE.match(text)) or "\\" in text
-
-
-def parse_ingredient(text: str, *, weight: float | None = None) -> IngredientSpec:
-    """Parse ``org/name``, ``org/name@revision`` or a local directory.
-
-    A string written as a path (:func:`looks_like_path`) is a local directory. A string shaped
-    like a repo ID names the Hub repo, even when a folder of that name exists in the working
-    directory: that folder is only a fallback, used (with a warning) if the Hub has no such
-    repo. Any other string is a local directory if one exists.
-
-    Args:
-        text: the ingredient as the user wrote it.
-        weight: optional mixing weight, carried along unchanged.
-
-    Returns:
-        An :class:`IngredientSpec`.
-
-    Raises:
-        IngredientSpecError: the string is neither a repo ID nor an existing directory.
-        IngredientNotFoundError: it looks like a path but no such directory exists.
-
-    Example:
-        >>> parse_ingredient("org/ft-1@v2").revision
-        'v2'
-        >>> parse_ingredient("./org/ft-1").path is not None  # doctest: +SKIP
-        True
-    """
-    text = text.strip()
-    if not text:
-        raise IngredientSpecError("empty ingredient: give 'org/name' or a local directory")
-    local = Path(text).expanduser()
-    if looks_like_path(text):
-        if not _is_dir(local):
-            raise IngredientNotFoundError(f"ingredient {text!r}: no such local directory")
-        return IngredientSpec(path=local.resolve(), weight=weight)
-    repo, sep, revision = text.partition("@")
-    # A revision may hold slashes (refs/pr/1, feature/x); only the repo part may not.
-    if _REPO_RE.match(repo) and not (sep and not revision) and ".." not in repo:
-        invalid = _invalid_repo_id(repo)
-        if invalid is None:
-            fallback = local.resolve() if _is_dir(local) else None
-            return IngredientSpec(
-                repo=repo, revision=revision or None, weight=weight, local_fallback=fallback
-            )
-        if not _is_dir(local):  # a folder of that name is meant: no Hub repo can have it
-            shown = text if len(text) <= 120 else f"{text[:100]}... ({len(text)} characters)"
-            raise IngredientSpecError(f"ingredient {shown!r} is not a valid Hub repo ID: {invalid}")
-    if _is_dir(local):  # not a repo ID, so it cannot hide one
-        return IngredientSpec(path=local.resolve(), weight=weight)
-    if text.startswith(".") or repo.count("/") > 1:
-        raise IngredientNotFoundError(f"ingredient {text!r}: no such local directory")
-    raise IngredientSpecError(
-        f"ingredient {text!r} is not 'org/name', 'org/name@revision' or a local directory"
-    )
-
-
-def _invalid_repo_id(repo: str) -> str | None:
-    """Why the Hub would refuse ``repo`` as a repo ID (huggingface_hub's rules), or None."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo)
-    except HFValidationError as exc:
-        # huggingface_hub quotes the ID again at the end; once (in the caller) is enough.
-        reason = " ".join(str(exc).split())
-        return reason.replace(f": '{repo}'", "").replace(f"'{repo}'", "it").rstrip(" .:")
-    return None
-
-
-def _is_dir(path: Path) -> bool:
-    """``path.is_dir()``, False for a name the system cannot even look up (too long, NUL)."""
-    try:
-        return path.is_dir()
-    except (OSError, ValueError):
-        return False
 
 
 class Source(ABC):
@@ -1202,77 +1109,58 @@ def _front_matter(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def push_folder(
-    folder: Path,
+def commit_files(
     repo_id: str,
+    contents: dict[str, bytes | BinaryIO],
     *,
+    replaces: Callable[[str], bool],
+    message: str,
+    folder: Path,
+    retry: str,
     private: bool = False,
     token: str | None = None,
-    message: str,
-    files: list[str] | None = None,
-    include: list[str] | None = None,
 ) -> str:
-    """Create ``repo_id`` if needed and upload ``files`` of ``folder`` as one commit.
-
-    The same commit deletes the remote files hfsoup owns (weights, index, card, tokenizer, ...:
-    :func:`hfsoup.report.pushplan.is_soup_file`) that are not among ``files``, so the repo holds the
-    new soup and no stale weights beside it. Other remote files are kept.
+    """Create ``repo_id`` if needed and upload ``contents`` (repo path -> bytes or an open
+    file) as one commit, which also deletes the remote files ``replaces`` claims that are not
+    among them (what hfsoup owns: :func:`hfsoup.report.pushplan.is_soup_file`). Other remote
+    files are kept. :func:`hfsoup.report.pushplan.push_folder` chooses and opens the files.
 
     Args:
-        files: paths relative to ``folder``, as :func:`hfsoup.report.pushplan.plan_push` chose them;
-            default: every regular file inside it.
-        include: the include patterns that chose ``files``, for the retry command a failure
-            prints.
+        folder: the local folder the files come from, for messages.
+        retry: how to retry, appended to a failure's message.
 
     Returns:
         The URL of the commit.
 
     Raises:
-        PushError: a file is a symlink or not a regular file (refused before anything is sent),
-            or the upload failed; the message says how to retry. ``folder`` is left intact.
+        PushError: a path the Hub cannot hold (refused before anything is sent), or the upload
+            failed; the message says how to retry.
     """
-    import shlex
-    from contextlib import ExitStack
-
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-    from hfsoup.report.pushplan import check_repo_id, is_soup_file, open_regular, regular_files
-
-    try:
-        check_repo_id(repo_id)
-    except ValueError as exc:
-        raise PushError(f"cannot push: {exc}") from exc
-    refuse_push_offline(repo_id, folder)
-    files = regular_files(folder) if files is None else list(files)
     api = HfApi(token=token)
-    retry = f"retry with: hfsoup push {folder} {repo_id}" + (" --private" if private else "")
-    retry += "".join(f" --include {shlex.quote(p)}" for p in include or ())
-    with ExitStack() as opened:
-        adds = []
-        for f in files:
-            content = open_regular(folder, f)
-            if not isinstance(content, bytes):
-                opened.enter_context(content)
-            try:
-                adds.append(CommitOperationAdd(f, content))
-            except ValueError as exc:  # a name the Hub cannot hold
-                raise PushError(f"cannot push {folder / f}: {exc}; nothing was uploaded") from exc
+    adds = []
+    for f, content in contents.items():
         try:
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            head = api.model_info(repo_id)
-            remote = [s.rfilename for s in head.siblings or []]
-            stale = sorted(p for p in remote if is_soup_file(p) and p not in files)
-            info = api.create_commit(
-                repo_id,
-                [*adds, *(CommitOperationDelete(p) for p in stale)],
-                commit_message=message,
-                parent_commit=head.sha,  # a commit made meanwhile fails this one, never mixes in
-            )
-        except Exception as exc:
-            reason = _push_reason(exc)
-            raise PushError(
-                f"push to {repo_id} failed ({reason}); the soup is intact in {folder}; {retry}"
-            ) from exc
+            adds.append(CommitOperationAdd(f, content))
+        except ValueError as exc:  # a name the Hub cannot hold
+            raise PushError(f"cannot push {folder / f}: {exc}; nothing was uploaded") from exc
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        head = api.model_info(repo_id)
+        remote = [s.rfilename for s in head.siblings or []]
+        stale = sorted(p for p in remote if replaces(p) and p not in contents)
+        info = api.create_commit(
+            repo_id,
+            [*adds, *(CommitOperationDelete(p) for p in stale)],
+            commit_message=message,
+            parent_commit=head.sha,  # a commit made meanwhile fails this one, never mixes in
+        )
+    except Exception as exc:
+        reason = _push_reason(exc)
+        raise PushError(
+            f"push to {repo_id} failed ({reason}); the soup is intact in {folder}; {retry}"
+        ) from exc
     return info.commit_url
 
 

@@ -27,17 +27,15 @@ import logging
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from hfsoup.errors import CorruptWeightsError
 from hfsoup.io import checksums
 from hfsoup.io.hub import HubSource
-from hfsoup.io.tensors import IngredientIndex, parse_header
-
-if TYPE_CHECKING:
-    from hfsoup.io.streaming import Fetch
+from hfsoup.io.refs import Fetch, IngredientIndex
+from hfsoup.io.tensors import parse_header
 
 _LOG = logging.getLogger("hfsoup")
 # Bytes between two reads of one file (or after its last tensor) up to this size are read as

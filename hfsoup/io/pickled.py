@@ -11,9 +11,12 @@ from functools import lru_cache
 
 import torch
 
+from hfsoup.dtypes import CODE_OF as DTYPE_NAMES
 from hfsoup.errors import CorruptWeightsError
 from hfsoup.io.hub import Ingredient
-from hfsoup.io.tensors import DTYPE_NAMES, TensorRef, _brief, _few
+from hfsoup.io.refs import TensorRef
+from hfsoup.io.refs import brief as _brief
+from hfsoup.io.refs import few as _few
 
 
 @lru_cache(maxsize=2)

@@ -15,40 +15,19 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from hfsoup.errors import NonFiniteWeightsError
 from hfsoup.io.integrity import Read, StreamCheck
-from hfsoup.io.tensors import DTYPES, FLOAT_DTYPES, IngredientIndex, TensorRef, all_finite
+from hfsoup.io.refs import Fetch, IngredientIndex, TensorRef
+from hfsoup.io.tensors import DTYPES, FLOAT_DTYPES, all_finite
 
 # Tensors closer than this in a file are read together: a few wasted bytes beat a round trip.
 _GAP = 256 * 1024
 DEFAULT_CHUNK = 64 * 1024 * 1024
 DEFAULT_IN_FLIGHT = 256 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Fetch:
-    """One read: ``[start, end)`` of ``file`` in ingredient number ``slot``, covering ``refs``.
-
-    ``disk``: read from the whole file, downloaded once and checked (see :mod:`hfsoup.io.integrity`).
-    """
-
-    slot: int
-    index: IngredientIndex
-    file: str
-    start: int
-    end: int
-    refs: tuple[TensorRef, ...]
-    tag: int = 0
-    disk: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
 
 
 def plan_fetches(

@@ -10,93 +10,27 @@ from __future__ import annotations
 import json
 import posixpath
 import struct
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+# Re-exported under the names the rest of hfsoup reads them by (the table is hfsoup.dtypes').
+from hfsoup.dtypes import CODE_OF as DTYPE_NAMES  # noqa: F401
+from hfsoup.dtypes import FLOAT_CODES as FLOAT_DTYPES
+from hfsoup.dtypes import SAFETENSORS as DTYPES
 from hfsoup.errors import (
     CorruptWeightsError,
     IncompatibleIngredientsError,
     UnsafeWeightsError,
 )
 from hfsoup.io.hub import Ingredient
+from hfsoup.io.refs import IngredientIndex, TensorRef
+from hfsoup.io.refs import brief as _brief
+from hfsoup.io.refs import few as _few
+from hfsoup.units import MAX_SIZE, parse_size  # noqa: F401  (re-exported)
 
-if TYPE_CHECKING:
-    from hfsoup.io.layouts import Layout
-
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
-    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-# Averaged (in float32); every other dtype is an integer buffer, taken from the first ingredient.
-FLOAT_DTYPES = {name for name, dtype in DTYPES.items() if dtype.is_floating_point}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _HEADER_PROBE = 64 * 1024
 _MAX_HEADER = 100 * 1024 * 1024
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    """Where one tensor's bytes live in one ingredient."""
-
-    name: str
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-@dataclass
-class IngredientIndex:
-    """Every tensor of one ingredient, plus its config.json."""
-
-    ingredient: Ingredient
-    tensors: dict[str, TensorRef]
-    config: dict
-    pickle: bool = False
-    # Set when this ingredient names the reference's labels in another order: head rows are
-    # read as ``rows[row_perm]`` for the tensors in ``head_tensors``.
-    row_perm: list[int] | None = None
-    head_tensors: frozenset[str] = frozenset()
-    # The sentence-transformers modules beside the weights (hfsoup.io.layouts), if any.
-    layout: Layout | None = None
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(t.numel for t in self.tensors.values())
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
 
 # No file, tensor or byte offset can be larger than this (what a signed 64-bit size can hold).
@@ -117,12 +51,6 @@ def _object(pairs: list[tuple[str, object]]) -> _JsonObject:
         seen: set[str] = set()
         obj.duplicates = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
     return obj
-
-
-def _brief(value: object, limit: int = 120) -> str:
-    """``repr(value)``, cut short: a hostile header may hold megabytes in one field."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_count(value: object) -> bool:
@@ -439,49 +367,6 @@ def _is_id(key: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _few(names: list[str], n: int = 3, *, quote: bool = True) -> str:
-    shown = ", ".join(_brief(x) if quote else x for x in names[:n])
-    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
-# The largest size accepted (8 PiB): more is a typo, and would overflow what it is used for.
-MAX_SIZE = 2**53
-
-
-def parse_size(value: str | int) -> int:
-    """``"5GB"`` -> 5_000_000_000; ``"500MiB"`` -> 524_288_000; ints pass through (bytes).
-
-    Raises:
-        ValueError: unreadable, not positive, or larger than :data:`MAX_SIZE`.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"cannot read {value!r} as a size in bytes (e.g. 5GB, 500MiB)")
-    if isinstance(value, int):
-        size = value
-    else:
-        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-                 "PB": 10**15, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-                 "PIB": 2**50}  # fmt: skip
-        text = str(value).strip().upper().replace(" ", "")
-        number = text.rstrip("KMGTPIB")
-        unit = text[len(number) :]
-        try:
-            amount = float(number) * units[unit]
-        except (KeyError, ValueError) as exc:
-            raise ValueError(
-                f"cannot read {value!r} as a size in bytes (e.g. 5GB, 500MiB)"
-            ) from exc
-        if not amount > 0:  # negative, zero or NaN
-            raise ValueError(f"size must be positive, got {value!r}")
-        # Compared as a float: int() of an overflowing value (1e400GB is inf) would raise.
-        size = int(amount) if amount <= MAX_SIZE else MAX_SIZE + 1
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {value!r}")
-    if size > MAX_SIZE:
-        raise ValueError(f"size {value!r} is too large (at most 8PiB)")
-    return size
 
 
 def output_dtype(ref: TensorRef, dtype: torch.dtype | None) -> torch.dtype:

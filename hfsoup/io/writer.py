@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from filelock import BaseFileLock
 
 # Files a user expects beside the weights so that the soup loads and runs like its ingredients.
-# (A sentence-transformers model's module folders are written by hfsoup.io.layout_writer.)
+# (A sentence-transformers model's module folders are written by hfsoup.compute.layout_writer.)
 AUX_FILES = (
     "generation_config.json",
     "tokenizer.json",

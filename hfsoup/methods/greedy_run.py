@@ -13,7 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hfsoup.compute.distributed import Processes
 from hfsoup.errors import NothingToResumeError, TaskError
 from hfsoup.io.tensors import IngredientIndex, output_dtype
 from hfsoup.io.writer import partial_dir
@@ -25,34 +24,15 @@ from hfsoup.methods.greedy import (
     run_greedy,
     saved_fingerprint,
 )
+from hfsoup.methods.shared import make_scorer
 from hfsoup.recipe import Recipe
+from hfsoup.report.model_index import task_model_index
 from hfsoup.report.outputs import Scores, SoupResults, hardware_record
-from hfsoup.report.summary import TRAJECTORY_PNG, markdown_table, model_index, plot_trajectory
-from hfsoup.tasks.kinds import TaskScorer, get_kind
+from hfsoup.report.summary import TRAJECTORY_PNG, markdown_table, plot_trajectory
+from hfsoup.tasks.kinds import TaskScorer
 
 # Progress lines: the CLI and the Space show them as "hfsoup: ..." lines.
 _notices = logging.getLogger("hfsoup")
-
-
-def make_scorer(
-    task: Any, first: IngredientIndex, *, progress: bool, processes: Processes | None = None
-) -> TaskScorer:
-    """A scorer using the first ingredient's tokenizer / image processor (pinned to its SHA).
-
-    With several processes the main one loads (and caches) the data first, the others then
-    read it from the cache.
-    """
-    procs = processes or Processes()
-    spec = first.ingredient.spec
-    source = str(spec.path) if spec.path is not None else spec.repo
-    if not procs.is_main:
-        procs.barrier()
-    scorer = get_kind(task.kind).prepare(
-        task, source, revision=first.ingredient.sha, progress=progress, processes=procs
-    )
-    if procs.is_main:
-        procs.barrier()
-    return scorer
 
 
 def fingerprint(recipe: Recipe, indexes: Sequence[IngredientIndex]) -> str:
@@ -153,29 +133,6 @@ def run_greedy_soup(ctx: MethodContext) -> MethodOutcome:
     return MethodOutcome(
         results, sections=[_card_section(results, sel, metric)],
         model_index=index or None, scratch=["logits", STATE_FILE],
-    )  # fmt: skip
-
-
-def task_model_index(
-    recipe: Recipe, target: Path, table: dict[str, Any], method: str, config: dict
-) -> list[dict[str, Any]]:
-    """``model-index`` results of ``method``'s row of ``table`` on the task's report splits.
-
-    Only for a Hub dataset, with the commit it points at (else the revision asked for): the
-    Hub's model-index names datasets by Hub ID, so local data files give none.
-    """
-    from hfsoup.io.hub import dataset_commit, hub_dataset
-    from hfsoup.report.card import pipeline_tag
-
-    task = recipe.task
-    found = hub_dataset(task.dataset)
-    if found is None:
-        return []
-    dataset, revision = found
-    return model_index(
-        recipe.name or target.name, table, method, dataset=dataset, config=task.config,
-        report_splits=task.report_splits, task_type=pipeline_tag(config),
-        revision=dataset_commit(dataset, revision) or revision,
     )  # fmt: skip
 
 

@@ -25,7 +25,6 @@ from hfsoup.methods.greedy import (
     score_ingredients,
     score_uniform,
 )
-from hfsoup.methods.greedy_run import make_scorer, task_model_index
 from hfsoup.methods.learned import (
     WHOLE_MODEL,
     LearnedResult,
@@ -41,7 +40,9 @@ from hfsoup.methods.learned import (
     read_ahead_bytes,
     steps_per_epoch,
 )
+from hfsoup.methods.shared import make_scorer
 from hfsoup.recipe import LearnedConfig
+from hfsoup.report.model_index import task_model_index
 from hfsoup.report.outputs import Scores, SoupResults, hardware_record
 from hfsoup.report.summary import markdown_table
 from hfsoup.tasks.scorer import Scorer

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from hfsoup.compute.distributed import Processes
+from hfsoup.compute.layout_writer import write_modules
 from hfsoup.compute.placement import Placement
-from hfsoup.io.layout_writer import write_modules
+from hfsoup.ingredients import HPARAMS_FILE
 from hfsoup.io.tensors import IngredientIndex
 from hfsoup.io.writer import ShardWriter, copy_aux_files, write_config
 from hfsoup.recipe import Recipe
@@ -64,7 +65,7 @@ def write_card(
     model_index: list[dict] | None = None,
 ) -> None:
     """Render the model card into ``folder/README.md``."""
-    from hfsoup import __version__
+    from hfsoup._version import __version__
     from hfsoup.methods.registry import get_method
 
     # A weight of 0 from a method that rejects ingredients marks one it left out.
@@ -101,8 +102,6 @@ _CARD_HPARAMS = {"learning_rate": "lr", "num_train_epochs": "epochs", "weight_de
 
 def sweep_hparams(ix: IngredientIndex) -> dict[str, Any]:
     """The hyperparameters an ``hfsoup sweep`` ingredient records, under short names."""
-    from hfsoup.sweep import HPARAMS_FILE
-
     if HPARAMS_FILE not in ix.ingredient.files:
         return {}
     hp = ix.ingredient.source.read_json(HPARAMS_FILE)
@@ -148,7 +147,7 @@ class SoupResults:
 
     def to_dict(self) -> dict[str, Any]:
         """results.json: the keys every method shares, then the scored keys, then the record."""
-        from hfsoup import __version__
+        from hfsoup._version import __version__
 
         recipe, scores = self.recipe, self.scores
         individual = list(scores.individual) if scores else [{} for _ in self.indexes]

@@ -6,7 +6,8 @@ folder is left out unless asked for by an ``include`` pattern. In the same commi
 remote files hfsoup owns that the new soup does not have, so a re-push with another shard
 layout cannot leave the old weights for transformers to load.
 
-No HTTP here: :func:`hfsoup.io.hub.push_folder` makes the commit.
+No HTTP here: :func:`push_folder` opens the files and :func:`hfsoup.io.hub.commit_files` makes
+the commit.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import errno
 import fnmatch
 import json
 import os
+import shlex
 import stat
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, NoReturn
@@ -295,3 +298,56 @@ def open_regular(folder: Path, name: str) -> bytes | BinaryIO:
         return file
     with file:
         return file.read()
+
+
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    message: str,
+    files: list[str] | None = None,
+    include: list[str] | None = None,
+) -> str:
+    """Create ``repo_id`` if needed and upload ``files`` of ``folder`` as one commit.
+
+    The same commit deletes the remote files hfsoup owns (weights, index, card, tokenizer, ...:
+    :func:`is_soup_file`) that are not among ``files``, so the repo holds the new soup and no
+    stale weights beside it. Other remote files are kept. The files are opened here (a symlink is
+    refused); :func:`hfsoup.io.hub.commit_files` sends them.
+
+    Args:
+        files: paths relative to ``folder``, as :func:`plan_push` chose them; default: every
+            regular file inside it.
+        include: the include patterns that chose ``files``, for the retry command a failure
+            prints.
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        PushError: a file is a symlink or not a regular file (refused before anything is sent),
+            or the upload failed; the message says how to retry. ``folder`` is left intact.
+    """
+    from hfsoup.io.hub import commit_files, refuse_push_offline
+
+    try:
+        check_repo_id(repo_id)
+    except ValueError as exc:
+        raise PushError(f"cannot push: {exc}") from exc
+    refuse_push_offline(repo_id, folder)
+    files = regular_files(folder) if files is None else list(files)
+    retry = f"retry with: hfsoup push {folder} {repo_id}" + (" --private" if private else "")
+    retry += "".join(f" --include {shlex.quote(p)}" for p in include or ())
+    with ExitStack() as opened:
+        contents: dict[str, bytes | BinaryIO] = {}
+        for f in files:
+            content = open_regular(folder, f)
+            if not isinstance(content, bytes):
+                opened.enter_context(content)
+            contents[f] = content
+        return commit_files(
+            repo_id, contents, replaces=is_soup_file, message=message, folder=folder,
+            retry=retry, private=private, token=token,
+        )  # fmt: skip

@@ -2,7 +2,7 @@
 
 The top-level files (modules.json and the settings) are copied with the tokenizer files
 (:func:`hfsoup.io.writer.copy_aux_files`); here each module folder gets its settings from the first
-ingredient (:func:`hfsoup.io.layouts.check_layouts` made sure they agree) and, when the module has
+ingredient (:func:`hfsoup.check.layouts.check_layouts` made sure they agree) and, when the module has
 weights (a Dense head), their weighted average, streamed, checked finite and written like the
 model's own weights.
 """

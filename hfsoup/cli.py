@@ -213,10 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``hfsoup`` parser, built afresh on each call.
 
     The ``--method`` choices are read from the method registry here, so a method registered at
-    run time (:func:`hfsoup.methods.registry.register`) is a valid choice of the next parser.
+    run time (:func:`hfsoup.registry.register`) is a valid choice of the next parser.
     """
     from hfsoup._version import __version__
-    from hfsoup.methods.registry import method_names
+    from hfsoup.registry import method_names
 
     parser = _Parser(
         prog="hfsoup",
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _method_help(methods: list[str]) -> str:
-    from hfsoup.methods.registry import get_method
+    from hfsoup.registry import get_method
 
     return "; ".join(f"{name}: {get_method(name).summary}" for name in methods)
 

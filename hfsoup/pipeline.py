@@ -2,7 +2,7 @@
 write -> results -> card -> push.
 
 :func:`run_recipe` reads as that list. What differs between methods is the method's value in
-the registry (:mod:`hfsoup.methods.registry`): what it needs and refuses, how it runs
+the registry (:mod:`hfsoup.registry`): what it needs and refuses, how it runs
 (:class:`hfsoup.methods.context.MethodContext`), and the results it returns.
 """
 
@@ -36,8 +36,8 @@ from hfsoup.io.tensors import IngredientIndex, index_ingredient, parse_size, pla
 from hfsoup.io.tokenizer_files import check_tokenizers
 from hfsoup.io.writer import check_output_target, staged_output
 from hfsoup.methods.context import MethodContext, MethodOutcome
-from hfsoup.methods.registry import MergeMethod, get_method, methods
 from hfsoup.recipe import Recipe
+from hfsoup.registry import MergeMethod, get_method, methods
 from hfsoup.report.outputs import write_soup_files
 from hfsoup.report.pushplan import check_repo_id, plan_push, push_folder
 from hfsoup.untrusted import check_resolved, plan_lines

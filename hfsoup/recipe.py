@@ -80,7 +80,7 @@ class Recipe(_Strict):
     """A whole soup: what goes in, how it is combined, scored and written."""
 
     name: str | None = None
-    # Any name in the method registry (hfsoup.methods.registry), checked when validated, so a
+    # Any name in the method registry (hfsoup.registry), checked when validated, so a
     # method registered at run time is a valid recipe ``method`` too.
     method: str = "uniform"
     accept: Literal[">=", ">"] = ">="
@@ -109,7 +109,7 @@ class Recipe(_Strict):
     @field_validator("method", mode="before")
     @classmethod
     def _method(cls, value: Any) -> Any:
-        from hfsoup.methods.registry import method_names
+        from hfsoup.registry import method_names
 
         names = method_names()
         if isinstance(value, str) and value in names:

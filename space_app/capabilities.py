@@ -40,7 +40,7 @@ def supports_learned() -> bool:
 def registered_methods(learned: bool) -> list[dict[str, Any]]:
     """The merge methods of hfsoup's registry (``learned`` only when it makes learned soups)."""
     try:
-        from hfsoup.methods.registry import get_method, method_names
+        from hfsoup.registry import get_method, method_names
     except ImportError:  # a release without the registry: the page's own default list
         return []
     methods = [get_method(name) for name in method_names()]
@@ -54,7 +54,7 @@ def registered_methods(learned: bool) -> list[dict[str, Any]]:
 def needs_task(method: str) -> bool:
     """Whether ``method`` scores on a task (from the registry; any but uniform without one)."""
     try:
-        from hfsoup.methods.registry import get_method
+        from hfsoup.registry import get_method
     except ImportError:
         return method != "uniform"
     return get_method(method).needs_task

@@ -6,8 +6,8 @@ import pytest
 
 from hfsoup.cli import build_parser, main
 from hfsoup.errors import RecipeError
-from hfsoup.methods.registry import MergeMethod, method_names, register, unregister
 from hfsoup.recipe import parse_recipe
+from hfsoup.registry import MergeMethod, method_names, register, unregister
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import torch
 from factories import load_state_dict, save_ingredient, tiny_bert_config
 
 from hfsoup.methods.context import MethodContext, MethodOutcome
-from hfsoup.methods.registry import MergeMethod, register, unregister
+from hfsoup.registry import MergeMethod, register, unregister
 
 
 class ElementwiseMax:

@@ -223,7 +223,7 @@ def test_the_page_offers_the_registrys_methods_with_a_toy_one():
     from capabilities import registered_methods
     from logic import method_choices
 
-    from hfsoup.methods.registry import MergeMethod, register, unregister
+    from hfsoup.registry import MergeMethod, register, unregister
 
     register(MergeMethod("toy", "a toy method registered by a test", needs_task=True))
     try:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from hfsoup.methods.registry import MergeMethod, register
+from hfsoup.registry import MergeMethod, register
 
 if TYPE_CHECKING:
     from hfsoup.methods.context import MethodContext, MethodOutcome

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hfsoup.methods.registry import MergeMethod, register
 from hfsoup.recipe import LearnedConfig
+from hfsoup.registry import MergeMethod, register
 
 if TYPE_CHECKING:
     from hfsoup.methods.context import MethodContext, MethodOutcome

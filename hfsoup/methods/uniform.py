@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hfsoup.methods.registry import MergeMethod, register
+from hfsoup.registry import MergeMethod, register
 
 if TYPE_CHECKING:
     from hfsoup.methods.context import MethodContext, MethodOutcome

@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from hfsoup.methods.registry import get_method
 from hfsoup.recipe import Recipe
+from hfsoup.registry import get_method
 
 _PIPELINES = (
     ("ForSequenceClassification", "text-classification"),

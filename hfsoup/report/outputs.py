@@ -66,7 +66,7 @@ def write_card(
 ) -> None:
     """Render the model card into ``folder/README.md``."""
     from hfsoup._version import __version__
-    from hfsoup.methods.registry import get_method
+    from hfsoup.registry import get_method
 
     # A weight of 0 from a method that rejects ingredients marks one it left out.
     rejects = get_method(recipe.method).rejects

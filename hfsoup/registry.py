@@ -6,7 +6,7 @@ new method is one file that calls :func:`register` plus one import line in
 :mod:`hfsoup.methods`. What the pipeline hands a method, and what it hands back, is in
 :mod:`hfsoup.methods.context`.
 
->>> from hfsoup.methods.registry import get_method, method_names
+>>> from hfsoup.registry import get_method, method_names
 >>> method_names()[:3]
 ['uniform', 'greedy', 'learned']
 >>> get_method("greedy").needs_task
@@ -15,6 +15,7 @@ True
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,8 +25,11 @@ from pydantic import BaseModel
 from hfsoup.errors import RecipeError
 
 if TYPE_CHECKING:
-    from hfsoup.methods.context import MethodContext, MethodOutcome
     from hfsoup.recipe import Recipe
+
+# A method's ``run(ctx)`` / ``prepare(ctx)`` take a hfsoup.methods.context.MethodContext; the
+# registry sits below the methods (the recipe and the card read it), so it names no type of theirs.
+MethodContext = MethodOutcome = Any
 
 
 @dataclass(frozen=True)
@@ -124,4 +128,7 @@ def get_method(name: str) -> MergeMethod:
 
 
 def _load_builtin() -> None:
-    import hfsoup.methods  # noqa: F401  (registers the built-in methods on import)
+    # The built-in methods register themselves when their package is imported. The registry is
+    # a lower layer than the methods (the recipe validates against it), so it loads them by
+    # name, as a plugin, when first asked what is registered.
+    importlib.import_module("hfsoup.methods")

@@ -1,7 +1,8 @@
 """The arithmetic of a soup: a weighted running sum in float32, fed by streamed tensors.
 
-This module is deliberately short. Scheduling and I/O live in :mod:`hfsoup.io.streaming`; here
-each streamed tensor is added into its accumulator and each finished output shard is handed on.
+This module is deliberately short. Scheduling and I/O live in :mod:`hfsoup.io.streaming`, the
+chunk plan and the hand-over to the writer in :mod:`hfsoup.compute.chunks`; here each streamed
+chunk is added into its accumulator and each finished chunk is written.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from contextlib import contextmanager
 
 import torch
 
+from hfsoup.compute.chunks import Chunk, _as_writer, _piece_ref, _Shards, plan_chunks
 from hfsoup.compute.placement import Placement
 from hfsoup.errors import RecipeError
-from hfsoup.io.streaming import Fetch, check_finite, plan_fetches, prefetch
+from hfsoup.io.shards import ShardWriter
+from hfsoup.io.streaming import Fetch, check_finite, plan_ref_fetches, prefetch
 from hfsoup.io.tensors import FLOAT_DTYPES, IngredientIndex, output_dtype
 
 
@@ -45,7 +48,7 @@ def stream_average(
     weights: Sequence[float],
     shards: Sequence[Sequence[str]],
     *,
-    on_shard: Callable[[int, dict[str, torch.Tensor]], None],
+    on_shard: Callable[[int, dict[str, torch.Tensor]], None] | ShardWriter,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     accumulate: torch.dtype = torch.float32,
@@ -54,17 +57,22 @@ def stream_average(
     allow_nonfinite: bool = False,
     placement: Placement | None = None,
 ) -> None:
-    """Average the ingredients shard by shard and pass each finished shard to ``on_shard``.
+    """Average the ingredients chunk by chunk and write (or hand on) each output shard.
 
-    For each output shard the ingredients' tensors are streamed in and added, weighted, into
-    float32 accumulators on ``device``; memory holds one output shard plus the bytes in flight.
-    Non-float tensors (integer buffers) are taken from the first ingredient.
+    The tensors are cut into chunks (:func:`plan_chunks`: a few small tensors, or rows of a
+    large one, of at most :data:`CHUNK_BYTES` of accumulator); each chunk is streamed in from
+    every ingredient, added, weighted, into float32 accumulators on ``device``, cast to the
+    output dtype and written at its place in its output file. Memory holds one chunk's
+    accumulators plus the bytes in flight, whatever the model, shard size or number of
+    ingredients. Non-float tensors (integer buffers) are taken from the first ingredient.
 
     Args:
         indexes: the ingredients' indexes, checked compatible.
         weights: normalised mixing weights, one per ingredient.
         shards: the output shard plan (tensor names per shard).
-        on_shard: called with ``(shard_number, tensors_in_output_dtype)``.
+        on_shard: a :class:`ShardWriter` (or its bound ``write``), which gets each chunk as it
+            is done; or any callable, which gets ``(shard_number, tensors_in_output_dtype)``
+            per whole shard (the shard is then assembled in memory).
         dtype: output dtype for float tensors; ``None`` keeps the first ingredient's.
         device: where the arithmetic runs (when no ``placement``).
         accumulate: accumulator dtype (float32, or float64 on request).
@@ -86,28 +94,54 @@ def stream_average(
     kwargs: dict = {"gpus": gpus}
     if max_in_flight is not None:
         kwargs["max_in_flight"] = max_in_flight
+    chunks = plan_chunks(indexes, shards)
+    sink = _Shards(_as_writer(on_shard), indexes[0], shards, dtype)
     with _one_cpu_thread(placement.main_device if not gpus else "cuda"):
-        stream = prefetch(_fetches(indexes, shards), **kwargs)
+        stream = prefetch(_fetches(indexes, chunks), **kwargs)
         current, acc = 0, {}
-        for fetch, tensors in stream:
-            if fetch.tag != current:
-                on_shard(current, _finish(acc, first, dtype))
-                current, acc = fetch.tag, {}
-            w = weights[fetch.slot]
-            for name, t in tensors.items():
-                if first[name].dtype not in FLOAT_DTYPES:
-                    acc[name] = t.clone()
-                    continue
-                if not allow_nonfinite:
-                    check_finite(fetch.index, name, t)
-                if name not in acc:
-                    target = placement.device_for(name)
-                    acc[name] = torch.zeros(t.shape, dtype=accumulate, device=target)
-                a = acc[name]
-                a.add_(t.to(device=a.device, dtype=accumulate, non_blocking=True), alpha=w)
-            if on_bytes:
-                on_bytes(fetch.nbytes)
-        on_shard(current, _finish(acc, first, dtype))
+        try:
+            for fetch, tensors in stream:
+                if fetch.tag != current:
+                    sink.put(chunks[current], _finish(acc, first, dtype))
+                    current, acc = fetch.tag, {}
+                w = weights[fetch.slot]
+                for name, t in tensors.items():
+                    if first[name].dtype not in FLOAT_DTYPES:
+                        acc[name] = t.clone()
+                        continue
+                    if not allow_nonfinite:
+                        check_finite(fetch.index, name, t)
+                    if name not in acc:
+                        acc[name] = _start(t.shape, placement.device_for(name), accumulate)
+                    _add(acc[name], t, w)
+                if on_bytes:
+                    on_bytes(fetch.nbytes)
+            if chunks:
+                sink.put(chunks[current], _finish(acc, first, dtype))
+            sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+
+
+# --- The arithmetic of a uniform soup: the one place it happens (one chunk of one or more
+# tensors at a time). ``_start`` makes a chunk's accumulator, ``_add`` adds an ingredient's
+# chunk with its weight, ``_finish`` casts the sums to the output dtypes on the CPU. ---
+
+
+def _start(shape: torch.Size, device: torch.device | str, accumulate: torch.dtype) -> torch.Tensor:
+    return torch.zeros(shape, dtype=accumulate, device=device)
+
+
+def _add(acc: torch.Tensor, t: torch.Tensor, w: float) -> None:
+    acc.add_(t.to(device=acc.device, dtype=acc.dtype, non_blocking=True), alpha=w)
+
+
+def _finish(acc: dict[str, torch.Tensor], first: dict, dtype: torch.dtype | None) -> dict:
+    return {name: t.to(output_dtype(first[name], dtype)).cpu() for name, t in acc.items()}
+
+
+# --- end of the arithmetic ---
 
 
 @contextmanager
@@ -130,23 +164,20 @@ def _one_cpu_thread(device: torch.device | str) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _fetches(indexes: Sequence[IngredientIndex], shards: Sequence[Sequence[str]]):
+def _fetches(indexes: Sequence[IngredientIndex], chunks: Sequence[Chunk]) -> Iterator[Fetch]:
+    """Each chunk's reads, ingredient by ingredient; the fetch's tag is the chunk's number."""
     first = indexes[0].tensors
-    for tag, names in enumerate(shards):
-        floats = [n for n in names if first[n].dtype in FLOAT_DTYPES]
+    for tag, chunk in enumerate(chunks):
         for slot, index in enumerate(indexes):
             # Integer buffers are read once, from the first ingredient.
-            wanted = names if slot == 0 else floats
-            yield from plan_fetches(index, wanted, slot=slot, tag=tag)
-
-
-def _finish(acc: dict[str, torch.Tensor], first: dict, dtype: torch.dtype | None) -> dict:
-    return {name: t.to(output_dtype(first[name], dtype)).cpu() for name, t in acc.items()}
+            pieces = [p for p in chunk.pieces if slot == 0 or first[p.name].dtype in FLOAT_DTYPES]
+            refs = [_piece_ref(index.tensors[p.name], p) for p in pieces]
+            yield from plan_ref_fetches(index, refs, slot=slot, tag=tag)
 
 
 def fetch_plan_bytes(indexes: Sequence[IngredientIndex], shards: Sequence[Sequence[str]]) -> int:
     """How many bytes :func:`stream_average` will read (for progress bars and benchmarks)."""
-    return sum(f.nbytes for f in _fetches(indexes, shards))
+    return sum(f.nbytes for f in _fetches(indexes, plan_chunks(indexes, shards)))
 
 
 __all__ = ["Fetch", "fetch_plan_bytes", "normalise_weights", "stream_average"]

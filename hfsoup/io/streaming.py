@@ -27,7 +27,13 @@ from hfsoup.io.tensors import DTYPES, FLOAT_DTYPES, IngredientIndex, TensorRef, 
 # Tensors closer than this in a file are read together: a few wasted bytes beat a round trip.
 _GAP = 256 * 1024
 DEFAULT_CHUNK = 64 * 1024 * 1024
-DEFAULT_IN_FLIGHT = 256 * 1024 * 1024
+# Bytes requested ahead of the arithmetic. A uniform soup reads in chunks of at most 8 MiB
+# (hfsoup.compute.combine.CHUNK_BYTES), so 32 MiB keeps 4+ reads on the wire: above the
+# bandwidth-delay product of a 1 Gbit/s link at 100 ms round trip (12.5 MB), and on the loopback
+# Hub no faster than 32 MiB at 256 MiB (BENCHMARKS.md). Peak memory grows with it one for one.
+DEFAULT_IN_FLIGHT = 32 * 1024 * 1024
+# The largest read made for a stretch of a file that is only hashed (not used by the soup).
+HASH_CHUNK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,22 @@ def plan_fetches(
     Adjacent tensors of one file are merged into reads of at most ``max_chunk`` bytes (a single
     larger tensor gets a read of its own), whatever the ingredient's own sharding.
     """
-    refs = sorted((index.tensors[n] for n in names), key=lambda r: (r.file, r.start))
+    return plan_ref_fetches(
+        index, [index.tensors[n] for n in names], slot=slot, tag=tag, max_chunk=max_chunk
+    )
+
+
+def plan_ref_fetches(
+    index: IngredientIndex,
+    refs: Iterable[TensorRef],
+    *,
+    slot: int,
+    tag: int = 0,
+    max_chunk: int = DEFAULT_CHUNK,
+) -> list[Fetch]:
+    """:func:`plan_fetches` for given refs: whole tensors, or row ranges of them (a ref whose
+    shape and byte range are those of some rows of a tensor, under the tensor's name)."""
+    refs = sorted(refs, key=lambda r: (r.file, r.start))
     fetches: list[Fetch] = []
     group: list[TensorRef] = []
     for ref in refs:
@@ -211,7 +232,7 @@ def prefetch(
     pending: deque[tuple[Read, Any, Future]] = deque()
     pin = bool(gpus)
     copying = _CopiesInFlight(gpus) if pin else None
-    check = StreamCheck(fetches, max_chunk=DEFAULT_CHUNK, notice=notice)
+    check = StreamCheck(fetches, max_chunk=HASH_CHUNK, notice=notice)
     source = iter(check.reads)
     in_flight = 0
     pool = _Workers(workers)

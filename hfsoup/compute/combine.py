@@ -17,7 +17,13 @@ from hfsoup.compute.chunks import Chunk, _as_writer, _piece_ref, _Shards, plan_c
 from hfsoup.compute.placement import Placement
 from hfsoup.errors import RecipeError
 from hfsoup.io.shards import ShardWriter
-from hfsoup.io.streaming import Fetch, check_finite, plan_ref_fetches, prefetch
+from hfsoup.io.streaming import (
+    Fetch,
+    check_finite,
+    map_large_allocations,
+    plan_ref_fetches,
+    prefetch,
+)
 from hfsoup.io.tensors import FLOAT_DTYPES, IngredientIndex, output_dtype
 
 
@@ -95,6 +101,7 @@ def stream_average(
     if max_in_flight is not None:
         kwargs["max_in_flight"] = max_in_flight
     chunks = plan_chunks(indexes, shards)
+    map_large_allocations()  # freed chunks go back to the OS, so the peak does not creep
     sink = _Shards(_as_writer(on_shard), indexes[0], shards, dtype)
     with _one_cpu_thread(placement.main_device if not gpus else "cuda"):
         stream = prefetch(_fetches(indexes, chunks), **kwargs)

@@ -9,6 +9,7 @@ the Hub are hashed on the way and checked against the Hub's digests (:mod:`hfsou
 
 from __future__ import annotations
 
+import functools
 import mmap
 import queue
 import threading
@@ -104,6 +105,29 @@ def plan_ref_fetches(
 
 def _fetch(index: IngredientIndex, group: list[TensorRef], slot: int, tag: int) -> Fetch:
     return Fetch(slot, index, group[0].file, group[0].start, group[-1].end, tuple(group), tag)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+@functools.cache
+def map_large_allocations(threshold: int = 1 << 20) -> bool:
+    """Have glibc serve every allocation of ``threshold`` bytes or more with its own memory map.
+
+    glibc raises its map threshold each time a mapped block is freed, up to 32 MiB, so after
+    the first few chunks torch's accumulators and casts (a few MiB each) come from the heap,
+    where they fragment: a soup's peak memory then crept up by ~40 MB over a run (measured,
+    BENCHMARKS.md). A fixed threshold returns each freed chunk to the operating system at once.
+    Process-wide and set once; a no-op (False) where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def read_buffer(nbytes: int, *, pin: bool = False) -> bytearray | mmap.mmap | torch.Tensor:

@@ -241,7 +241,8 @@ def prefetch(
     """Yield ``(fetch, tensors)`` in order while later fetches run on background threads.
 
     At most ``max_in_flight`` bytes are requested ahead of the consumer (always at least one
-    fetch), so peak memory is bounded by that budget, not by the number of ingredients.
+    fetch; a read that would pass the budget waits), so peak memory is bounded by that budget
+    and the read being consumed, not by the number of ingredients.
     ``gpus``: the GPUs the tensors are bound for; when given, reads land in pinned buffers
     (see :func:`read_buffer`), kept alive until the copies queued from them have finished.
     Each Hub file the fetches read is checked against the Hub's digest (:class:`StreamCheck`:
@@ -262,13 +263,13 @@ def prefetch(
     pool = _Workers(workers)
     finished = False
     try:
-        exhausted = False
+        upcoming = next(source, None)
         while True:
-            while not exhausted and (not pending or in_flight < max_in_flight):
-                nxt = next(source, None)
-                if nxt is None:
-                    exhausted = True
-                    break
+            # Within the budget (a read that would pass it waits), but always at least one.
+            while upcoming is not None and (
+                not pending or in_flight + upcoming.fetch.nbytes <= max_in_flight
+            ):
+                nxt, upcoming = upcoming, next(source, None)
                 # The buffer is allocated here, on the consuming thread, not by the worker: glibc
                 # keeps memory freed on other threads in per-thread arenas, so buffers made by
                 # workers would pile up there instead of being reused.

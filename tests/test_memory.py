@@ -80,9 +80,10 @@ def test_peak_memory_is_bounded_whatever_the_shard_and_tensor_size(tmp_path):
     whole = _peak_growth_kb(dirs, tmp_path / "whole", tiny, shard="5GB", in_flight=None)
     small = _peak_growth_kb(dirs, tmp_path / "small", tiny, shard="2MB", in_flight=None)
     # Holding the soup's float32 sums (one output shard, or just the embedding) would be a whole
-    # ingredient (~88 MB) on its own. The read-ahead (32 MiB), one 8 MiB chunk of sums, its cast
-    # and the allocator's noise (up to ~8 MB, measured) stay well below: <= 64 MB.
-    assert whole < 64 * 1024 < ingredient_kb, (whole, small, ingredient_kb)
+    # ingredient (~88 MB) on its own, twice that with its cast. The read-ahead (32 MiB), the
+    # read being added, one 8 MiB chunk of sums and its cast stay below: measured 48-56 MB
+    # (5GB) and 56-64 MB (2MB) over 3 runs each, in steps of 8 MB (the chunk-sized maps).
+    assert max(whole, small) < 72 * 1024 < ingredient_kb, (whole, small, ingredient_kb)
     assert abs(whole - small) < 16 * 1024, (whole, small)
 
 

@@ -126,3 +126,38 @@ def test_a_soup_cut_into_row_chunks_equals_one_in_whole_tensors(tmp_path, monkey
     key = next(k for k, v in soup.items() if v.is_floating_point() and v.dim() == 2)
     mean = sum(w * s[key].float() for w, s in zip([0.5, 1 / 6, 1 / 3], states, strict=True))
     torch.testing.assert_close(soup[key].float(), mean.to(soup[key].dtype).float())
+
+
+def test_row_chunks_streamed_from_the_hub_are_verified_and_equal_a_local_soup(
+    bert_soup_ingredients, tmp_path, monkeypatch
+):
+    # Three repos, the second sharded differently (read out of order: downloaded and checked),
+    # the others hashed as their row chunks stream past, interleaved ingredient by ingredient.
+    repos, dirs = bert_soup_ingredients
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 300)
+    hfsoup.soup(repos, output=tmp_path / "hub", progress=False, max_shard_size="8KB")
+    hfsoup.soup(dirs, output=tmp_path / "local", progress=False, max_shard_size="8KB")
+    names = sorted(p.name for p in (tmp_path / "local").glob("model*"))
+    assert len(names) > 2 and names == sorted(p.name for p in (tmp_path / "hub").glob("model*"))
+    for name in names:
+        assert (tmp_path / "hub" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+
+
+def test_a_row_chunk_served_shifted_is_refused_and_nothing_is_written(
+    bert_soup_ingredients, faulty_hub, tmp_path, monkeypatch
+):
+    from test_errors import assert_nothing_written
+    from test_reliability_network import weights_path
+
+    from hfsoup.errors import CorruptWeightsError
+
+    repos, _ = bert_soup_ingredients
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 300)
+    # The header probe and the first streamed chunks pass; a read in the middle is shifted.
+    fault = faulty_hub.add_fault(
+        method="GET", path=weights_path(repos[2]), skip=6, times=None, shift_bytes=8
+    )
+    with pytest.raises(CorruptWeightsError, match=f"{repos[2]}: model.safetensors.*refused"):
+        hfsoup.soup(repos, output=tmp_path / "soup", progress=False, max_shard_size="8KB")
+    assert fault.hits > 1
+    assert_nothing_written(tmp_path)

@@ -161,3 +161,12 @@ def test_a_row_chunk_served_shifted_is_refused_and_nothing_is_written(
         hfsoup.soup(repos, output=tmp_path / "soup", progress=False, max_shard_size="8KB")
     assert fault.hits > 1
     assert_nothing_written(tmp_path)
+
+
+def test_pickled_ingredients_are_averaged_a_shard_at_a_time():
+    # A pickle file is loaded whole (a cache of two files): chunks interleaving three pickled
+    # ingredients would load each file once per chunk.
+    big = _index({"emb": (1000, 16), "a": (4,)})
+    pickled = IngredientIndex(None, big.tensors, {}, pickle=True)
+    plan = chunks.plan_chunks([big, pickled, big], [["emb"], ["a"]], chunk_bytes=1024)
+    assert plan == [chunks.Chunk(0, (chunks.Piece("emb"),)), chunks.Chunk(1, (chunks.Piece("a"),))]

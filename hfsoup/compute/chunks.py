@@ -50,14 +50,16 @@ def plan_chunks(
 
     Small tensors are grouped (in the shard's order, the first ingredient's file order, so reads
     stay sequential); a tensor larger than ``chunk_bytes`` is split into row ranges, unless it
-    cannot be read by rows: a pickled ingredient (loaded whole), a classification head whose
-    rows are reordered (``row_perm``), or a tensor of one row.
+    cannot be read by rows: a classification head whose rows are reordered (``row_perm``), or
+    a tensor of one row. With a pickled ingredient each output shard is one chunk.
     """
     chunk_bytes = chunk_bytes or CHUNK_BYTES
+    if any(ix.pickle for ix in indexes):
+        # A pickled file is loaded whole (memory-mapped, a cache of two): one chunk per output
+        # shard keeps the loads to one per ingredient and shard, as before chunking.
+        return [Chunk(i, tuple(Piece(n) for n in names)) for i, names in enumerate(shards)]
     first = indexes[0].tensors
     whole = set().union(*(ix.head_tensors for ix in indexes))
-    if any(ix.pickle for ix in indexes):
-        whole = set(first)
     chunks: list[Chunk] = []
     for shard, names in enumerate(shards):
         group: list[Piece] = []

@@ -42,8 +42,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("download", "hfsoup", "torch", "mergekit")
+METHODS = ("import", "download", "hfsoup", "torch", "mergekit")
 LABELS = {
+    "import": "bare import (torch, huggingface_hub, safetensors)",
     "download": "download only (floor)",
     "hfsoup": "hfsoup uniform soup",
     "torch": "snapshot_download + torch average",
@@ -139,6 +140,11 @@ def download_all(repos: Sequence[str]) -> list[Path]:
         return [Path(p) for p in pool.map(lambda r: snapshot_download(r), repos)]
 
 
+def run_import(repos: Sequence[str], out: Path) -> dict[str, float]:
+    """Nothing: the worker's own imports (torch, huggingface_hub, safetensors) are the figure."""
+    return {}
+
+
 def run_download(repos: Sequence[str], out: Path) -> dict[str, float]:
     """The floor: fetch every byte of every ingredient and do nothing with it."""
     download_all(repos)
@@ -149,7 +155,12 @@ def run_hfsoup(repos: Sequence[str], out: Path) -> dict[str, float]:
     """hfsoup's uniform soup, streamed from the Hub."""
     import hfsoup
 
-    result = hfsoup.soup(list(repos), output=out, progress=False)
+    options = {}
+    if os.environ.get("BENCH_MAX_IN_FLIGHT"):  # --max-in-flight, to compare read-ahead sizes
+        from hfsoup.io.tensors import parse_size
+
+        options["max_in_flight"] = parse_size(os.environ["BENCH_MAX_IN_FLIGHT"])
+    result = hfsoup.soup(list(repos), output=out, progress=False, **options)
     return {k: round(v, 3) for k, v in result.timings.items()}
 
 
@@ -202,6 +213,7 @@ def run_mergekit(repos: Sequence[str], out: Path) -> dict[str, float]:
 
 
 RUNNERS: dict[str, Callable[[Sequence[str], Path], dict[str, float]]] = {
+    "import": run_import,
     "download": run_download,
     "hfsoup": run_hfsoup,
     "torch": run_torch,
@@ -209,6 +221,7 @@ RUNNERS: dict[str, Callable[[Sequence[str], Path], dict[str, float]]] = {
 }
 # Imported before the core timer starts, so that core time is the work alone.
 PRELOAD = {
+    "import": [],
     "download": [],
     "hfsoup": ["hfsoup", "hfsoup.api"],
     "torch": [],
@@ -299,21 +312,42 @@ def bert_config(size_mb: float):
     )
 
 
-def build_ingredients(folder: Path, k: int, size_mb: float, seed: int) -> list[Path]:
-    """Save ``k`` fine-tunes: the init of ``seed`` plus seeded noise; #1 is sharded in thirds."""
+def big_embedding_config():
+    """A "7B-shaped" ``BertConfig``: one layer of 1024, a 256,000-token vocabulary, so that the
+    word embedding alone is 262M parameters (524 MB in bfloat16), like a 7B model's."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=256_000, hidden_size=1024, num_hidden_layers=1, num_attention_heads=8,
+        intermediate_size=1024, max_position_embeddings=512,
+        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
+        architectures=["BertForSequenceClassification"],
+    )  # fmt: skip
+
+
+def build_ingredients(
+    folder: Path, k: int, size_mb: float, seed: int, shape: str = "bert"
+) -> list[Path]:
+    """Save ``k`` fine-tunes: the init of ``seed`` plus seeded noise; #1 is sharded in thirds.
+
+    ``shape`` "7b": :func:`big_embedding_config`, saved in bfloat16 (``size_mb`` unused).
+    """
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    config = bert_config(size_mb)
+    config = bert_config(size_mb) if shape == "bert" else big_embedding_config()
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(config)
+    if shape == "7b":
+        model = model.to(torch.bfloat16)
+        size_mb = sum(p.numel() * 2 for p in model.parameters()) / 1e6
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     folders = []
     for i in range(k):
         gen = torch.Generator().manual_seed(seed + 1 + i)
         with torch.no_grad():
             for n, p in model.named_parameters():
-                p.copy_(base[n] + 0.01 * torch.randn(p.shape, generator=gen))
+                p.copy_(base[n] + 0.01 * torch.randn(p.shape, generator=gen).to(p.dtype))
         path = folder / f"ft-{i}"
         shard = f"{max(1, int(size_mb // 3))}MB" if i == 1 else "5GB"
         model.save_pretrained(path, max_shard_size=shard)
@@ -322,7 +356,7 @@ def build_ingredients(folder: Path, k: int, size_mb: float, seed: int) -> list[P
 
 
 def _wanted(args: argparse.Namespace) -> dict[str, Any]:
-    tag = f"bert{args.size_mb:g}mb-s{args.seed}"
+    tag = f"bert{args.size_mb:g}mb-s{args.seed}" if args.shape == "bert" else f"7b-s{args.seed}"
     return {"version": LAYOUT_VERSION, "tag": tag, "k": max(args.k)}
 
 
@@ -349,7 +383,7 @@ def prepare(args: argparse.Namespace, endpoint: str, token: str) -> Ingredients:
 
     shutil.rmtree(manifest_path.parent, ignore_errors=True)
     t0 = time.perf_counter()
-    folders = build_ingredients(manifest_path.parent, kmax, args.size_mb, args.seed)
+    folders = build_ingredients(manifest_path.parent, kmax, args.size_mb, args.seed, args.shape)
     t1 = time.perf_counter()
     api = HfApi(endpoint=endpoint, token=token)
     repos = []
@@ -603,7 +637,7 @@ def run_once(
     run.peak_rss_mb = data["peak_rss_kb"] / 1024
     run.rss_after_imports_mb = data["rss_after_imports_kb"] / 1024
     run.phases = data["phases"]
-    if method != "download":
+    if method not in ("download", "import"):
         compare(out, ref, run)
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
@@ -699,6 +733,9 @@ def summarise(runs: Sequence[Run], methods: Sequence[str], ks: Sequence[int]) ->
             } if ok else {}  # fmt: skip
             for key in ("wall_s", "core_s"):
                 row[f"{key}_ratio"] = paired_ratio(rs, group.get("hfsoup", []), key)
+            bare = med.get("import", {}).get("peak_rss_mb")
+            peak = med[m]["peak_rss_mb"]
+            row["above_import_mb"] = None if bare is None or peak is None else peak - bare
             rows.append(row)
     return rows
 
@@ -719,6 +756,8 @@ def table(rows: Sequence[dict], nbytes: int) -> str:
         if r["method"] == "download" and r["core_s"]:
             notes.append(f"{r['k'] * nbytes / 1e6 / r['core_s']:.0f} MB/s")
         notes += [f"{key} {val:.2f}s" for key, val in r["phases"].items() if val is not None]
+        if r.get("above_import_mb") is not None and r["method"] != "import":
+            notes.append(f"peak {r['above_import_mb']:.0f} MB above bare import")
         if r["server_cpu_s"] is not None:
             notes.append(f"server CPU {r['server_cpu_s']:.1f}s")
         if r["others_cpu_s"] is not None:
@@ -729,7 +768,7 @@ def table(rows: Sequence[dict], nbytes: int) -> str:
             notes.append("FAILED: " + "; ".join(r["errors"]))
         if r["runs"] > 1:
             notes.append(f"median of {r['ok']}/{r['runs']}")
-        diff = "n/a" if r["method"] == "download" else _fmt(r["max_abs_diff"], ".1e")
+        diff = "n/a" if r["method"] in ("download", "import") else _fmt(r["max_abs_diff"], ".1e")
         lines.append(
             f"| {LABELS[r['method']]} | {r['k']} | {_fmt(r['wall_s'], '.2f')} "
             f"| {_fmt(r['core_s'], '.2f')} | {_fmt(r['core_s_min'], '.2f')} "
@@ -750,6 +789,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path(".bench"), help="scratch folder")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seed", type=int, default=0, help="seed of the shared init")
+    p.add_argument("--shape", choices=["bert", "7b"], default="bert",
+                   help="7b: ingredients with a 524 MB bfloat16 embedding (--size-mb unused)")  # fmt: skip
     p.add_argument(
         "--install-mergekit",
         action="store_true",
@@ -847,6 +888,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "code": measured_code(args.src, args.hfsoup_rev),
         "argv": sys.argv[1:] if argv is None else list(argv),
         "cpu_hogs": args.cpu_hogs,
+        "shape": args.shape,
         "worker_env": list(args.env),
     }
     rows = report(runs, methods, ks, meta, args.max_others_cpu)
@@ -896,7 +938,8 @@ def report(
     rows = summarise(runs, methods, ks)
     print()
     print(
-        f"{meta['ingredients']} ingredients of {meta['params'] / 1e6:.1f}M float32 params "
+        f"{meta['ingredients']} ingredients of {meta['params'] / 1e6:.1f}M "
+        f"{'bfloat16' if meta.get('shape') == '7b' else 'float32'} params "
         f"({meta['nbytes'] / 1e6:.1f} MB each); ingredient 1 sharded differently; "
         f"{meta['repeats']} repeat(s), median shown; {meta['cpus']} CPUs, torch CPU; "
         f"{meta['code']}"

@@ -264,8 +264,8 @@ def run(
             (an identical rerun resumes anyway; this makes it explicit).
         accumulate: ``float32`` (default) or ``float64`` running sums.
         progress: show progress bars.
-        max_in_flight: bytes of reads allowed ahead of the arithmetic (default 256 MiB); peak
-            memory is about one output shard plus this, whatever the number of ingredients.
+        max_in_flight: bytes of reads allowed ahead of the arithmetic (default 32 MiB); peak
+            memory is about one 8 MiB chunk plus this, whatever the model, shard size or k.
         memory_budget: learned soups: plan against this many bytes (``"8GB"``) instead of the
             memory available on the device.
         cache: the HF cache (files already there for the pinned SHA are always read from

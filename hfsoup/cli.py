@@ -74,6 +74,9 @@ def _soup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
                    help="write the weights a uniform soup streams into the HF cache too; "
                         "--no-cache: write nothing there (default: only files read whole)")  # fmt: skip
+    p.add_argument("--max-in-flight", metavar="SIZE",
+                   help="bytes of reads ahead of the averaging, e.g. 128MB (default 32MiB; "
+                        "raise it for a link with a long round trip)")  # fmt: skip
 
 
 def _learned_options(p: argparse.ArgumentParser) -> None:
@@ -460,6 +463,18 @@ def _print_evaluation(report: dict[str, Any], as_json: bool) -> None:
     print(text_table({**table, **report["table"]}, selection_split=sel))
 
 
+def _in_flight(value: str | None) -> int | None:
+    """``--max-in-flight SIZE`` in bytes (None: the default)."""
+    if value is None:
+        return None
+    from hfsoup.io.tensors import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise RecipeError(f"--max-in-flight: {exc}") from exc
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from hfsoup import api
 
@@ -479,7 +494,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                            allow_nonfinite=args.allow_nonfinite, resume=args.resume,
                            accumulate=args.accumulate, progress=progress,
                            memory_budget=args.memory_budget, cache=args.cache,
-                           **_device_args(args))  # fmt: skip
+                           max_in_flight=_in_flight(args.max_in_flight), **_device_args(args))  # fmt: skip
     if args.command == "soup":
         result = api.soup(
             args.ingredients, output=args.output, method=args.method, weights=args.weights,

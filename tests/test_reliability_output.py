@@ -34,13 +34,11 @@ def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def _safetensors_no_space(*args, **kwargs):
-    """What safetensors' save_file raises on a full disk (its own error, not an OSError)."""
-    from safetensors import SafetensorError
-
-    raise SafetensorError(
-        'Error while serializing: I/O error: No space left on device (os error 28) at path "x"'
-    )
+def _write_no_space(self, offset, data):
+    """A shard's bytes meet a full disk (the constant-memory writer's one write call)."""
+    if offset > 0:  # the header went through; the weights do not
+        _no_space()
+    type(self)._real_put(self, offset, data)
 
 
 @reliability(
@@ -51,7 +49,10 @@ def _safetensors_no_space(*args, **kwargs):
 @pytest.mark.parametrize("where", ["shard", "rename"])
 def test_disk_full_removes_the_temporary_folder(local_pair, tmp_path, cli, monkeypatch, where):
     if where == "shard":
-        monkeypatch.setattr("hfsoup.io.writer.save_file", _safetensors_no_space)
+        from hfsoup.io.shards import SafetensorsOut
+
+        monkeypatch.setattr(SafetensorsOut, "_real_put", SafetensorsOut._put, raising=False)
+        monkeypatch.setattr(SafetensorsOut, "_put", _write_no_space)
     else:  # the final rename of the hidden folder into place
         real = os.replace
         monkeypatch.setattr(

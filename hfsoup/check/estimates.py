@@ -76,8 +76,8 @@ def estimate_run(
     """Download size, peak memory and time of a ``method`` soup, from headers alone.
 
     Memory follows what each method holds (docs/design.md): a uniform soup the reads in flight
-    plus one output shard (its float32 sums, the finished shard and the bytes serialised from
-    it); a greedy soup the live model and one float32 running sum, plus one ingredient's reads;
+    plus one chunk (its float32 sums and output bytes; the output is written in place); a greedy
+    soup the live model and one float32 running sum, plus one ingredient's reads;
     a learned soup its memory path when that fits, else its stream path (``hfsoup.methods.learned``).
 
     Args:
@@ -104,7 +104,7 @@ def estimate_run(
     local = sum(d["weight_bytes"] for d in details if d["local"])
     if method == "uniform":
         read = sum(d["weight_bytes"] for d in details)
-        peak, path, assumed = _uniform_peak(indexes[0], read, max_shard_size, dtype)
+        peak, path, assumed = _uniform_peak(indexes, read, max_shard_size, dtype)
     elif method == "greedy":
         peak, path, assumed = _greedy_peak(indexes)
     else:
@@ -147,16 +147,18 @@ def _model_bytes(first: IngredientIndex) -> tuple[int, int]:
 
 
 def _uniform_peak(
-    first: IngredientIndex, read: int, max_shard_size: int, dtype: torch.dtype | None
+    indexes: Sequence[IngredientIndex], read: int, max_shard_size: int, dtype: torch.dtype | None
 ) -> _Peak:
-    """The reads in flight plus the largest output shard (its sums and serialised copy)."""
-    shards = plan_shards(first, max_shard_size=max_shard_size, dtype=dtype)
-    shard = max(_shard_bytes(first, names, dtype) for names in shards)
-    peak = min(DEFAULT_IN_FLIGHT + DEFAULT_CHUNK, read) + shard
+    """The reads in flight plus one chunk's float32 sums and output bytes (written in place)."""
+    shards = plan_shards(indexes[0], max_shard_size=max_shard_size, dtype=dtype)
+    acc, out = _chunk_bytes(indexes, shards, dtype)
+    # In flight: the budget, the read past it and the one being added (<= a chunk each).
+    peak = min(DEFAULT_IN_FLIGHT + 2 * acc, read) + acc + out
     return peak, None, (
-        f"reads in flight (up to {human_bytes(DEFAULT_IN_FLIGHT + DEFAULT_CHUNK)}) + "
-        f"the largest of {len(shards)} output shard(s) ({human_bytes(shard)} with its "
-        "float32 sums and serialised copy); fetching overlaps averaging"
+        f"reads in flight (up to {human_bytes(DEFAULT_IN_FLIGHT + 2 * acc)}) + one chunk's "
+        f"float32 sums ({human_bytes(acc)}) and its output bytes ({human_bytes(out)}), "
+        "written in place (the output shard size does not count); fetching overlaps "
+        "averaging"
     )  # fmt: skip
 
 
@@ -192,14 +194,23 @@ def _learned_peak(indexes: Sequence[IngredientIndex], device: torch.device) -> _
     )  # fmt: skip
 
 
-def _shard_bytes(index: IngredientIndex, names: Sequence[str], dtype: torch.dtype | None) -> int:
-    """Bytes one output shard holds at once: float32 sums, the shard, its serialised copy."""
-    total = 0
-    for name in names:
-        ref = index.tensors[name]
-        out = ref.numel * torch.empty((), dtype=output_dtype(ref, dtype)).element_size()
-        total += 2 * out + (4 * ref.numel if ref.dtype in FLOAT_DTYPES else out)
-    return total
+def _chunk_bytes(
+    indexes: Sequence[IngredientIndex], shards: Sequence[Sequence[str]], dtype: torch.dtype | None
+) -> tuple[int, int]:
+    """The largest chunk's float32 sums and output bytes (:func:`plan_chunks`)."""
+    from hfsoup.io.chunks import plan_chunks
+
+    tensors = indexes[0].tensors
+    acc = out = 0
+    for chunk in plan_chunks(indexes, shards):
+        a = o = 0
+        for piece in chunk.pieces:
+            ref = tensors[piece.name]
+            numel = ref.numel if piece.rows is None else ref.numel // ref.shape[0] * piece.rows
+            a += 4 * numel
+            o += numel * output_dtype(ref, dtype).itemsize
+        acc, out = max(acc, a), max(out, o)
+    return acc, out
 
 
 __all__ = [

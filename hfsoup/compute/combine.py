@@ -1,8 +1,9 @@
-"""The arithmetic of a soup: per-tensor accumulators (a weighted running sum in float32 for the
-uniform soup), fed by streamed tensors.
+"""The arithmetic of a soup: per-piece accumulators (a weighted running sum in float32 for the
+uniform soup), fed by streamed chunks.
 
-This module is deliberately short. Scheduling and I/O live in :mod:`hfsoup.io.streaming`; here
-each streamed tensor is handed to its accumulator and each finished output shard is handed on.
+This module is deliberately short. Scheduling and I/O live in :mod:`hfsoup.io.streaming`, the
+chunk plan and the hand-over to the writer in :mod:`hfsoup.io.chunks`; here each streamed
+piece is handed to its accumulator and each finished chunk is written.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ import torch
 
 from hfsoup.compute.placement import Placement
 from hfsoup.errors import RecipeError
-from hfsoup.io.streaming import Fetch, check_finite, plan_fetches, prefetch
+from hfsoup.io.chunks import Chunk, _as_writer, _piece_ref, _Shards, plan_chunks
+from hfsoup.io.shards import ShardWriter
+from hfsoup.io.streaming import (
+    Fetch,
+    check_finite,
+    map_large_allocations,
+    plan_ref_fetches,
+    prefetch,
+)
 from hfsoup.io.tensors import FLOAT_DTYPES, IngredientIndex, output_dtype
 
 
@@ -43,31 +52,34 @@ def normalise_weights(k: int, weights: Sequence[float] | None) -> list[float]:
 
 
 class Accumulator(Protocol):
-    """How a streamed method combines one tensor across the ingredients.
+    """How a streamed method combines one piece of one tensor across the ingredients.
 
-    The streaming code makes one accumulator per float tensor of the current output shard
-    (memory stays one shard), calls :meth:`start` once, then :meth:`add` with every
-    ingredient's copy of the tensor, ``passes`` times over (pass 0 for every ingredient, then
+    The streaming code cuts the output into chunks (a few tensors, or rows of a large one, of at
+    most :data:`~hfsoup.io.chunks.CHUNK_BYTES` of float32) and makes one accumulator per float
+    piece of the current chunk: it calls :meth:`start` once, then :meth:`add` with every
+    ingredient's copy of the piece, ``passes`` times over (pass 0 for every ingredient, then
     pass 1, ...), and finally takes :meth:`result`. A one-pass method is a running sum; a
-    two-pass one (TIES: elect signs in pass 0, average the agreeing values in pass 1) keeps
-    what pass 0 found for pass 1.
+    two-pass one (TIES: elect signs in pass 0, average the agreeing values in pass 1) keeps what
+    pass 0 found for pass 1. Memory is one chunk plus the reads in flight, whatever the model.
+    A method that needs a statistic of the whole tensor (a magnitude quantile) must compute it
+    in a pass of its own, since a piece may be a slice of rows.
     """
 
     passes: int
 
     def start(self, name: str, like: torch.Tensor, device: torch.device | str) -> None:
-        """Make the state for tensor ``name`` (shaped like ``like``) on ``device``."""
+        """Make the state for the piece of tensor ``name`` shaped like ``like`` on ``device``."""
 
     def add(self, pass_index: int, slot: int, tensor: torch.Tensor) -> None:
-        """Take ingredient ``slot``'s copy of the tensor in pass ``pass_index``."""
+        """Take ingredient ``slot``'s copy of the piece in pass ``pass_index``."""
 
     def result(self) -> torch.Tensor:
-        """The combined tensor (any float dtype; the caller casts it to the output's)."""
+        """The combined piece (any float dtype; the caller casts it to the output's)."""
 
 
 class WeightedSum:
-    """The uniform (weighted) soup of one tensor: ``sum_i w_i * theta_i``, accumulated in
-    ``dtype`` (float32, or float64 on request) in the order the ingredients arrive."""
+    """The uniform (weighted) soup: ``sum_i w_i * theta_i``, accumulated in ``dtype`` (float32,
+    or float64 on request) in the order the ingredients arrive."""
 
     passes = 1
 
@@ -93,7 +105,7 @@ def stream_average(
     accumulate: torch.dtype = torch.float32,
     **options: Any,
 ) -> None:
-    """The uniform soup: :func:`stream_combine` with a :class:`WeightedSum` per tensor.
+    """The uniform soup: :func:`stream_combine` with a :class:`WeightedSum` per piece.
 
     ``weights`` are the normalised mixing weights, one per ingredient; ``accumulate`` the
     running sums' dtype; ``options`` as for :func:`stream_combine`.
@@ -106,7 +118,7 @@ def stream_combine(
     shards: Sequence[Sequence[str]],
     accumulator: Callable[[], Accumulator],
     *,
-    on_shard: Callable[[int, dict[str, torch.Tensor]], None],
+    on_shard: Callable[[int, dict[str, torch.Tensor]], None] | ShardWriter,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     on_bytes: Callable[[int], None] | None = None,
@@ -114,18 +126,23 @@ def stream_combine(
     allow_nonfinite: bool = False,
     placement: Placement | None = None,
 ) -> None:
-    """Combine the ingredients shard by shard and pass each finished shard to ``on_shard``.
+    """Combine the ingredients chunk by chunk and write (or hand on) each output shard.
 
-    For each output shard the ingredients' tensors are streamed in (``passes`` times over) and
-    fed to one ``accumulator()`` per float tensor, on the device its block is placed on; memory
-    holds one output shard plus the bytes in flight. Non-float tensors (integer buffers) are
-    taken from the first ingredient.
+    The tensors are cut into chunks (:func:`plan_chunks`: a few small tensors, or rows of a
+    large one, of at most :data:`CHUNK_BYTES` of accumulator); each chunk is streamed in from
+    every ingredient (``passes`` times over), fed to one ``accumulator()`` per float piece on
+    the device its block is placed on, cast to the output dtype and written at its place in
+    its output file. Memory holds one chunk's
+    accumulators plus the bytes in flight, whatever the model, shard size or number of
+    ingredients. Non-float tensors (integer buffers) are taken from the first ingredient.
 
     Args:
         indexes: the ingredients' indexes, checked compatible.
         shards: the output shard plan (tensor names per shard).
         accumulator: makes a fresh :class:`Accumulator` (cheap: it allocates in ``start``).
-        on_shard: called with ``(shard_number, tensors_in_output_dtype)``.
+        on_shard: a :class:`ShardWriter` (or its bound ``write``), which gets each chunk as it
+            is done; or any callable, which gets ``(shard_number, tensors_in_output_dtype)``
+            per whole shard (the shard is then assembled in memory).
         dtype: output dtype for float tensors; ``None`` keeps the first ingredient's.
         device: where the arithmetic runs (when no ``placement``).
         on_bytes: progress callback, called with the size of each completed read.
@@ -138,7 +155,6 @@ def stream_combine(
             streams in, before it is added; the staged writer removes any shard already written).
     """
     first = indexes[0].tensors
-    passes = accumulator().passes
     placement = placement or Placement.single(device)
     gpus = sorted(
         {torch.device(d) for d in placement.devices.values() if torch.device(d).type == "cuda"},
@@ -147,27 +163,52 @@ def stream_combine(
     kwargs: dict = {"gpus": gpus}
     if max_in_flight is not None:
         kwargs["max_in_flight"] = max_in_flight
+    chunks = plan_chunks(indexes, shards)
+    passes = accumulator().passes
+    map_large_allocations()  # freed chunks go back to the OS, so the peak does not creep
+    sink = _Shards(_as_writer(on_shard), indexes[0], shards, dtype)
     with _one_cpu_thread(placement.main_device if not gpus else "cuda"):
-        stream = prefetch(_fetches(indexes, shards, passes), **kwargs)
+        stream = prefetch(_fetches(indexes, chunks, passes), **kwargs)
         current, acc = 0, {}
-        for fetch, tensors in stream:
-            shard, pass_index = divmod(fetch.tag, passes)
-            if shard != current:
-                on_shard(current, _finish(acc, first, dtype))
-                current, acc = shard, {}
-            for name, t in tensors.items():
-                if first[name].dtype not in FLOAT_DTYPES:
-                    acc[name] = t.clone()
-                    continue
-                if not allow_nonfinite and pass_index == 0:
-                    check_finite(fetch.index, name, t)
-                if name not in acc:
-                    acc[name] = accumulator()
-                    acc[name].start(name, t, placement.device_for(name))
-                acc[name].add(pass_index, fetch.slot, t)
-            if on_bytes:
-                on_bytes(fetch.nbytes)
-        on_shard(current, _finish(acc, first, dtype))
+        try:
+            for fetch, tensors in stream:
+                chunk, pass_index = divmod(fetch.tag, passes)
+                if chunk != current:
+                    sink.put(chunks[current], _finish(acc, first, dtype))
+                    current, acc = chunk, {}
+                for name, t in tensors.items():
+                    if first[name].dtype not in FLOAT_DTYPES:
+                        acc[name] = t.clone()
+                        continue
+                    if not allow_nonfinite and pass_index == 0:
+                        check_finite(fetch.index, name, t)
+                    if name not in acc:
+                        acc[name] = accumulator()
+                        acc[name].start(name, t, placement.device_for(name))
+                    acc[name].add(pass_index, fetch.slot, t)
+                if on_bytes:
+                    on_bytes(fetch.nbytes)
+            if chunks:
+                sink.put(chunks[current], _finish(acc, first, dtype))
+            sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+
+
+# --- The hand-over to the writer: each accumulator's result cast to its output dtype, on the
+# CPU (integer buffers, copied from the first ingredient, pass as they are). ---
+
+
+def _finish(acc: dict[str, Any], first: dict, dtype: torch.dtype | None) -> dict:
+    out = {}
+    for name, value in acc.items():
+        t = value if isinstance(value, torch.Tensor) else value.result()
+        out[name] = t.to(output_dtype(first[name], dtype)).cpu()
+    return out
+
+
+# --- end of the arithmetic ---
 
 
 @contextmanager
@@ -190,32 +231,28 @@ def _one_cpu_thread(device: torch.device | str) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _fetches(indexes: Sequence[IngredientIndex], shards: Sequence[Sequence[str]], passes: int):
-    """The reads of each shard, pass by pass; a fetch's ``tag`` is ``shard * passes + pass``."""
+def _fetches(
+    indexes: Sequence[IngredientIndex], chunks: Sequence[Chunk], passes: int = 1
+) -> Iterator[Fetch]:
+    """Each chunk's reads, pass by pass, ingredient by ingredient; a fetch's tag is
+    ``chunk * passes + pass``."""
     first = indexes[0].tensors
-    for shard, names in enumerate(shards):
-        floats = [n for n in names if first[n].dtype in FLOAT_DTYPES]
+    for number, chunk in enumerate(chunks):
         for pass_index in range(passes):
-            tag = shard * passes + pass_index
+            tag = number * passes + pass_index
             for slot, index in enumerate(indexes):
-                # Integer buffers are read once, from the first ingredient.
-                wanted = names if slot == 0 and pass_index == 0 else floats
-                yield from plan_fetches(index, wanted, slot=slot, tag=tag)
-
-
-def _finish(acc: dict[str, Any], first: dict, dtype: torch.dtype | None) -> dict:
-    out = {}
-    for name, value in acc.items():
-        t = value if isinstance(value, torch.Tensor) else value.result()
-        out[name] = t.to(output_dtype(first[name], dtype)).cpu()
-    return out
+                # Integer buffers are read once, from the first ingredient in pass 0.
+                pieces = [p for p in chunk.pieces if first[p.name].dtype in FLOAT_DTYPES
+                          or (slot == 0 and pass_index == 0)]  # fmt: skip
+                refs = [_piece_ref(index.tensors[p.name], p) for p in pieces]
+                yield from plan_ref_fetches(index, refs, slot=slot, tag=tag)
 
 
 def fetch_plan_bytes(
     indexes: Sequence[IngredientIndex], shards: Sequence[Sequence[str]], passes: int = 1
 ) -> int:
     """How many bytes :func:`stream_combine` will read (for progress bars and benchmarks)."""
-    return sum(f.nbytes for f in _fetches(indexes, shards, passes))
+    return sum(f.nbytes for f in _fetches(indexes, plan_chunks(indexes, shards), passes))
 
 
 __all__ = [

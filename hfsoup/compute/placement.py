@@ -111,6 +111,7 @@ def parse_max_memory(items: str | Mapping | list[str] | None) -> dict[int | str,
     """
     if items is None:
         return {}
+
     if isinstance(items, Mapping):
         pairs = [(str(k), v) for k, v in items.items()]
     else:

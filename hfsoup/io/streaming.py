@@ -9,6 +9,7 @@ the Hub are hashed on the way and checked against the Hub's digests (:mod:`hfsou
 
 from __future__ import annotations
 
+import functools
 import mmap
 import queue
 import threading
@@ -27,7 +28,13 @@ from hfsoup.io.tensors import DTYPES, FLOAT_DTYPES, all_finite
 # Tensors closer than this in a file are read together: a few wasted bytes beat a round trip.
 _GAP = 256 * 1024
 DEFAULT_CHUNK = 64 * 1024 * 1024
-DEFAULT_IN_FLIGHT = 256 * 1024 * 1024
+# Bytes requested ahead of the arithmetic. A uniform soup reads in chunks of at most 8 MiB
+# (hfsoup.compute.combine.CHUNK_BYTES), so 32 MiB keeps 4+ reads on the wire: above the
+# bandwidth-delay product of a 1 Gbit/s link at 100 ms round trip (12.5 MB), and on the loopback
+# Hub no faster than 32 MiB at 256 MiB (BENCHMARKS.md). Peak memory grows with it one for one.
+DEFAULT_IN_FLIGHT = 32 * 1024 * 1024
+# The largest read made for a stretch of a file that is only hashed (not used by the soup).
+HASH_CHUNK = 8 * 1024 * 1024
 
 
 def plan_fetches(
@@ -43,7 +50,22 @@ def plan_fetches(
     Adjacent tensors of one file are merged into reads of at most ``max_chunk`` bytes (a single
     larger tensor gets a read of its own), whatever the ingredient's own sharding.
     """
-    refs = sorted((index.tensors[n] for n in names), key=lambda r: (r.file, r.start))
+    return plan_ref_fetches(
+        index, [index.tensors[n] for n in names], slot=slot, tag=tag, max_chunk=max_chunk
+    )
+
+
+def plan_ref_fetches(
+    index: IngredientIndex,
+    refs: Iterable[TensorRef],
+    *,
+    slot: int,
+    tag: int = 0,
+    max_chunk: int = DEFAULT_CHUNK,
+) -> list[Fetch]:
+    """:func:`plan_fetches` for given refs: whole tensors, or row ranges of them (a ref whose
+    shape and byte range are those of some rows of a tensor, under the tensor's name)."""
+    refs = sorted(refs, key=lambda r: (r.file, r.start))
     fetches: list[Fetch] = []
     group: list[TensorRef] = []
     for ref in refs:
@@ -62,6 +84,29 @@ def plan_fetches(
 
 def _fetch(index: IngredientIndex, group: list[TensorRef], slot: int, tag: int) -> Fetch:
     return Fetch(slot, index, group[0].file, group[0].start, group[-1].end, tuple(group), tag)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+@functools.cache
+def map_large_allocations(threshold: int = 1 << 20) -> bool:
+    """Have glibc serve every allocation of ``threshold`` bytes or more with its own memory map.
+
+    glibc raises its map threshold each time a mapped block is freed, up to 32 MiB, so after
+    the first few chunks torch's accumulators and casts (a few MiB each) come from the heap,
+    where they fragment: a soup's peak memory then crept up by ~40 MB over a run (measured,
+    BENCHMARKS.md). A fixed threshold returns each freed chunk to the operating system at once.
+    Process-wide and set once; a no-op (False) where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def read_buffer(nbytes: int, *, pin: bool = False) -> bytearray | mmap.mmap | torch.Tensor:
@@ -176,7 +221,8 @@ def prefetch(
     """Yield ``(fetch, tensors)`` in order while later fetches run on background threads.
 
     At most ``max_in_flight`` bytes are requested ahead of the consumer (always at least one
-    fetch), so peak memory is bounded by that budget, not by the number of ingredients.
+    fetch; a read that would pass the budget waits), so peak memory is bounded by that budget
+    and the read being consumed, not by the number of ingredients.
     ``gpus``: the GPUs the tensors are bound for; when given, reads land in pinned buffers
     (see :func:`read_buffer`), kept alive until the copies queued from them have finished.
     Each Hub file the fetches read is checked against the Hub's digest (:class:`StreamCheck`:
@@ -191,19 +237,19 @@ def prefetch(
     pending: deque[tuple[Read, Any, Future]] = deque()
     pin = bool(gpus)
     copying = _CopiesInFlight(gpus) if pin else None
-    check = StreamCheck(fetches, max_chunk=DEFAULT_CHUNK, notice=notice)
+    check = StreamCheck(fetches, max_chunk=HASH_CHUNK, notice=notice)
     source = iter(check.reads)
     in_flight = 0
     pool = _Workers(workers)
     finished = False
     try:
-        exhausted = False
+        upcoming = next(source, None)
         while True:
-            while not exhausted and (not pending or in_flight < max_in_flight):
-                nxt = next(source, None)
-                if nxt is None:
-                    exhausted = True
-                    break
+            # Within the budget (a read that would pass it waits), but always at least one.
+            while upcoming is not None and (
+                not pending or in_flight + upcoming.fetch.nbytes <= max_in_flight
+            ):
+                nxt, upcoming = upcoming, next(source, None)
                 # The buffer is allocated here, on the consuming thread, not by the worker: glibc
                 # keeps memory freed on other threads in per-thread arenas, so buffers made by
                 # workers would pile up there instead of being reused.

@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
-from hfsoup.errors import NonFiniteWeightsError, OutputExistsError, OutputWriteError
+from hfsoup.errors import OutputExistsError, OutputWriteError
 from hfsoup.io.hub import Ingredient
 from hfsoup.io.layouts import MODULES_FILE, SETTINGS_FILES
-from hfsoup.io.tensors import all_finite
+from hfsoup.io.shards import INDEX_NAME, ShardWriter, shard_filename
 
 if TYPE_CHECKING:
     from filelock import BaseFileLock
@@ -54,7 +52,6 @@ AUX_FILES = (
 )
 # transformers saves a tokenizer's named chat templates beside the default one, one file each.
 TEMPLATES_DIR = "additional_chat_templates"
-INDEX_NAME = "model.safetensors.index.json"
 
 
 def partial_dir(target: Path) -> Path:
@@ -338,72 +335,6 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     _remove(old, ignore_errors=True)
 
 
-def shard_filename(i: int, n: int) -> str:
-    """``model.safetensors`` for a single shard, ``model-0000i-of-0000n.safetensors`` otherwise."""
-    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-
-
-class ShardWriter:
-    """Writes output shards as they arrive, then the weight index.
-
-    Every method's output tensors pass through :meth:`write`, in the dtype they are written in,
-    so this is where a soup is checked finite: an average can overflow where no ingredient
-    holds NaN or Inf (float32 ingredients written as float16 whose mean exceeds 65504).
-    """
-
-    def __init__(self, folder: Path, num_shards: int, *, allow_nonfinite: bool = False) -> None:
-        self.folder, self.num_shards = folder, num_shards
-        self.allow_nonfinite = allow_nonfinite
-        self.weight_map: dict[str, str] = {}
-        self.total_size = 0
-
-    def write(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Write output shard ``i``.
-
-        Raises:
-            NonFiniteWeightsError: a float tensor of the soup holds NaN or Inf (unless
-                ``allow_nonfinite``); nothing of the shard is written.
-        """
-        if not self.allow_nonfinite:
-            for key, t in tensors.items():
-                if not all_finite(t):
-                    raise NonFiniteWeightsError(
-                        f"the soup's tensor {key!r} holds NaN or Inf values as {_dtype_name(t)} "
-                        "(its average overflows that dtype); write a wider dtype (float32), or "
-                        "set allow_nonfinite to write it anyway",
-                        options=["allow_nonfinite"],
-                    )
-        name = shard_filename(i, self.num_shards)
-        try:
-            save_file(
-                {k: v.contiguous() for k, v in tensors.items()},
-                self.folder / name,
-                metadata={"format": "pt"},
-            )
-        except SafetensorError as exc:
-            # safetensors reports I/O failures (a full disk) as its own error, "... (os error N)";
-            # as an OSError, staged_output turns it into the one-line OutputWriteError.
-            code = re.search(r"\(os error (\d+)\)", str(exc))
-            if code is None:
-                raise
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from exc
-        for key, t in tensors.items():
-            self.weight_map[key] = name
-            self.total_size += t.numel() * t.element_size()
-
-    def finish(self) -> None:
-        if self.num_shards > 1:
-            index = {
-                "metadata": {"total_size": self.total_size},
-                "weight_map": dict(sorted(self.weight_map.items())),
-            }
-            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _dtype_name(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
 def write_config(folder: Path, config: dict, dtype: torch.dtype | None) -> None:
     """Write the first ingredient's config.json, with its dtype updated when ``dtype`` is set."""
     config = dict(config)
@@ -444,6 +375,7 @@ def copy_aux_files(folder: Path, ingredient: Ingredient) -> list[str]:
 
 
 __all__ = [
+    "INDEX_NAME",
     "ShardWriter",
     "check_output_target",
     "copy_aux_files",

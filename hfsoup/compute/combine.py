@@ -132,14 +132,13 @@ def stream_combine(
     large one, of at most :data:`CHUNK_BYTES` of accumulator); each chunk is streamed in from
     every ingredient (``passes`` times over), fed to one ``accumulator()`` per float piece on
     the device its block is placed on, cast to the output dtype and written at its place in
-    its output file. Memory holds one chunk's
-    accumulators plus the bytes in flight, whatever the model, shard size or number of
-    ingredients. Non-float tensors (integer buffers) are taken from the first ingredient.
+    its output file. Memory holds one chunk's accumulators plus the bytes in flight, whatever
+    the model, shard size or number of ingredients. Integer buffers come from the first one.
 
     Args:
         indexes: the ingredients' indexes, checked compatible.
         shards: the output shard plan (tensor names per shard).
-        accumulator: makes a fresh :class:`Accumulator` (cheap: it allocates in ``start``).
+        accumulator: makes a fresh :class:`Accumulator` (it allocates in ``start``).
         on_shard: a :class:`ShardWriter` (or its bound ``write``), which gets each chunk as it
             is done; or any callable, which gets ``(shard_number, tensors_in_output_dtype)``
             per whole shard (the shard is then assembled in memory).
@@ -152,7 +151,7 @@ def stream_combine(
 
     Raises:
         NonFiniteWeightsError: an ingredient's float tensor holds NaN or Inf (checked as it
-            streams in, before it is added; the staged writer removes any shard already written).
+            streams in; the staged writer removes what was written).
     """
     first = indexes[0].tensors
     placement = placement or Placement.single(device)

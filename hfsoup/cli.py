@@ -360,17 +360,9 @@ def _add_hub(sub: Any, common: argparse.ArgumentParser) -> None:
     serve = hub_sub.add_parser(
         "serve", parents=[common], help="serve a folder as a Hub on 127.0.0.1"
     )
-    serve.add_argument("--data", required=True, metavar="DIR")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="interface to bind (default 127.0.0.1; any other prints a warning: "
-                            "there is no TLS, tokens would travel in clear text)")  # fmt: skip
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--token", action="append", default=[], metavar="TOKEN",
-                       help="accept this token for writes and private reads (repeatable; "
-                            "other users of this machine can see it in the process list)")  # fmt: skip
-    serve.add_argument("--tokens-file", action="append", default=[], metavar="FILE",
-                       help="accept the tokens of FILE, one a line, # comments (repeatable). "
-                            "With neither option, one token is made and printed once")  # fmt: skip
+    from hfsoup.serve.hubserver import add_serve_options  # stdlib only: cheap to import
+
+    add_serve_options(serve)
 
 
 # API / recipe option names whose flag is not the option with "_" as "-" (the flags' dests).

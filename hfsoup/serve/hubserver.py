@@ -212,6 +212,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m hfsoup.serve.hubserver",
         description="Serve a folder as a Hub (the same as `hfsoup hub serve`).",
     )
+    add_serve_options(parser)
+    return parser
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``hfsoup hub serve`` and ``python -m hfsoup.serve.hubserver`` (one list)."""
     parser.add_argument("--data", required=True, metavar="DIR")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to bind (default 127.0.0.1; any other prints a warning: "
@@ -223,7 +229,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens-file", action="append", default=[], metavar="FILE",
                         help="accept the tokens of FILE, one a line, # comments (repeatable). "
                              "With neither option, one token is made and printed once")  # fmt: skip
-    return parser
 
 
 class _StderrNotices(logging.Handler):

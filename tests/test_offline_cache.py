@@ -297,3 +297,110 @@ def test_offline_evaluate_with_a_data_set_not_cached_is_one_line(tiny_greedy, tm
     assert_one_line_error(
         proc, f"dataset {tiny_greedy['dataset']!r} is not in the datasets cache", "HF_HUB_OFFLINE=1"
     )
+
+
+def test_inspect_reads_the_headers_of_cached_files_not_the_hub(
+    tmp_path, publish, own_cache, go_offline, faulty_hub, cli
+):
+    """``inspect`` probes each weight file's header: for a cached file it reads the cached copy,
+    online (no weight request) and offline (no request at all)."""
+    repos, _ = two_ingredients(tmp_path, publish, shard="8KB")
+    download(repos[0])
+    seen = weight_requests(faulty_hub)
+    proc = cli("inspect", repos[0], "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert seen.hits == 0, seen.ranges
+    online = json.loads(proc.stdout)
+    online.pop("estimate")  # it names the RAM available now
+    # The uncached ingredient's headers do come over HTTP: the rule sees weight requests.
+    assert cli("inspect", repos[1], "--json").returncode == 0
+    assert seen.hits > 0
+    go_offline()
+    everything = requests_seen(faulty_hub)
+    faulty_hub.faults.reverse()  # first match wins: this rule sees every request from now on
+    proc = cli("inspect", repos[0], "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert everything.hits == 0
+    shown = json.loads(proc.stdout)
+    shown.pop("estimate")
+    assert shown == online
+
+
+@pytest.mark.parametrize("method", ["greedy", "learned"])
+def test_greedy_and_learned_read_cached_weights_from_disk(
+    method, tiny_greedy, tmp_path, own_cache, faulty_hub, cli
+):
+    """Greedy and learned soups read whole weight files: cached ones come from disk."""
+    task = tmp_path / "task.yaml"
+    task.write_text(json.dumps(tiny_greedy["task"]))
+    repos = tiny_greedy["repos"]
+    for repo in repos:
+        download(repo)
+    seen = weight_requests(faulty_hub)
+    extra = ("--learned-epochs", "1") if method == "learned" else ()
+    proc = cli("soup", *repos, "--method", method, "--task", task, *extra, "-q",
+               "--output", tmp_path / "soup")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert seen.hits == 0, seen.ranges
+    assert (tmp_path / "soup" / "model.safetensors").is_file()
+
+
+def test_offline_learned_after_an_earlier_run(tiny_greedy, tmp_path, faulty_hub):
+    """An online learned run warms the cache; offline, the same learned soup (a subprocess with
+    HF_HUB_OFFLINE=1) makes no request and gives the same weights and alphas."""
+    home = tmp_path / "hf_home"
+    env = {"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub")}
+    task = tmp_path / "task.yaml"
+    task.write_text(json.dumps(tiny_greedy["task"]))
+    learned = ("soup", *tiny_greedy["repos"], "--method", "learned", "--task", str(task),
+               "--learned-epochs", "1", "-q", "--output")  # fmt: skip
+    online = run_cli(*learned, str(tmp_path / "online"), env=env)
+    assert online.returncode == 0, online.stderr
+    seen = requests_seen(faulty_hub)
+    proc = run_cli(*learned, str(tmp_path / "offline"), env={**env, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert seen.hits == 0, faulty_hub.unhandled
+    results = [
+        json.loads((tmp_path / d / "results.json").read_text()) for d in ("online", "offline")
+    ]
+    assert results[1]["ingredients"] == results[0]["ingredients"]
+    assert results[1]["learned"]["alpha"] == results[0]["learned"]["alpha"]
+    a, b = (load_state_dict(tmp_path / d) for d in ("online", "offline"))
+    assert max_diff(a, b) == 0
+
+
+def test_offline_run_of_a_recipe_and_of_a_soups_card(tmp_path, publish, own_cache, faulty_hub):
+    """``hfsoup run`` offline (a subprocess with HF_HUB_OFFLINE=1): a recipe naming branches
+    resolves them from the cache's refs, a card's pinned SHAs are themselves."""
+    repos, dirs = two_ingredients(tmp_path, publish, shard="8KB")
+    for repo in repos:
+        download(repo)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "r", "ingredients": repos,
+                                  "output": {"dir": str(tmp_path / "a")}}))  # fmt: skip
+    offline = {"HF_HUB_CACHE": str(own_cache), "HF_HUB_OFFLINE": "1"}
+    seen = requests_seen(faulty_hub)
+    proc = run_cli("run", str(recipe), "-q", env=offline)
+    assert proc.returncode == 0, proc.stderr
+    assert max_diff(load_state_dict(tmp_path / "a"), plain_average(dirs)) <= 1e-6
+    card = tmp_path / "a" / "README.md"
+    proc = run_cli("run", str(card), "--output", str(tmp_path / "b"), "-q", env=offline)
+    assert proc.returncode == 0, proc.stderr
+    assert seen.hits == 0
+    a, b = (tmp_path / d / "model.safetensors" for d in ("a", "b"))
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_offline_sweep_with_a_push_prefix_is_refused_before_training(tmp_path, faulty_hub):
+    task = tmp_path / "task.yaml"
+    task.write_text(json.dumps({"dataset": "test-org/none", "selection_split": "validation",
+                                "input_columns": ["text"], "metrics": ["accuracy"]}))  # fmt: skip
+    seen = requests_seen(faulty_hub)
+    t0 = time.monotonic()
+    proc = run_cli("sweep", "test-org/not-cached", "--task", str(task), "--n", "2",
+                   "--push-prefix", "test-org/sw", "--output-dir", str(tmp_path / "sweep"),
+                   env={"HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert_one_line_error(proc, "cannot push to test-org/sw-1: HF_HUB_OFFLINE=1 is set")
+    assert seen.hits == 0
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "sweep").exists()

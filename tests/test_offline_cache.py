@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -404,3 +405,60 @@ def test_offline_sweep_with_a_push_prefix_is_refused_before_training(tmp_path, f
     assert seen.hits == 0
     assert time.monotonic() - t0 < 60
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("command", ["soup-greedy", "evaluate", "inspect"])
+def test_offline_whole_file_not_cached_is_one_line_and_fast(
+    command, tiny_greedy, tmp_path, own_cache, go_offline, faulty_hub, cli
+):
+    """Greedy and evaluate read whole weight files, inspect their headers: offline, an
+    ingredient whose weights are not cached is one line naming it, no request, no retry."""
+    task = tmp_path / "task.yaml"
+    task.write_text(json.dumps(tiny_greedy["task"]))
+    repos = tiny_greedy["repos"][:2]
+    download(repos[0])
+    download(repos[1], ignore_patterns=["*.safetensors"])
+    go_offline()
+    seen = requests_seen(faulty_hub)
+    args = {
+        "soup-greedy": ("soup", *repos, "--method", "greedy", "--task", task,
+                        "--output", tmp_path / "soup"),
+        "evaluate": ("evaluate", *repos, "--task", task),
+        "inspect": ("inspect", repos[1]),
+    }[command]  # fmt: skip
+    t0 = time.monotonic()
+    proc = cli(*args, "-q")
+    seconds = time.monotonic() - t0
+    assert_one_line_error(proc, f"{repos[1]}: the HF cache holds no weights", "HF_HUB_OFFLINE=1")
+    assert "retr" not in proc.stderr and "cannot reach" not in proc.stderr
+    assert seen.hits == 0
+    assert seconds < 10, seconds
+    assert not (tmp_path / "soup").exists()
+
+
+def test_hub_serve_does_not_care_about_hf_hub_offline(tmp_path):
+    """``hfsoup hub serve`` is a server: HF_HUB_OFFLINE=1 in its environment changes nothing."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "hfsoup", "hub", "serve", "--data", str(tmp_path / "hub"),
+         "--port", str(port), "--token", "hf_local_team"], env=env,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        code = ("import sys; from huggingface_hub import HfApi; api = HfApi(endpoint=sys.argv[1],"
+                " token='hf_local_team'); api.create_repo('team/x'); print(api.model_info('team/x').sha)")  # fmt: skip
+        for _ in range(100):
+            proc = subprocess.run([sys.executable, "-c", code, url], capture_output=True,
+                                  text=True, timeout=60)  # fmt: skip
+            if proc.returncode == 0:
+                break
+            time.sleep(0.2)
+        assert proc.returncode == 0, proc.stderr
+        assert len(proc.stdout.strip()) == 40
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

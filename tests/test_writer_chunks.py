@@ -217,6 +217,8 @@ def test_a_two_pass_method_over_row_chunks_from_the_hub_equals_plain_torch(
     finally:
         unregister("toy-signs-rows")
     assert proc.returncode == 0, proc.stderr
+    # Each pass is hashed as it streams: no file is downloaded whole for being read twice.
+    assert "cannot be hashed on the way" not in proc.stderr, proc.stderr
     assert any(p.rows is not None for c in cut[-1] for p in c.pieces)  # rows were cut
     sds = [load_state_dict(d) for d in dirs]
     soup = load_state_dict(tmp_path / "soup")
@@ -234,3 +236,36 @@ def test_a_two_pass_method_over_row_chunks_from_the_hub_equals_plain_torch(
     ints = sum(t.numel() * t.element_size() for t in sds[0].values() if not t.is_floating_point())
     # Every float byte twice (two passes), integer buffers once, and the bar's total is that.
     assert seen["bytes"] == seen["total"] == 2 * floats + ints
+
+
+def test_bytes_read_again_in_a_later_pass_are_checked_again(
+    tmp_path, monkeypatch, publish, faulty_hub, cli
+):
+    """A two-pass method reads each file twice; each pass is hashed on its own, so a server
+    that serves the right bytes in pass 0 and wrong ones in pass 1 is caught (one line)."""
+    from test_errors import assert_nothing_written, assert_one_line_error
+    from test_method_registry import SignElectedMean, _streamed
+
+    from hfsoup.registry import MergeMethod, register, unregister
+
+    dirs = [save_ingredient(tmp_path / f"ing{i}", tiny_bert_config(), seed=95 + i)
+            for i in range(2)]  # fmt: skip
+    repos = [publish(d)[0] for d in dirs]
+    path = rf"/{repos[1]}/resolve/[^/]+/model\.safetensors$"
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 300)  # the last read is rows inside the file
+    register(MergeMethod("toy-signs-check", "two passes", run=_streamed(SignElectedMean)))
+    try:
+        seen = faulty_hub.add_fault(path=path, times=None)
+        args = ("soup", *repos, "--method", "toy-signs-check", "-q", "--output")
+        assert cli(*args, tmp_path / "clean").returncode == 0
+        reads = seen.hits  # its header probe(s), then each chunk's reads in pass 0 and pass 1
+        assert reads >= 4
+        faulty_hub.faults.clear()
+        # The same requests again, the last one (pass 1's read) with one byte flipped.
+        faulty_hub.add_fault(path=path, skip=reads - 1, corrupt=True)
+        proc = cli(*args, tmp_path / "soup")
+    finally:
+        unregister("toy-signs-check")
+    assert_one_line_error(proc, f"{repos[1]}: model.safetensors: the bytes streamed from the Hub",
+                          "do not match its sha256")  # fmt: skip
+    assert_nothing_written(tmp_path)

@@ -14,12 +14,14 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
 from factories import load_state_dict, save_ingredient, tiny_bert_config
 from test_errors import assert_nothing_written, assert_one_line_error
 from test_soup import max_diff, plain_average
+from test_sweep_demo import sweep_setup  # noqa: F401 (a fixture, used by name)
 
 reliability = pytest.mark.reliability
 
@@ -462,3 +464,20 @@ def test_hub_serve_does_not_care_about_hf_hub_offline(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_offline_sweep_trains_from_the_cache(sweep_setup, tmp_path, faulty_hub):  # noqa: F811
+    """A sweep run once online (no push) caches its base model and data set; offline, the same
+    sweep (a subprocess with HF_HUB_OFFLINE=1) trains from the cache and makes no request."""
+    home = tmp_path / "hf_home"
+    env = {"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub")}
+    sweep = ("sweep", "test-org/tiny-pretrained", "--task", str(sweep_setup["task"]), "--n", "1",
+             "--train-limit", "32", "--output-dir")  # fmt: skip
+    online = run_cli(*sweep, str(tmp_path / "online"), env=env)
+    assert online.returncode == 0, online.stderr
+    seen = requests_seen(faulty_hub)
+    proc = run_cli(*sweep, str(tmp_path / "offline"), env={**env, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert seen.hits == 0, faulty_hub.unhandled
+    made = [Path(p) for p in proc.stdout.split()]
+    assert len(made) == 1 and (made[0] / "config.json").is_file(), proc.stdout

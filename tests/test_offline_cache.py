@@ -481,3 +481,20 @@ def test_offline_sweep_trains_from_the_cache(sweep_setup, tmp_path, faulty_hub):
     assert seen.hits == 0, faulty_hub.unhandled
     made = [Path(p) for p in proc.stdout.split()]
     assert len(made) == 1 and (made[0] / "config.json").is_file(), proc.stdout
+
+
+def test_offline_by_the_constant_alone(tmp_path, publish, own_cache, monkeypatch, faulty_hub, cli):
+    """``huggingface_hub.constants.HF_HUB_OFFLINE`` set in Python (no environment variable) is
+    honoured as the variable is: the soup comes from the cache, with no request."""
+    from huggingface_hub import constants
+
+    repos, dirs = two_ingredients(tmp_path, publish)
+    for repo in repos:
+        download(repo)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    seen = requests_seen(faulty_hub)
+    proc = cli("soup", *repos, "--output", tmp_path / "soup", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert seen.hits == 0
+    assert max_diff(load_state_dict(tmp_path / "soup"), plain_average(dirs)) <= 1e-6

@@ -145,6 +145,10 @@ def test_offline_file_not_cached_is_one_line_and_fast(
     assert_nothing_written(tmp_path)
     assert seen.hits == 0
     assert seconds < 10, seconds  # no retries, no back-off
+    # inspect probes every file's header: the same line for the shard that is not cached.
+    proc = cli("inspect", repos[1])
+    assert_one_line_error(proc, f"{repos[1]}/{missing}: not in the HF cache", "HF_HUB_OFFLINE=1")
+    assert seen.hits == 0
 
 
 @reliability(

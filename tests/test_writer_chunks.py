@@ -120,6 +120,15 @@ def test_a_soup_cut_into_row_chunks_equals_one_in_whole_tensors(tmp_path, monkey
     assert whole == sorted(p.name for p in (tmp_path / "rows").glob("*.safetensors"))
     for name in [*whole, "model.safetensors.index.json"]:
         assert (tmp_path / "rows" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    # And each file written row chunk by row chunk is what save_file writes for its tensors.
+    from safetensors import safe_open
+
+    for name in whole:
+        path = tmp_path / "rows" / name
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+        save_file(load_file(path), tmp_path / "expected.safetensors", metadata=metadata)
+        assert path.read_bytes() == (tmp_path / "expected.safetensors").read_bytes(), name
     # And the bytes are an average: the first shard's tensors are the weighted mean.
     states = [load_file(next(p.glob("*.safetensors"))) for p in ings]
     soup = load_file(tmp_path / "rows" / whole[0])

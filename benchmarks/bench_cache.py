@@ -87,9 +87,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.update(HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
 
-    from hfsoup.serve.hubserver import LocalHub
+    # The test Hub (tests/faults.py): hfsoup's LocalHub whose rules can record the requests
+    # it serves; the product server has no such hook.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from faults import FaultyHub
 
-    hub = LocalHub(work / "hub", tokens=["hf_bench"], anonymous_writes=True).start()
+    hub = FaultyHub(work / "hub", tokens=["hf_bench"], anonymous_writes=True).start()
     os.environ.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HOME=str(work / "home"))
     from huggingface_hub import HfApi
 

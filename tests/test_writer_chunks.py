@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from factories import save_ingredient, tiny_bert_config
+from factories import load_state_dict, save_ingredient, tiny_bert_config
 from safetensors.torch import load_file, save_file
 
 import hfsoup
@@ -120,6 +120,15 @@ def test_a_soup_cut_into_row_chunks_equals_one_in_whole_tensors(tmp_path, monkey
     assert whole == sorted(p.name for p in (tmp_path / "rows").glob("*.safetensors"))
     for name in [*whole, "model.safetensors.index.json"]:
         assert (tmp_path / "rows" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    # And each file written row chunk by row chunk is what save_file writes for its tensors.
+    from safetensors import safe_open
+
+    for name in whole:
+        path = tmp_path / "rows" / name
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+        save_file(load_file(path), tmp_path / "expected.safetensors", metadata=metadata)
+        assert path.read_bytes() == (tmp_path / "expected.safetensors").read_bytes(), name
     # And the bytes are an average: the first shard's tensors are the weighted mean.
     states = [load_file(next(p.glob("*.safetensors"))) for p in ings]
     soup = load_file(tmp_path / "rows" / whole[0])
@@ -170,3 +179,102 @@ def test_pickled_ingredients_are_averaged_a_shard_at_a_time():
     pickled = IngredientIndex(None, big.tensors, {}, pickle=True)
     plan = chunks.plan_chunks([big, pickled, big], [["emb"], ["a"]], chunk_bytes=1024)
     assert plan == [chunks.Chunk(0, (chunks.Piece("emb"),)), chunks.Chunk(1, (chunks.Piece("a"),))]
+
+
+def test_a_two_pass_method_over_row_chunks_from_the_hub_equals_plain_torch(
+    tmp_path, monkeypatch, publish, cli
+):
+    """The accumulator seam joined with chunk streaming: a two-pass method (pass 0 elects signs,
+    pass 1 averages the agreeing values) over matrices cut into rows, read from the Hub (each
+    file hashed as it streams, its bytes read twice), gives what plain torch computes on whole
+    tensors; integer buffers are the first ingredient's; the progress total is every read."""
+    from test_method_registry import SignElectedMean, _streamed
+
+    from hfsoup.compute import combine
+    from hfsoup.registry import MergeMethod, register, unregister
+
+    dirs = [save_ingredient(tmp_path / f"ing{i}", tiny_bert_config(), seed=90 + i,
+                            max_shard_size="8KB" if i == 1 else "5GB") for i in range(3)]  # fmt: skip
+    repos = [publish(d)[0] for d in dirs]
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 300)  # every matrix is cut into rows
+    seen = {"bytes": 0, "total": 0}
+    real_combine, real_plan = combine.stream_combine, combine.fetch_plan_bytes
+
+    def counted_combine(*args, on_bytes=None, **kwargs):
+        def count(n: int) -> None:
+            seen["bytes"] += n
+
+        return real_combine(*args, on_bytes=count, **kwargs)
+
+    def counted_plan(*args, **kwargs):
+        seen["total"] = real_plan(*args, **kwargs)
+        return seen["total"]
+
+    monkeypatch.setattr(combine, "stream_combine", counted_combine)
+    monkeypatch.setattr(combine, "fetch_plan_bytes", counted_plan)
+    cut = []
+
+    def recorded_plan(*args, **kwargs):
+        cut.append(chunks.plan_chunks(*args, **kwargs))
+        return cut[-1]
+
+    monkeypatch.setattr(combine, "plan_chunks", recorded_plan)
+    register(MergeMethod("toy-signs-rows", "two passes", run=_streamed(SignElectedMean)))
+    try:
+        proc = cli("soup", *repos, "--method", "toy-signs-rows", "--output", tmp_path / "soup",
+                   "-q")  # fmt: skip
+    finally:
+        unregister("toy-signs-rows")
+    assert proc.returncode == 0, proc.stderr
+    # Each pass is hashed as it streams: no file is downloaded whole for being read twice.
+    assert "cannot be hashed on the way" not in proc.stderr, proc.stderr
+    assert any(p.rows is not None for c in cut[-1] for p in c.pieces)  # rows were cut
+    sds = [load_state_dict(d) for d in dirs]
+    soup = load_state_dict(tmp_path / "soup")
+    assert soup.keys() == sds[0].keys()
+    for name, first in sds[0].items():
+        if not first.is_floating_point():
+            assert torch.equal(soup[name], first), name
+            continue
+        stacked = torch.stack([sd[name].float() for sd in sds])
+        agrees = torch.sign(stacked) == torch.sign(stacked.sum(dim=0))
+        expected = (stacked * agrees).sum(dim=0) / agrees.sum(dim=0).clamp(min=1)
+        torch.testing.assert_close(soup[name], expected.to(first.dtype), msg=name)
+    floats = sum(t.numel() * t.element_size() for sd in sds for t in sd.values()
+                 if t.is_floating_point())  # fmt: skip
+    ints = sum(t.numel() * t.element_size() for t in sds[0].values() if not t.is_floating_point())
+    # Every float byte twice (two passes), integer buffers once, and the bar's total is that.
+    assert seen["bytes"] == seen["total"] == 2 * floats + ints
+
+
+def test_bytes_read_again_in_a_later_pass_are_checked_again(
+    tmp_path, monkeypatch, publish, faulty_hub, cli
+):
+    """A two-pass method reads each file twice; each pass is hashed on its own, so a server
+    that serves the right bytes in pass 0 and wrong ones in pass 1 is caught (one line)."""
+    from test_errors import assert_nothing_written, assert_one_line_error
+    from test_method_registry import SignElectedMean, _streamed
+
+    from hfsoup.registry import MergeMethod, register, unregister
+
+    dirs = [save_ingredient(tmp_path / f"ing{i}", tiny_bert_config(), seed=95 + i)
+            for i in range(2)]  # fmt: skip
+    repos = [publish(d)[0] for d in dirs]
+    path = rf"/{repos[1]}/resolve/[^/]+/model\.safetensors$"
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 300)  # the last read is rows inside the file
+    register(MergeMethod("toy-signs-check", "two passes", run=_streamed(SignElectedMean)))
+    try:
+        seen = faulty_hub.add_fault(path=path, times=None)
+        args = ("soup", *repos, "--method", "toy-signs-check", "-q", "--output")
+        assert cli(*args, tmp_path / "clean").returncode == 0
+        reads = seen.hits  # its header probe(s), then each chunk's reads in pass 0 and pass 1
+        assert reads >= 4
+        faulty_hub.faults.clear()
+        # The same requests again, the last one (pass 1's read) with one byte flipped.
+        faulty_hub.add_fault(path=path, skip=reads - 1, corrupt=True)
+        proc = cli(*args, tmp_path / "soup")
+    finally:
+        unregister("toy-signs-check")
+    assert_one_line_error(proc, f"{repos[1]}: model.safetensors: the bytes streamed from the Hub",
+                          "do not match its sha256")  # fmt: skip
+    assert_nothing_written(tmp_path)

@@ -159,11 +159,11 @@ def stream_combine(
         {torch.device(d) for d in placement.devices.values() if torch.device(d).type == "cuda"},
         key=str,
     )
-    kwargs: dict = {"gpus": gpus}
+    passes = accumulator().passes
+    kwargs: dict = {"gpus": gpus, "passes": passes}
     if max_in_flight is not None:
         kwargs["max_in_flight"] = max_in_flight
     chunks = plan_chunks(indexes, shards)
-    passes = accumulator().passes
     map_large_allocations()  # freed chunks go back to the OS, so the peak does not creep
     sink = _Shards(_as_writer(on_shard), indexes[0], shards, dtype)
     with _one_cpu_thread(placement.main_device if not gpus else "cuda"):

@@ -75,6 +75,9 @@ class StreamCheck:
         fetches: the fetches, in the order they will be consumed.
         max_chunk: the largest read made for a stretch that is only hashed.
         notice: called with a message for each file that is downloaded whole or not verified.
+        passes: how many times over the stream reads each file (a fetch's pass is its ``tag``
+            modulo ``passes``, as :func:`hfsoup.compute.combine.stream_combine` tags them):
+            each pass is hashed as a stream of its own, so bytes read again are checked again.
     """
 
     def __init__(
@@ -83,16 +86,21 @@ class StreamCheck:
         *,
         max_chunk: int,
         notice: Callable[[str], None] | None = None,
+        passes: int = 1,
     ) -> None:
         self._notice = notice or _LOG.warning
-        self._running: dict[tuple[int, str], _Running] = {}
+        self._passes = max(1, passes)
+        self._running: dict[tuple[int, str, int], _Running] = {}
         self.reads = self._plan(list(fetches), max_chunk)
 
+    def _key(self, f: Fetch) -> tuple[int, str, int]:
+        return (id(f.index.ingredient.source), f.file, f.tag % self._passes)
+
     def _plan(self, fetches: list[Fetch], max_chunk: int) -> list[Read]:
-        by_file: dict[tuple[int, str], list[int]] = {}
+        by_file: dict[tuple[int, str, int], list[int]] = {}
         for i, f in enumerate(fetches):
             if not f.index.pickle and isinstance(f.index.ingredient.source, HubSource):
-                by_file.setdefault((id(f.index.ingredient.source), f.file), []).append(i)
+                by_file.setdefault(self._key(f), []).append(i)
         before: dict[int, list[Fetch]] = {}  # hash-only reads, by the fetch they precede
         after: dict[int, list[Fetch]] = {}  # ... and follow
         reads: dict[int, Fetch] = {}
@@ -103,9 +111,10 @@ class StreamCheck:
             label = f"{first.index.ingredient.label}: {first.file}"
             digest, size = source.digests.get(first.file), source.files.get(first.file)
             if digest is None or size is None:
-                self._notice(
-                    f"{label}: the Hub lists no digest for it; its bytes are used unverified"
-                )
+                if key[2] == 0:
+                    self._notice(
+                        f"{label}: the Hub lists no digest for it; its bytes are used unverified"
+                    )
                 continue
             ordered = all(
                 fetches[b].start >= fetches[a].end
@@ -114,11 +123,12 @@ class StreamCheck:
             if not ordered or first.start > _MAX_LEAD:
                 for p in positions:
                     reads[p] = dataclasses.replace(fetches[p], disk=True)
-                out_of_order.setdefault(first.index.ingredient.label, []).append(first.file)
+                if key[2] == 0:
+                    out_of_order.setdefault(first.index.ingredient.label, []).append(first.file)
                 continue
             self._running[key] = _Running(
                 first.index, first.file, digest, size, checksums.new_hash(digest, size),
-                sink=source.cache_sink(first.file),
+                sink=source.cache_sink(first.file) if key[2] == 0 else None,
             )  # fmt: skip
             pos = 0
             for j, p in enumerate(positions):
@@ -157,7 +167,7 @@ class StreamCheck:
         """
         if fetch.disk:
             return
-        running = self._running.get((id(fetch.index.ingredient.source), fetch.file))
+        running = self._running.get(self._key(fetch))
         if running is None:
             return
         data = memoryview(buf.numpy()) if isinstance(buf, torch.Tensor) else memoryview(buf)

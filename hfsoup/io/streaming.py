@@ -217,6 +217,7 @@ def prefetch(
     max_in_flight: int = DEFAULT_IN_FLIGHT,
     gpus: Sequence[torch.device] = (),
     notice: Callable[[str], None] | None = None,
+    passes: int = 1,
 ) -> Iterator[tuple[Fetch, dict[str, torch.Tensor]]]:
     """Yield ``(fetch, tensors)`` in order while later fetches run on background threads.
 
@@ -228,7 +229,8 @@ def prefetch(
     Each Hub file the fetches read is checked against the Hub's digest (:class:`StreamCheck`:
     hashed in consumption order, or downloaded whole when read out of order); ``notice`` gets
     the message for each file downloaded whole or left unverified (default: a warning on the
-    ``hfsoup`` logger).
+    ``hfsoup`` logger). ``passes``: how many times over the fetches read each file (tagged
+    ``chunk * passes + pass``); each pass is checked on its own.
 
     Raises:
         CorruptWeightsError: a file's streamed bytes fail its digest, raised when its last byte
@@ -237,7 +239,7 @@ def prefetch(
     pending: deque[tuple[Read, Any, Future]] = deque()
     pin = bool(gpus)
     copying = _CopiesInFlight(gpus) if pin else None
-    check = StreamCheck(fetches, max_chunk=HASH_CHUNK, notice=notice)
+    check = StreamCheck(fetches, max_chunk=HASH_CHUNK, notice=notice, passes=passes)
     source = iter(check.reads)
     in_flight = 0
     pool = _Workers(workers)

@@ -52,7 +52,7 @@ DType = Literal["float32", "float16", "bfloat16"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 class OutputConfig(_Strict):
@@ -89,6 +89,12 @@ class Recipe(_Strict):
     # Average ingredients whose weights hold NaN/Inf instead of refusing them.
     allow_nonfinite: bool = False
     ingredients: list[IngredientEntry] = Field(min_length=1)
+    # Task-vector methods (hfsoup.methods.task_vectors): the base model theta_0 and the
+    # coefficients; None: the method's default (the pinned recipe writes the ones used).
+    base: IngredientEntry | None = None
+    lambda_: float | None = Field(None, alias="lambda", allow_inf_nan=False)
+    density: float | None = Field(None, gt=0, le=1)
+    alpha: float | None = Field(None, allow_inf_nan=False)
     task: Any = None
     learned: LearnedConfig | None = None
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -137,12 +143,20 @@ class Recipe(_Strict):
             return value
         return [IngredientEntry.from_item(v) for v in value]
 
+    @field_validator("base", mode="before")
+    @classmethod
+    def _base(cls, value: Any) -> Any:
+        return IngredientEntry.from_item(value)
+
     def to_yaml(self) -> str:
         """The recipe as YAML, in the order a person would write it, defaults left out."""
         data = self.model_dump(mode="json", exclude_none=True, exclude_defaults=True, by_alias=True)
         data["method"] = self.method
         data["ingredients"] = [_compact(e) for e in data.get("ingredients", [])]
-        ordered = {k: data[k] for k in type(self).model_fields if k in data}
+        if "base" in data:
+            data["base"] = _compact(data["base"])
+        keys = [f.alias or k for k, f in type(self).model_fields.items()]
+        ordered = {k: data[k] for k in keys if k in data}
         return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True)
 
 

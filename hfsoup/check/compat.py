@@ -153,6 +153,21 @@ def align_ingredients(indexes: Sequence[IngredientIndex]) -> list[IngredientInde
     ]
 
 
+def check_base(base: IngredientIndex, indexes: Sequence[IngredientIndex]) -> None:
+    """Refuse a base model θ₀ whose tensors are not the ingredients' (names, shapes, kinds): a
+    task vector θᵢ − θ₀ is taken tensor by tensor.
+
+    Raises:
+        IncompatibleIngredientsError: naming the first tensor that differs.
+    """
+    problems = sorted(_tensor_problems(indexes[0], base))
+    if problems:
+        raise IncompatibleIngredientsError(
+            f"base {base.ingredient.label} does not fit {indexes[0].ingredient.label}: "
+            f"{problems[0][1]}"
+        )
+
+
 def _tensor_problems(first: IngredientIndex, other: IngredientIndex) -> list[tuple[int, str]]:
     found: list[tuple[int, str]] = []
     missing = sorted(first.tensors.keys() - other.tensors.keys())

@@ -162,9 +162,11 @@ def check_base(base: IngredientIndex, indexes: Sequence[IngredientIndex]) -> Non
     """
     problems = sorted(_tensor_problems(indexes[0], base))
     if problems:
+        text = problems[0][1]
+        head = problems[0][0] == SHAPES and any(p in text for p in _HEAD_PARTS)
+        hint = " (its head is not the ingredients': give a base with their head shape)" * head
         raise IncompatibleIngredientsError(
-            f"base {base.ingredient.label} does not fit {indexes[0].ingredient.label}: "
-            f"{problems[0][1]}"
+            f"base {base.ingredient.label} does not fit {indexes[0].ingredient.label}: {text}{hint}"
         )
 
 

@@ -165,8 +165,7 @@ def stream_combine(
     kwargs: dict = {"gpus": gpus}
     if max_in_flight is not None:
         kwargs["max_in_flight"] = max_in_flight
-    probe = accumulator()
-    passes, whole = probe.passes, getattr(probe, "whole_tensors", False)
+    passes, whole = (probe := accumulator()).passes, getattr(probe, "whole_tensors", False)
     chunks = plan_chunks(indexes, shards, whole_tensors=whole)
     map_large_allocations()  # freed chunks go back to the OS, so the peak does not creep
     sink = _Shards(_as_writer(on_shard), indexes[0], shards, dtype)

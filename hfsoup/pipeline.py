@@ -250,12 +250,7 @@ def check_run(
             options=["task"],
         )
     _check_method_options(recipe, method)
-    if method.needs_base != (recipe.base is not None):
-        raise RecipeError(
-            f"method {method.name!r} needs a base model θ₀: set base" if method.needs_base
-            else f"method {method.name!r} takes no base model; drop base",
-            options=["base"],
-        )  # fmt: skip
+    method.check_coefficients(recipe)
     if opts.accumulate not in ACCUMULATE_DTYPES:
         raise RecipeError(f"accumulate must be float32 or float64, got {opts.accumulate!r}")
     if opts.score_dtype not in SCORE_DTYPES:
@@ -283,10 +278,6 @@ def _check_method_options(recipe: Recipe, method: MergeMethod) -> None:
             raise RecipeError(
                 f"{key} options apply to method {other.name!r}, not {recipe.method!r}"
             )
-    takes = set(method.config.model_fields) if method.config else set()
-    for key, attr in (("lambda", "lambda_"), ("density", "density"), ("alpha", "alpha")):
-        if getattr(recipe, attr) is not None and attr not in takes:
-            raise RecipeError(f"{key} does not apply to method {recipe.method!r}", options=[key])
     if method.chooses_weights and any(e.weight is not None for e in recipe.ingredients):
         raise RecipeError(f"method {recipe.method!r} {method.chooses_weights}; give no weights")
 

@@ -52,7 +52,7 @@ DType = Literal["float32", "float16", "bfloat16"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid")
 
 
 class OutputConfig(_Strict):
@@ -205,22 +205,25 @@ def load_recipe(source: str | Path) -> Recipe:
     if is_soup_recipe(path):
         given = recipe.output
         dropped = given.model_copy(update={"dir": None, "push_to": None, "private": False})
-        recipe = recipe.model_copy(update={"output": dropped, "ingredients": _beside(recipe, path)})
+        update = {"output": dropped, "ingredients": _beside(recipe.ingredients, path)}
+        if recipe.base is not None:
+            update["base"] = _beside([recipe.base], path)[0]
+        recipe = recipe.model_copy(update=update)
         recipe._soup, recipe._soup_output = str(path), given
     return recipe
 
 
-def _beside(recipe: Recipe, source: Path) -> list[IngredientEntry]:
+def _beside(entries: list[IngredientEntry], source: Path) -> list[IngredientEntry]:
     """A soup's ingredients with relative local paths (``../ft-1``: how a soup names its local
     ingredients) taken relative to the soup's folder, not the working directory. They are still
     local folders, which a recipe from a soup may only read with ``allow_local``."""
     base = source.expanduser().resolve().parent
-    entries = []
-    for entry in recipe.ingredients:
+    found = []
+    for entry in entries:
         if entry.repo.startswith(("./", "../")) or entry.repo in (".", ".."):
             entry = entry.model_copy(update={"repo": str((base / entry.repo).resolve())})
-        entries.append(entry)
-    return entries
+        found.append(entry)
+    return found
 
 
 def _mib(n: int) -> str:

@@ -345,3 +345,17 @@ def test_results_record_the_weights_as_given(models, tmp_path):
     assert results["method"] == "task_arithmetic"
     assert [e["weight"] for e in results["ingredients"]] == [2.0, 1.0, 1.0]
     shutil.rmtree(tmp_path / "s")
+
+
+def test_a_local_base_is_found_beside_the_soup_when_its_card_is_run(models, cli, tmp_path):
+    base, fts = models
+    out = tmp_path / "soups" / "a"
+    assert (
+        cli("soup", *fts, "--method", "dare_ties", "--base", base, "-o", out, "-q").returncode == 0
+    )
+    assert yaml.safe_load((out / "hfsoup_recipe.yaml").read_text())["base"].startswith("../")
+    proc = cli("run", out / "README.md", "--output", tmp_path / "b", "--allow-local", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()

@@ -359,3 +359,13 @@ def test_a_local_base_is_found_beside_the_soup_when_its_card_is_run(models, cli,
     assert (out / "model.safetensors").read_bytes() == (
         tmp_path / "b" / "model.safetensors"
     ).read_bytes()
+
+
+def test_a_soup_recipe_naming_a_local_base_needs_allow_local(models, publish, hub, cli, tmp_path):
+    base, fts = models
+    repos = [publish(f)[0] for f in fts[:2]]
+    out = tmp_path / "a"
+    assert cli("soup", *repos, "--method", "ties", "--base", base, "-o", out, "-q").returncode == 0
+    again = tmp_path / "b"
+    _refused(cli("run", out / "README.md", "--output", again), again, "as the base model",
+             "--allow-local")  # fmt: skip

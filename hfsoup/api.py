@@ -159,6 +159,7 @@ def soup(
     push_to: str | None = None,
     private: bool = False,
     learned: dict[str, Any] | None = None,
+    merge: dict[str, Any] | None = None,
     **options: Any,
 ) -> SoupResult:
     """Make a soup of ``ingredients`` and write it to ``output`` (optionally push it).
@@ -174,6 +175,9 @@ def soup(
         push_to: a Hub repo ID to upload the soup to, in one commit.
         learned: for ``method="learned"``: ``by_layer``, ``path`` (``auto``, ``memory``,
             ``stream``), ``epochs``, ``lr``, ``batch_size``, ``param`` (``softmax``, ``free``).
+        merge: for the task-vector methods (``task_arithmetic``, ``ties``, ``dare_linear``,
+            ``dare_ties``, ``wise_ft``): the recipe keys ``base`` (an ingredient), ``lambda``,
+            ``density``, ``alpha``.
         options: ``overwrite``, ``device``, ``token``, ``allow_pickle``, ``allow_nonfinite``,
             ``resume``, ``accumulate``,
             ``progress``, ``memory_budget``, ``cache`` (see :func:`run`).
@@ -185,6 +189,8 @@ def soup(
         HfsoupError: any failure a user can cause; nothing is left half-written.
     """
     entries = [_entry(i) for i in ingredients]
+    if merge and merge.get("base") is not None:
+        merge = {**merge, "base": _entry(merge["base"])}
     if weights is not None:
         if len(weights) != len(entries):
             raise RecipeError(f"got {len(weights)} weights for {len(entries)} ingredients")
@@ -199,6 +205,7 @@ def soup(
             "ingredients": entries,
             "task": task,
             **({"learned": learned} if learned is not None else {}),
+            **(merge or {}),
             "output": {
                 "dir": str(output),
                 "dtype": dtype,

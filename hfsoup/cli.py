@@ -91,6 +91,24 @@ def _learned_options(p: argparse.ArgumentParser) -> None:
                    help="α as a softmax over ingredients (default) or free weights")  # fmt: skip
 
 
+def _task_vector_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task-vector merges (task_arithmetic, ties, dare_*, wise_ft)")
+    g.add_argument("--base", metavar="INGREDIENT",
+                   help="the base model θ₀ the task vectors θᵢ − θ₀ are taken from")  # fmt: skip
+    g.add_argument("--lambda", type=float, metavar="L", help="scaling of the merged task vector "
+                   "(default 1)")  # fmt: skip
+    g.add_argument("--density", type=float, metavar="D",
+                   help="ties/dare: fraction of each task vector kept, in (0, 1] (default 0.5)")  # fmt: skip
+    g.add_argument("--alpha", type=float, metavar="A", help="wise_ft: (1 − α)·base + α·soup "
+                   "(default 0.5)")  # fmt: skip
+
+
+def task_vector_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe's task-vector keys (base, lambda, density, alpha) the flags give."""
+    given = {key: getattr(args, key) for key in ("base", "lambda", "density", "alpha")}
+    return {key: value for key, value in given.items() if value is not None}
+
+
 _LEARNED_FLAGS = {"by_layer": "by_layer", "learned_path": "path", "learned_epochs": "epochs",
                   "learned_lr": "lr", "learned_batch_size": "batch_size", "alpha_param": "param"}  # fmt: skip
 
@@ -276,9 +294,11 @@ def _add_soup(sub: Any, common: argparse.ArgumentParser, methods: list[str]) -> 
     p.add_argument("--accept", choices=[">=", ">"], default=">=", help="greedy acceptance rule")
     p.add_argument("--order", choices=["score", "random"], default="score",
                    help="greedy order: best first (default) or seeded random")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed for --order random")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for --order random and the DARE masks")  # fmt: skip
     _task_options(p)
     _learned_options(p)
+    _task_vector_options(p)
     p.add_argument("--name", help="a name for the soup (card title)")
     p.add_argument("--push-to", metavar="REPO_ID", help="upload the soup to this Hub repo")
     _soup_options(p)
@@ -493,7 +513,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             dtype=args.dtype, max_shard_size=args.max_shard_size,
             task=task_from_args(args), accept=args.accept, order=args.order, seed=args.seed,
             name=args.name, push_to=args.push_to, private=args.private,
-            learned=learned_from_args(args), **run_options,
+            learned=learned_from_args(args), merge=task_vector_from_args(args), **run_options,
         )  # fmt: skip
         if _is_main():
             _print_soup(result, args.json)

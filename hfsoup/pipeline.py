@@ -86,6 +86,7 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> SoupResult:
         # Nothing to score: the main process streams and writes the soup alone.
         return SoupResult(target, recipe.method, [], {}, timings=timings)
     indexes = _index(recipe, opts, target, procs, timings)  # resolve -> index -> check
+    base = _base(recipe, opts, indexes) if recipe.base is not None else None
     placement = plan_placement(
         indexes[0].config, device=device, device_map=opts.device_map, max_memory=budgets,
         score_dtype=SCORE_DTYPES[opts.score_dtype], accumulate=ACCUMULATE_DTYPES[opts.accumulate],
@@ -98,7 +99,7 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> SoupResult:
         config=method.read_config(recipe), placement=placement, device=device,
         accumulate=ACCUMULATE_DTYPES[opts.accumulate], processes=procs, progress=opts.progress,
         overwrite=opts.overwrite, resume=opts.resume, max_in_flight=opts.max_in_flight,
-        memory_budget=opts.memory_budget, timings=timings,
+        memory_budget=opts.memory_budget, timings=timings, base=base,
     )  # fmt: skip
     ctx.state = method.prepare(ctx) if method.prepare else None  # fails before any output
     with _stage(ctx, method) as folder:
@@ -154,7 +155,8 @@ def _index(
     if recipe.from_soup is not None and procs.is_main:
         for line in plan_lines(recipe, output=target, push_to=out.push_to, private=out.private):
             log.warning("%s", line)
-    local = [p for e in recipe.ingredients for p in _local_paths(ingredient_spec(e))]
+    entries = [*recipe.ingredients, *([recipe.base] if recipe.base else [])]
+    local = [p for e in entries for p in _local_paths(ingredient_spec(e))]
     check_output_target(target, overwrite=opts.overwrite, inputs=local)  # before anything is read
     t0 = time.perf_counter()
     indexes = load_ingredients(recipe.ingredients, token=opts.token,
@@ -167,6 +169,19 @@ def _index(
         log.warning("%s", line)
     timings["resolve"] = time.perf_counter() - t0
     return indexes
+
+
+def _base(recipe: Recipe, opts: RunOptions, indexes: list[IngredientIndex]) -> IngredientIndex:
+    """The base model θ₀, resolved and indexed like an ingredient, checked to hold the
+    ingredients' tensors (names, shapes)."""
+    from hfsoup.check.compat import check_base
+
+    (base,) = load_ingredients([recipe.base], token=opts.token, allow_pickle=opts.allow_pickle,
+                               cache=opts.cache)  # fmt: skip
+    check_resolved(recipe, [(base.ingredient.spec.label, base.ingredient.spec.path is not None)],
+                   allow_local=opts.allow_local)  # fmt: skip
+    check_base(base, indexes)
+    return base
 
 
 def _local_paths(spec: IngredientSpec) -> list[Path]:
@@ -235,6 +250,7 @@ def check_run(
             options=["task"],
         )
     _check_method_options(recipe, method)
+    method.check_coefficients(recipe)
     if opts.accumulate not in ACCUMULATE_DTYPES:
         raise RecipeError(f"accumulate must be float32 or float64, got {opts.accumulate!r}")
     if opts.score_dtype not in SCORE_DTYPES:

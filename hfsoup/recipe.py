@@ -89,6 +89,12 @@ class Recipe(_Strict):
     # Average ingredients whose weights hold NaN/Inf instead of refusing them.
     allow_nonfinite: bool = False
     ingredients: list[IngredientEntry] = Field(min_length=1)
+    # Task-vector methods (hfsoup.methods.task_vectors): the base model theta_0 and the
+    # coefficients; None: the method's default (the pinned recipe writes the ones used).
+    base: IngredientEntry | None = None
+    lambda_: float | None = Field(None, alias="lambda", allow_inf_nan=False)
+    density: float | None = Field(None, gt=0, le=1)
+    alpha: float | None = Field(None, allow_inf_nan=False)
     task: Any = None
     learned: LearnedConfig | None = None
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -137,12 +143,20 @@ class Recipe(_Strict):
             return value
         return [IngredientEntry.from_item(v) for v in value]
 
+    @field_validator("base", mode="before")
+    @classmethod
+    def _base(cls, value: Any) -> Any:
+        return IngredientEntry.from_item(value)
+
     def to_yaml(self) -> str:
         """The recipe as YAML, in the order a person would write it, defaults left out."""
         data = self.model_dump(mode="json", exclude_none=True, exclude_defaults=True, by_alias=True)
         data["method"] = self.method
         data["ingredients"] = [_compact(e) for e in data.get("ingredients", [])]
-        ordered = {k: data[k] for k in type(self).model_fields if k in data}
+        if "base" in data:
+            data["base"] = _compact(data["base"])
+        keys = [f.alias or k for k, f in type(self).model_fields.items()]
+        ordered = {k: data[k] for k in keys if k in data}
         return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True)
 
 
@@ -191,22 +205,25 @@ def load_recipe(source: str | Path) -> Recipe:
     if is_soup_recipe(path):
         given = recipe.output
         dropped = given.model_copy(update={"dir": None, "push_to": None, "private": False})
-        recipe = recipe.model_copy(update={"output": dropped, "ingredients": _beside(recipe, path)})
+        update = {"output": dropped, "ingredients": _beside(recipe.ingredients, path)}
+        if recipe.base is not None:
+            update["base"] = _beside([recipe.base], path)[0]
+        recipe = recipe.model_copy(update=update)
         recipe._soup, recipe._soup_output = str(path), given
     return recipe
 
 
-def _beside(recipe: Recipe, source: Path) -> list[IngredientEntry]:
+def _beside(entries: list[IngredientEntry], source: Path) -> list[IngredientEntry]:
     """A soup's ingredients with relative local paths (``../ft-1``: how a soup names its local
     ingredients) taken relative to the soup's folder, not the working directory. They are still
     local folders, which a recipe from a soup may only read with ``allow_local``."""
     base = source.expanduser().resolve().parent
-    entries = []
-    for entry in recipe.ingredients:
+    found = []
+    for entry in entries:
         if entry.repo.startswith(("./", "../")) or entry.repo in (".", ".."):
             entry = entry.model_copy(update={"repo": str((base / entry.repo).resolve())})
-        entries.append(entry)
-    return entries
+        found.append(entry)
+    return found
 
 
 def _mib(n: int) -> str:

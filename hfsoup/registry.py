@@ -77,6 +77,24 @@ class MergeMethod:
         """The card's sentence about this method."""
         return self.card or self.summary
 
+    def check_coefficients(self, recipe: Recipe) -> None:
+        """Refuse a base model for a method that takes none (or none for one that needs it),
+        and a task-vector coefficient (``lambda``, ``density``, ``alpha``) it does not take.
+
+        Raises:
+            RecipeError: naming the option.
+        """
+        if self.needs_base != (recipe.base is not None):
+            raise RecipeError(
+                f"method {self.name!r} needs a base model θ₀: set base" if self.needs_base
+                else f"method {self.name!r} takes no base model; drop base",
+                options=["base"],
+            )  # fmt: skip
+        takes = set(self.config.model_fields) if self.config else set()
+        for key, attr in (("lambda", "lambda_"), ("density", "density"), ("alpha", "alpha")):
+            if getattr(recipe, attr) is not None and attr not in takes:
+                raise RecipeError(f"{key} does not apply to method {self.name!r}", options=[key])
+
     def read_config(self, recipe: Recipe) -> BaseModel | None:
         """This method's options as ``recipe`` gives them (defaults where it gives none)."""
         if self.config is None:

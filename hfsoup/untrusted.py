@@ -83,6 +83,8 @@ def local_reads(recipe: Recipe) -> list[str]:
         for entry in recipe.ingredients
         if _local_ingredient(entry.text)
     ]
+    if recipe.base is not None and _local_ingredient(recipe.base.text):
+        found.append(f"the local folder {recipe.base.repo!r} as the base model")
     task = recipe.task
     if task is None:
         return found
@@ -115,6 +117,8 @@ def plan_lines(
         f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
     )
     reads = f"recipe from {source}: reads {shown}"
+    if recipe.base is not None:
+        reads += f"; base {recipe.base.text}"
     if recipe.task is not None:
         reads += f"; dataset {_describe_dataset(recipe.task)}"
     if recipe.allow_nonfinite:

@@ -38,7 +38,8 @@ def supports_learned() -> bool:
 
 
 def registered_methods(learned: bool) -> list[dict[str, Any]]:
-    """The merge methods of hfsoup's registry (``learned`` only when it makes learned soups)."""
+    """The merge methods of hfsoup's registry that the page can set up (``learned`` only when
+    it makes learned soups; methods that need a base model wait for a base input on the page)."""
     try:
         from hfsoup.registry import get_method, method_names
     except ImportError:  # a release without the registry: the page's own default list
@@ -47,7 +48,7 @@ def registered_methods(learned: bool) -> list[dict[str, Any]]:
     return [
         {"name": m.name, "summary": m.summary, "needs_task": m.needs_task}
         for m in methods
-        if m.name != "learned" or learned
+        if (m.name != "learned" or learned) and not getattr(m, "needs_base", False)
     ]
 
 

@@ -153,6 +153,23 @@ def align_ingredients(indexes: Sequence[IngredientIndex]) -> list[IngredientInde
     ]
 
 
+def check_base(base: IngredientIndex, indexes: Sequence[IngredientIndex]) -> None:
+    """Refuse a base model θ₀ whose tensors are not the ingredients' (names, shapes, kinds): a
+    task vector θᵢ − θ₀ is taken tensor by tensor.
+
+    Raises:
+        IncompatibleIngredientsError: naming the first tensor that differs.
+    """
+    problems = sorted(_tensor_problems(indexes[0], base))
+    if problems:
+        text = problems[0][1]
+        head = problems[0][0] == SHAPES and any(p in text for p in _HEAD_PARTS)
+        hint = " (its head is not the ingredients': give a base with their head shape)" * head
+        raise IncompatibleIngredientsError(
+            f"base {base.ingredient.label} does not fit {indexes[0].ingredient.label}: {text}{hint}"
+        )
+
+
 def _tensor_problems(first: IngredientIndex, other: IngredientIndex) -> list[tuple[int, str]]:
     found: list[tuple[int, str]] = []
     missing = sorted(first.tensors.keys() - other.tensors.keys())

@@ -61,11 +61,13 @@ class Accumulator(Protocol):
     pass 1, ...), and finally takes :meth:`result`. A one-pass method is a running sum; a
     two-pass one (TIES: elect signs in pass 0, average the agreeing values in pass 1) keeps what
     pass 0 found for pass 1. Memory is one chunk plus the reads in flight, whatever the model.
-    A method that needs a statistic of the whole tensor (a magnitude quantile) must compute it
-    in a pass of its own, since a piece may be a slice of rows.
+    A method that needs a statistic of the whole tensor (a magnitude quantile) sets
+    ``whole_tensors = True`` (an optional attribute, False when absent): its pieces are then
+    whole tensors, never slices of rows, so memory is one tensor per accumulator at most.
     """
 
     passes: int
+    whole_tensors: bool
 
     def start(self, name: str, like: torch.Tensor, device: torch.device | str) -> None:
         """Make the state for the piece of tensor ``name`` shaped like ``like`` on ``device``."""
@@ -82,6 +84,7 @@ class WeightedSum:
     or float64 on request) in the order the ingredients arrive."""
 
     passes = 1
+    whole_tensors = False
 
     def __init__(self, weights: Sequence[float], dtype: torch.dtype = torch.float32) -> None:
         self.weights, self.dtype = weights, dtype
@@ -159,11 +162,12 @@ def stream_combine(
         {torch.device(d) for d in placement.devices.values() if torch.device(d).type == "cuda"},
         key=str,
     )
-    passes = accumulator().passes
+    probe = accumulator()
+    passes, whole = probe.passes, getattr(probe, "whole_tensors", False)
     kwargs: dict = {"gpus": gpus, "passes": passes}
     if max_in_flight is not None:
         kwargs["max_in_flight"] = max_in_flight
-    chunks = plan_chunks(indexes, shards)
+    chunks = plan_chunks(indexes, shards, whole_tensors=whole)
     map_large_allocations()  # freed chunks go back to the OS, so the peak does not creep
     sink = _Shards(_as_writer(on_shard), indexes[0], shards, dtype)
     with _one_cpu_thread(placement.main_device if not gpus else "cuda"):
@@ -248,10 +252,12 @@ def _fetches(
 
 
 def fetch_plan_bytes(
-    indexes: Sequence[IngredientIndex], shards: Sequence[Sequence[str]], passes: int = 1
-) -> int:
+    indexes: Sequence[IngredientIndex], shards: Sequence[Sequence[str]], passes: int = 1,
+    whole_tensors: bool = False,
+) -> int:  # fmt: skip
     """How many bytes :func:`stream_combine` will read (for progress bars and benchmarks)."""
-    return sum(f.nbytes for f in _fetches(indexes, plan_chunks(indexes, shards), passes))
+    chunks = plan_chunks(indexes, shards, whole_tensors=whole_tensors)
+    return sum(f.nbytes for f in _fetches(indexes, chunks, passes))
 
 
 __all__ = [

@@ -44,6 +44,7 @@ def plan_chunks(
     *,
     chunk_bytes: int | None = None,
     itemsize: int = 4,
+    whole_tensors: bool = False,
 ) -> list[Chunk]:
     """Cut the shard plan into chunks of at most ``chunk_bytes`` (default :data:`CHUNK_BYTES`)
     of accumulator each.
@@ -51,7 +52,9 @@ def plan_chunks(
     Small tensors are grouped (in the shard's order, the first ingredient's file order, so reads
     stay sequential); a tensor larger than ``chunk_bytes`` is split into row ranges, unless it
     cannot be read by rows: a classification head whose rows are reordered (``row_perm``), or
-    a tensor of one row. With a pickled ingredient each output shard is one chunk.
+    a tensor of one row, or ``whole_tensors`` is set (a method that needs a statistic of the
+    whole tensor: TIES' magnitude threshold). With a pickled ingredient each output shard is one
+    chunk.
     """
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     if any(ix.pickle for ix in indexes):
@@ -67,7 +70,13 @@ def plan_chunks(
         for name in names:
             ref = first[name]
             acc = ref.numel * itemsize
-            if acc > chunk_bytes and name not in whole and len(ref.shape) >= 1 and ref.shape[0] > 1:
+            if (
+                acc > chunk_bytes
+                and not whole_tensors
+                and name not in whole
+                and len(ref.shape) >= 1
+                and ref.shape[0] > 1
+            ):
                 if group:
                     chunks.append(Chunk(shard, tuple(group)))
                     group, size = [], 0

@@ -8,6 +8,7 @@ method is one module that calls ``register`` and one import line here (in the or
 from hfsoup.methods import uniform  # noqa: F401
 from hfsoup.methods import greedy_soup  # noqa: F401
 from hfsoup.methods import learned_soup  # noqa: F401
+from hfsoup.methods import task_vectors  # noqa: F401
 # isort: on
 
 from hfsoup.registry import MergeMethod, get_method, method_names, register, unregister

@@ -41,6 +41,7 @@ class MethodContext:
         accumulate: the running sums' dtype.
         timings: wall seconds per phase, filled as the run goes.
         state: what the method's ``prepare`` returned.
+        base: the base model θ₀ (``needs_base`` methods), resolved, indexed and checked.
     """
 
     recipe: Recipe
@@ -62,11 +63,18 @@ class MethodContext:
     timings: dict[str, float] = field(default_factory=dict)
     folder: Path | None = None
     state: Any = None
+    base: IngredientIndex | None = None
 
     @property
     def pinned(self) -> Recipe:
-        """The recipe with every revision replaced by the commit SHA read (what the soup records)."""
-        return pin_recipe(self.recipe, self.indexes)
+        """The recipe with every revision replaced by the commit SHA read (what the soup records),
+        the base's too."""
+        pinned = pin_recipe(self.recipe, self.indexes)
+        if self.base is None or self.recipe.base is None:
+            return pinned
+        with_base = self.recipe.model_copy(update={"ingredients": [self.recipe.base]})
+        (base,) = pin_recipe(with_base, [self.base]).ingredients
+        return pinned.model_copy(update={"base": base})
 
     @property
     def labels(self) -> list[str]:
@@ -81,18 +89,24 @@ class MethodContext:
         return SoupResults(self.pinned, self.indexes, list(weights), self.timings, self.shards,
                            hardware, **more)  # fmt: skip
 
-    def stream_soup(self, accumulator: Callable[[], Accumulator]) -> None:
+    def stream_soup(self, accumulator: Callable[[], Accumulator], *, base: bool = False) -> None:
         """Write the soup streamed through ``accumulator()`` per tensor (see
         :func:`hfsoup.compute.combine.stream_combine`), with its config and the first
-        ingredient's tokenizer/processor files; timed as ``stream``."""
+        ingredient's tokenizer/processor files; timed as ``stream``. With ``base``, the base
+        model θ₀ is streamed as slot 0, before the ingredients (slots 1..k), in every pass."""
         from hfsoup.compute.combine import fetch_plan_bytes, stream_combine
         from hfsoup.io.writer import ShardWriter, copy_aux_files, write_config
 
-        folder, indexes = self._folder(), self.indexes
+        folder, indexes = self._folder(), list(self.indexes)
+        if base:
+            if self.base is None:
+                raise RuntimeError("no base model was resolved for this run")
+            indexes = [self.base, *indexes]
         t0 = time.perf_counter()
         writer = ShardWriter(folder, len(self.shards), allow_nonfinite=self.recipe.allow_nonfinite)
-        passes = accumulator().passes
-        total = fetch_plan_bytes(indexes, self.shards, passes)
+        probe = accumulator()
+        total = fetch_plan_bytes(indexes, self.shards, probe.passes,
+                                 getattr(probe, "whole_tensors", False))  # fmt: skip
         with _bar(total, "Fetching + averaging", self.progress) as bar:
             stream_combine(
                 indexes, self.shards, accumulator, on_shard=writer.write, dtype=self.dtype,
@@ -101,8 +115,8 @@ class MethodContext:
             )  # fmt: skip
         writer.finish()
         self.timings["stream"] = time.perf_counter() - t0
-        write_config(folder, indexes[0].config, self.dtype)
-        copy_aux_files(folder, indexes[0].ingredient)
+        write_config(folder, self.indexes[0].config, self.dtype)
+        copy_aux_files(folder, self.indexes[0].ingredient)
 
     def write_weights(self, tensors_of: Callable[[Sequence[str]], dict[str, torch.Tensor]]) -> None:
         """Write the soup from ``tensors_of(names)`` per shard (CPU tensors in output dtypes),

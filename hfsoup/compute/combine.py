@@ -162,8 +162,7 @@ def stream_combine(
         {torch.device(d) for d in placement.devices.values() if torch.device(d).type == "cuda"},
         key=str,
     )
-    probe = accumulator()
-    passes, whole = probe.passes, getattr(probe, "whole_tensors", False)
+    passes, whole = (probe := accumulator()).passes, getattr(probe, "whole_tensors", False)
     kwargs: dict = {"gpus": gpus, "passes": passes}
     if max_in_flight is not None:
         kwargs["max_in_flight"] = max_in_flight

@@ -45,27 +45,27 @@ from hfsoup.ingredients import (
 )
 from hfsoup.io import checksums, hfcache, hubcalls
 from hfsoup.io.hubcalls import (
-    _RETRIES,
     MIN_BYTES_PER_S,
-    _call_hub,
-    _endpoint,
-    _gave_up,
-    _is_network_error,
-    _network_problem,
-    _protocol_problem,
-    _raise_for_status,
+    RETRIES,
+    Retryable,
+    Waits,
     _retry_after,  # noqa: F401  (re-exported)
-    _Retryable,
-    _Waits,
+    call_hub,
+    gave_up,
+    hub_endpoint,
+    is_network_error,
     max_retry_wait,  # noqa: F401  (re-exported)
+    network_problem,
+    protocol_problem,
+    raise_for_status,
 )
 from hfsoup.io.sources import (
     MAX_LOCAL_DEPTH,  # noqa: F401  (re-exported)
     MAX_LOCAL_ENTRIES,  # noqa: F401  (re-exported)
     LocalSource,
     Source,
-    _buffer,
-    _read_file_range,
+    read_buffer,
+    read_file_range,
 )
 
 T = TypeVar("T")
@@ -147,10 +147,10 @@ class HubSource(Source):
                 answered another range than the one asked (``Content-Range``).
             IngredientNotFoundError: offline, and the file is not cached.
         """
-        buf = _buffer(out, start, end)
+        buf = read_buffer(out, start, end)
         cached = self.cached_path(filename)
         if cached is not None:
-            if not _read_file_range(cached, start, buf):
+            if not read_file_range(cached, start, buf):
                 raise CorruptWeightsError(
                     f"{self.where(filename)}: the copy in the HF cache ({cached}) is shorter than "
                     "its header says"
@@ -168,8 +168,8 @@ class HubSource(Source):
         # HF_HUB_DOWNLOAD_TIMEOUT, as for huggingface_hub's own downloads: the longest wait for
         # the next byte before a stalled read is abandoned and retried.
         timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
-        waits = _Waits(where)
-        for attempt in range(_RETRIES + 1):
+        waits = Waits(where)
+        for attempt in range(RETRIES + 1):
             # Resume from the last byte received, so a dropped connection costs only a retry.
             headers["Range"] = f"bytes={start + got}-{end - 1}"
             try:
@@ -177,7 +177,7 @@ class HubSource(Source):
                     "GET", self._url(filename), headers=headers, follow_redirects=True,
                     timeout=timeout,
                 ) as response:  # fmt: skip
-                    _raise_for_status(response, where)
+                    raise_for_status(response, where)
                     self._check_range(response, filename, start + got, end)
                     # As the bytes arrive (no re-chunking): a fixed chunk size would buffer,
                     # and lose on a drop, up to a chunk of bytes already received.
@@ -193,27 +193,27 @@ class HubSource(Source):
                         elapsed = time.monotonic() - window_start
                         if elapsed >= timeout:
                             if got - window_got < MIN_BYTES_PER_S * elapsed:
-                                raise _Retryable(
+                                raise Retryable(
                                     f"the Hub sent only {got - window_got} bytes in "
                                     f"{elapsed:.1f}s (slower than {MIN_BYTES_PER_S} bytes/s)"
                                 )
                             window_start, window_got = time.monotonic(), got
                 if got == len(buf):
                     return buf
-                raise _Retryable(f"connection closed after {got} of {len(buf)} bytes")
-            except _Retryable as exc:
+                raise Retryable(f"connection closed after {got} of {len(buf)} bytes")
+            except Retryable as exc:
                 problem, cause, asked, status = str(exc), exc, exc.retry_after, exc.status
             except Exception as exc:  # network errors from the HTTP client
-                broken = _protocol_problem(exc)
+                broken = protocol_problem(exc)
                 if broken is not None:
                     raise HubResponseError(f"{where}: {broken}") from exc
-                if not _is_network_error(exc):
+                if not is_network_error(exc):
                     raise
-                problem, cause, asked, status = _network_problem(exc, timeout), exc, None, None
-            if attempt == _RETRIES or not waits.wait(
-                hubcalls._BACKOFF_S * 2**attempt, asked=asked, status=status
+                problem, cause, asked, status = network_problem(exc, timeout), exc, None, None
+            if attempt == RETRIES or not waits.wait(
+                hubcalls.BACKOFF_S * 2**attempt, asked=asked, status=status
             ):
-                raise HubConnectionError(f"{where}: {problem} ({_gave_up(attempt)})") from cause
+                raise HubConnectionError(f"{where}: {problem} ({gave_up(attempt)})") from cause
         raise AssertionError("unreachable")
 
     def _check_range(self, response: Any, filename: str, first: int, end: int) -> None:
@@ -308,7 +308,7 @@ class HubSource(Source):
             self._scratch = tempfile.TemporaryDirectory(prefix="hfsoup-no-cache-")
         where = self._scratch.name if self._scratch is not None else None
         return Path(
-            _call_hub(
+            call_hub(
                 lambda: hf_hub_download(
                     self.repo, filename, revision=self.sha, token=self._token,
                     force_download=force, cache_dir=where,
@@ -369,7 +369,7 @@ def resolve(
     if hfcache.offline():
         return _resolve_offline(spec, token, cache)
     try:
-        info = _call_hub(lambda: _model_info(HfApi(token=token), spec), what=spec.label)
+        info = call_hub(lambda: _model_info(HfApi(token=token), spec), what=spec.label)
     except HfsoupError as exc:
         if spec.local_fallback is None:
             raise
@@ -667,6 +667,6 @@ def _push_reason(exc: BaseException) -> str:
         if status == 412:
             return "the repo changed while pushing (412); nothing of this push was committed"
         return f"the Hub answered {status}"
-    if _is_network_error(exc):
-        return f"cannot reach the Hub at {_endpoint()}"
+    if is_network_error(exc):
+        return f"cannot reach the Hub at {hub_endpoint()}"
     return type(exc).__name__

@@ -3,7 +3,7 @@
 huggingface_hub's HTTP client that hand retryable answers and slow bodies back to hfsoup's loop.
 
 :mod:`hfsoup.io.hub` makes hfsoup's own HTTP calls (it is the only module that does) and passes
-each through :func:`_call_hub` here; this module makes no request itself, it decides what a
+each through :func:`call_hub` here; this module makes no request itself, it decides what a
 failed one means and whether to try again.
 """
 
@@ -30,8 +30,8 @@ from hfsoup.errors import (
 T = TypeVar("T")
 log = logging.getLogger("hfsoup")
 
-_RETRIES = 5
-_BACKOFF_S = 0.5
+RETRIES = 5
+BACKOFF_S = 0.5
 # The longest one request may spend waiting in all (Retry-After waits and back-off together), so
 # that a server asking for an hour fails the run at once instead of holding it.
 MAX_RETRY_WAIT_VARIABLE = "HFSOUP_MAX_RETRY_WAIT"
@@ -44,7 +44,7 @@ MIN_BYTES_PER_S = 1024
 _TRANSIENT = (408, 429)
 
 
-class _Retryable(Exception):
+class Retryable(Exception):
     def __init__(
         self, message: str, retry_after: float | None = None, status: int | None = None
     ) -> None:
@@ -72,7 +72,7 @@ def max_retry_wait() -> float:
     return value
 
 
-class _Waits:
+class Waits:
     """The waiting budget of one request: what servers ask for and back-off, together."""
 
     def __init__(self, what: str) -> None:
@@ -101,45 +101,47 @@ class _Waits:
         return True
 
 
-def _gave_up(retries: int) -> str:
+def gave_up(retries: int) -> str:
     return f"gave up after {retries} {'retry' if retries == 1 else 'retries'}"
 
 
-def _endpoint() -> str:
+def hub_endpoint() -> str:
     """The Hub's address for messages, without any credentials written into it."""
     from huggingface_hub import constants
 
     return scrub(constants.ENDPOINT)
 
 
-def _is_network_error(exc: BaseException) -> bool:
+def is_network_error(exc: BaseException) -> bool:
     import httpx2
 
     return isinstance(exc, httpx2.TransportError | ConnectionError | TimeoutError)
 
 
-def _protocol_problem(exc: BaseException) -> str | None:
+def protocol_problem(exc: BaseException) -> str | None:
     """What is wrong when the server answered in a way no retry will mend (a redirect loop, a
     redirect to no HTTP address, a body that cannot be decoded); None for other errors."""
     import httpx2
 
     if isinstance(exc, httpx2.TooManyRedirects):
-        return f"the Hub at {_endpoint()} redirected the request in a loop (too many redirects)"
+        return f"the Hub at {hub_endpoint()} redirected the request in a loop (too many redirects)"
     if isinstance(exc, httpx2.UnsupportedProtocol | httpx2.InvalidURL):
-        return f"the Hub at {_endpoint()} redirected the request to an address that is not http(s)"
+        return (
+            f"the Hub at {hub_endpoint()} redirected the request to an address that is not http(s)"
+        )
     if isinstance(exc, httpx2.DecodingError):
-        return f"the Hub at {_endpoint()} sent a body that cannot be decoded ({exc})"[:300]
+        return f"the Hub at {hub_endpoint()} sent a body that cannot be decoded ({exc})"[:300]
     return None
 
 
-def _network_problem(exc: BaseException, timeout: float) -> str:
+def network_problem(exc: BaseException, timeout: float) -> str:
     import httpx2
 
     if isinstance(exc, httpx2.TimeoutException | TimeoutError):
-        return f"no answer from the Hub at {_endpoint()} within {timeout:g}s"
+        return f"no answer from the Hub at {hub_endpoint()} within {timeout:g}s"
     if isinstance(exc, httpx2.ConnectError | ConnectionRefusedError):
-        return f"cannot reach the Hub at {_endpoint()}"
-    return f"the connection to the Hub at {_endpoint()} broke ({type(exc).__name__})"
+        return f"cannot reach the Hub at {hub_endpoint()}"
+    return f"the connection to the Hub at {hub_endpoint()} broke ({type(exc).__name__})"
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -178,12 +180,12 @@ def _is_transient(status: int | None) -> bool:
     return status is None or status in _TRANSIENT or status >= 500
 
 
-def _raise_for_status(response: Any, what: str) -> None:
+def raise_for_status(response: Any, what: str) -> None:
     status = response.status_code
     if status < 400:
         return
     if _is_transient(status):
-        raise _Retryable(
+        raise Retryable(
             f"the Hub answered {status}", retry_after=_retry_after(response.headers), status=status
         )
     if status in (401, 403):
@@ -194,7 +196,7 @@ def _raise_for_status(response: Any, what: str) -> None:
 _LOGIN_HINT = "set HF_TOKEN or run `hf auth login` with an account that can read it"
 
 
-def _call_hub(fn: Callable[[], T], *, what: str) -> T:
+def call_hub(fn: Callable[[], T], *, what: str) -> T:
     """Run one huggingface_hub call, turning its errors into hfsoup's one-line errors.
 
     429/5xx answers are retried here, within :func:`max_retry_wait` seconds of waiting in all:
@@ -203,13 +205,13 @@ def _call_hub(fn: Callable[[], T], *, what: str) -> T:
     """
     from huggingface_hub import errors
 
-    waits = _Waits(what)
-    for attempt in range(_RETRIES + 1):
+    waits = Waits(what)
+    for attempt in range(RETRIES + 1):
         _hook_session()  # each attempt: huggingface_hub replaces its client after a connect error
         _IN_CALL.active = True
         try:
             return fn()
-        except _Retryable as exc:
+        except Retryable as exc:
             problem, cause, asked, status = str(exc), exc, exc.retry_after, exc.status
         except errors.GatedRepoError as exc:
             raise AccessDeniedError(f"{what} is gated or private; {_LOGIN_HINT}") from exc
@@ -222,7 +224,7 @@ def _call_hub(fn: Callable[[], T], *, what: str) -> T:
         except errors.LocalEntryNotFoundError as exc:
             # A subclass of EntryNotFoundError: the file is not cached and the Hub could not be
             # reached. hf_hub_download has retried already; another loop would only wait longer.
-            raise HubConnectionError(f"{what}: cannot reach the Hub at {_endpoint()}") from exc
+            raise HubConnectionError(f"{what}: cannot reach the Hub at {hub_endpoint()}") from exc
         except errors.EntryNotFoundError as exc:
             raise IngredientNotFoundError(f"{what}: file not found") from exc
         except errors.HfHubHTTPError as exc:
@@ -235,45 +237,43 @@ def _call_hub(fn: Callable[[], T], *, what: str) -> T:
             asked = _retry_after(response.headers) if response is not None else None
             problem, cause = f"the Hub answered {status}", exc
         except Exception as exc:
-            broken = _protocol_problem(exc)
+            broken = protocol_problem(exc)
             if broken is not None:
                 raise HubResponseError(f"{what}: {broken}") from exc
-            if not _is_network_error(exc):
+            if not is_network_error(exc):
                 raise
             problem, cause, asked, status = (
-                f"cannot reach the Hub at {_endpoint()}",
+                f"cannot reach the Hub at {hub_endpoint()}",
                 exc,
                 None,
                 None,
             )
         finally:
             _IN_CALL.active = False
-        if attempt == _RETRIES or not waits.wait(
-            _BACKOFF_S * 2**attempt, asked=asked, status=status
-        ):
-            raise HubConnectionError(f"{what}: {problem} ({_gave_up(attempt)})") from cause
+        if attempt == RETRIES or not waits.wait(BACKOFF_S * 2**attempt, asked=asked, status=status):
+            raise HubConnectionError(f"{what}: {problem} ({gave_up(attempt)})") from cause
     raise AssertionError("unreachable")
 
 
-# Set while :func:`_call_hub` runs a huggingface_hub call on this thread.
+# Set while :func:`call_hub` runs a huggingface_hub call on this thread.
 _IN_CALL = threading.local()
 
 
 def _leave_on_retryable(response: Any) -> None:
-    """Response hook: inside :func:`_call_hub`, a 408/429/5xx answer ends the library call.
+    """Response hook: inside :func:`call_hub`, a 408/429/5xx answer ends the library call.
 
     huggingface_hub retries such answers itself, sleeping whatever ``Retry-After`` says (an hour
     if asked); raised here, the answer reaches hfsoup's loop, which keeps to its budget.
     """
     if getattr(_IN_CALL, "active", False) and _is_transient(response.status_code):
         status = response.status_code
-        raise _Retryable(
+        raise Retryable(
             f"the Hub answered {status}", retry_after=_retry_after(response.headers), status=status
         )
 
 
 def _bound_slow_bodies(response: Any) -> None:
-    """Response hook: inside :func:`_call_hub`, a body arriving slower than
+    """Response hook: inside :func:`call_hub`, a body arriving slower than
     :data:`MIN_BYTES_PER_S` over a whole ``HF_HUB_DOWNLOAD_TIMEOUT`` ends the library call.
 
     huggingface_hub's downloads time out only when no byte comes at all, and resume (with fresh
@@ -301,7 +301,7 @@ def _min_rate_stream_class() -> type:
                 elapsed = time.monotonic() - start
                 if elapsed >= timeout:
                     if got < MIN_BYTES_PER_S * elapsed:
-                        raise _Retryable(
+                        raise Retryable(
                             f"the Hub sent only {got} bytes in {elapsed:.1f}s "
                             f"(slower than {MIN_BYTES_PER_S} bytes/s)"
                         )

@@ -133,7 +133,7 @@ class Source(ABC):
         return _DiskCached(self)
 
 
-def _buffer(out: bytearray | None, start: int, end: int) -> bytearray:
+def read_buffer(out: bytearray | None, start: int, end: int) -> bytearray:
     # ``out`` may also be an anonymous mmap or a view of a pinned tensor (hfsoup.io.streaming).
     if out is None:
         return bytearray(end - start)
@@ -142,7 +142,7 @@ def _buffer(out: bytearray | None, start: int, end: int) -> bytearray:
     return out
 
 
-def _read_file_range(path: Path, start: int, buf: bytearray) -> bool:
+def read_file_range(path: Path, start: int, buf: bytearray) -> bool:
     """Fill ``buf`` from ``path`` at ``start``; False when the file ends first."""
     with open(path, "rb") as f:
         f.seek(start)
@@ -156,8 +156,8 @@ class _DiskCached(Source):
     def read_range(
         self, filename: str, start: int, end: int, out: bytearray | None = None
     ) -> bytearray:
-        buf = _buffer(out, start, end)
-        if not _read_file_range(self.local_file(filename), start, buf):
+        buf = read_buffer(out, start, end)
+        if not read_file_range(self.local_file(filename), start, buf):
             raise CorruptWeightsError(f"{filename}: cached file shorter than its header says")
         return buf
 
@@ -186,8 +186,8 @@ class LocalSource(Source):
     def read_range(
         self, filename: str, start: int, end: int, out: bytearray | None = None
     ) -> bytearray:
-        buf = _buffer(out, start, end)
-        if not _read_file_range(self.local_file(filename), start, buf):
+        buf = read_buffer(out, start, end)
+        if not read_file_range(self.local_file(filename), start, buf):
             raise IngredientNotFoundError(f"{self.root}/{filename}: file shorter than expected")
         return buf
 

@@ -114,10 +114,12 @@ def inspect(
         True
     """
     from hfsoup.check.doctor import examine
-    from hfsoup.check.estimates import METHODS
+    from hfsoup.registry import estimable_methods, get_method
 
-    if method not in METHODS:
-        raise RecipeError(f"unknown method {method!r} (use {', '.join(METHODS)})")
+    estimate = get_method(method).estimate  # RecipeError: an unknown method
+    if estimate is None:
+        known = ", ".join(estimable_methods())
+        raise RecipeError(f"method {method!r} has no estimate yet (inspect estimates {known})")
     if dtype is not None and dtype not in DTYPES:
         raise RecipeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if isinstance(bandwidth, str):
@@ -135,7 +137,7 @@ def inspect(
         indexes = checked(indexes)
     except IncompatibleIngredientsError as exc:
         problem = str(exc)
-    examination = examine(indexes, method=method, bandwidth=sizes["bandwidth"],
+    examination = examine(indexes, method=method, estimate=estimate, bandwidth=sizes["bandwidth"],
                           max_shard_size=sizes["max_shard_size"],
                           dtype=DTYPES[dtype] if dtype else None)  # fmt: skip
     problem = problem or examination.tokenizer_problem

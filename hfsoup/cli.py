@@ -556,11 +556,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _check_estimable(method: str) -> None:
     """Refuse ``inspect --method`` for a registered method the estimates do not model."""
-    from hfsoup.check.estimates import METHODS
+    from hfsoup.registry import estimable_methods, get_method
 
-    if method not in METHODS:
+    if get_method(method).estimate is None:
         raise RecipeError(
-            f"inspect estimates memory and time for the methods {', '.join(METHODS)}; "
+            f"inspect estimates memory and time for the methods {', '.join(estimable_methods())}; "
             f"method {method!r} has no estimate yet",
             options=["method"],
         )

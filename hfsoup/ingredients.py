@@ -1,11 +1,19 @@
-"""The one ingredient type: what the user names, as a recipe writes it and as hfsoup reads it.
+"""Ingredients: what the user names, as a recipe writes it and as hfsoup reads it.
 
 An ingredient is written ``org/name``, ``org/name@revision`` (a branch, tag, commit or
-``refs/pr/1``), a local directory, or in a recipe ``{repo, revision, weight}``.
-:class:`IngredientEntry` is that written form (a recipe's ``ingredients`` item);
-:class:`IngredientSpec` is what it names, once read by :func:`parse_ingredient` (a Hub repo at an
-optional revision, or a local directory, with its weight); :func:`split_revision` is the one
-place an ``@`` is read. Nothing here talks to the Hub: :func:`hfsoup.io.hub.resolve` does.
+``refs/pr/1``), a local directory, or in a recipe ``{repo, revision, weight}``. Two classes,
+one the serialised form of the other:
+
+- :class:`IngredientEntry` is only the written form: a recipe's ``ingredients`` item (pydantic,
+  so a recipe and a card's pinned ``{repo, revision, weight}`` validate with it) and what
+  :func:`to_entry` writes back;
+- :class:`IngredientSpec` is the one type hfsoup works with once an entry is read: a Hub repo at
+  an optional revision, or a local directory (with the folder a repo ID may fall back to), with
+  its weight. :func:`hfsoup.io.hub.resolve` takes it.
+
+:func:`to_spec` is the one conversion (an entry, a dict, a string or a path to a spec), through
+:func:`parse_ingredient`; :func:`split_revision` is the one place an ``@`` is read. Nothing here
+talks to the Hub: :func:`hfsoup.io.hub.resolve` does.
 """
 
 from __future__ import annotations

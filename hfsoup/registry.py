@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from hfsoup.errors import RecipeError
 
 if TYPE_CHECKING:
+    from hfsoup.check.estimates import EstimateInput, Peak
     from hfsoup.recipe import Recipe
 
 # A method's ``run(ctx)`` / ``prepare(ctx)`` take a hfsoup.methods.context.MethodContext; the
@@ -53,6 +54,8 @@ class MergeMethod:
         run_options: The :func:`hfsoup.run` options that apply only to methods naming them
             (``"resume"``, ``"memory_budget"``).
         one_device: It runs in one process on one device in float32.
+        estimate: ``estimate(EstimateInput) -> Peak``: its peak memory, from headers alone, for
+            ``hfsoup inspect`` (see :mod:`hfsoup.check.estimates`); None: no estimate yet.
         prepare: ``prepare(ctx) -> state``, run before the output folder is staged (load the
             task, plan memory): what fails there leaves nothing on disk. Its value is
             ``ctx.state`` when ``run`` is called.
@@ -71,6 +74,7 @@ class MergeMethod:
     run_options: frozenset[str] = frozenset()
     one_device: bool = False
     prepare: Callable[[MethodContext], Any] | None = None
+    estimate: Callable[[EstimateInput], Peak] | None = None
 
     @property
     def card_text(self) -> str:
@@ -130,6 +134,11 @@ def methods() -> list[MergeMethod]:
     """The registered methods, in registration order."""
     _load_builtin()
     return list(_METHODS.values())
+
+
+def estimable_methods() -> list[str]:
+    """The registered methods ``hfsoup inspect`` can estimate (those with an ``estimate``)."""
+    return [m.name for m in methods() if m.estimate is not None]
 
 
 def get_method(name: str) -> MergeMethod:

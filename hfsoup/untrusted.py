@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hfsoup.errors import HfsoupError, RecipeError
-from hfsoup.io.hub import parse_ingredient
+from hfsoup.ingredients import IngredientEntry, to_spec
 from hfsoup.recipe import Recipe
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -81,7 +81,7 @@ def local_reads(recipe: Recipe) -> list[str]:
     found = [
         f"the local folder {entry.repo!r} as an ingredient"
         for entry in recipe.ingredients
-        if _local_ingredient(entry.text)
+        if _local_ingredient(entry)
     ]
     if recipe.base is not None and _local_ingredient(recipe.base.text):
         found.append(f"the local folder {recipe.base.repo!r} as the base model")
@@ -143,13 +143,14 @@ def _describe_dataset(task: Any) -> str:
     return f"{dataset.get('path')} files {', '.join(files[:_SHOWN])}".rstrip()
 
 
-def _local_ingredient(text: str) -> bool:
+def _local_ingredient(entry: IngredientEntry) -> bool:
     """Written as a path (as hfsoup reads ingredients), or a folder of that name exists."""
+    text = entry.text
     repo = text.partition("@")[0]
     if _is_path(text) or "\\" in text or repo.count("/") > 1 or ".." in Path(repo).parts:
         return True
     try:
-        return parse_ingredient(text).path is not None
+        return to_spec(entry).path is not None
     except HfsoupError:  # malformed: the run reports it in its own words
         return False
 

@@ -197,7 +197,7 @@ def test_the_root_folder_as_an_ingredient_fails_at_once(tmp_path, cli):
 
 
 def test_a_folder_with_too_many_files_is_refused(tmp_path, cli, monkeypatch):
-    monkeypatch.setattr(hub_module, "MAX_LOCAL_ENTRIES", 40)
+    monkeypatch.setattr("hfsoup.io.sources.MAX_LOCAL_ENTRIES", 40)
     folder = save_ingredient(tmp_path / "ing", tiny_bert_config(), seed=1)
     for i in range(41):
         (folder / f"junk-{i}.txt").write_text("x")

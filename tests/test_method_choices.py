@@ -58,3 +58,12 @@ def test_inspect_refuses_a_method_the_estimates_do_not_know(toy, cli):
         "hfsoup: error: inspect estimates memory and time for the methods uniform, greedy, "
         "learned; method 'toy' has no estimate yet (--method)"
     )
+
+
+def test_inspect_estimates_the_registered_methods_that_carry_an_estimate(toy):
+    from hfsoup.registry import estimable_methods, get_method
+
+    assert toy not in estimable_methods()  # registered without an estimate
+    register(MergeMethod(toy, "a toy method", estimate=get_method("uniform").estimate))
+    assert estimable_methods()[-1] == toy
+    assert "uniform" in estimable_methods()

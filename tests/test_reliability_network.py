@@ -30,7 +30,7 @@ def pair(tmp_path, publish):
 @pytest.fixture
 def fast_retries(monkeypatch):
     """Back-off of milliseconds, so that exhausting the retries takes no time."""
-    monkeypatch.setattr("hfsoup.io.hub._BACKOFF_S", 0.001)
+    monkeypatch.setattr("hfsoup.io.hubcalls.BACKOFF_S", 0.001)
 
 
 def weights_path(repo: str) -> str:

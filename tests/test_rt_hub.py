@@ -317,7 +317,7 @@ def test_a_greedy_run_refuses_a_listing_without_a_commit_sha(
 @pytest.fixture
 def short_timeout(monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_DOWNLOAD_TIMEOUT", 0.3)
-    monkeypatch.setattr("hfsoup.io.hub._BACKOFF_S", 0.01)
+    monkeypatch.setattr("hfsoup.io.hubcalls.BACKOFF_S", 0.01)
 
 
 @reliability(

@@ -10,13 +10,13 @@ prints and the Space shows.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from hfsoup.check.estimates import estimate_run
+from hfsoup.check.estimates import EstimateInput, Peak, estimate_run, uniform_peak
 from hfsoup.check.layouts import normalised_settings
 from hfsoup.errors import CorruptWeightsError
 from hfsoup.io.hub import HubSource, Ingredient
@@ -66,6 +66,7 @@ def examine(
     indexes: Sequence[IngredientIndex],
     *,
     method: str = "uniform",
+    estimate: Callable[[EstimateInput], Peak] = uniform_peak,
     bandwidth: float | None = None,
     max_shard_size: int = 5 * 10**9,
     dtype: torch.dtype | None = None,
@@ -75,9 +76,8 @@ def examine(
 
     Args:
         indexes: the ingredients, indexed (:func:`hfsoup.api.load_ingredients`).
-        method: the soup method to estimate for (``uniform``, ``greedy``, ``learned``).
-        bandwidth: bytes per second to estimate download time with; default an assumed
-            :data:`DEFAULT_BANDWIDTH`.
+        method / estimate: the soup method to estimate for, and its ``MergeMethod.estimate``.
+        bandwidth: bytes per second from the Hub; default :data:`DEFAULT_BANDWIDTH`.
         max_shard_size / dtype: the output options (a uniform soup holds one output shard).
         device: where the soup would run; default CUDA when available, else the CPU.
 
@@ -130,6 +130,7 @@ def examine(
         indexes,
         details,
         method=method,
+        estimate=estimate,
         bandwidth=bandwidth,
         max_shard_size=max_shard_size,
         dtype=dtype,

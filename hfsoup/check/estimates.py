@@ -8,17 +8,15 @@ that ``hfsoup inspect`` can estimate a run without importing the evaluation stac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
-from hfsoup.errors import RecipeError
 from hfsoup.io.streaming import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT
 from hfsoup.io.tensors import FLOAT_DTYPES, IngredientIndex, output_dtype, plan_shards
 from hfsoup.units import human_bytes
 
-METHODS = ("uniform", "greedy", "learned")
 # Assumed when none is given: a good home or cloud link to the Hub's CDN, in bytes per second.
 DEFAULT_BANDWIDTH = 50 * 10**6
 DISK_BANDWIDTH = 500 * 10**6  # reading a local ingredient folder
@@ -63,11 +61,34 @@ def read_ahead_bytes(ingredient_bytes: int) -> int:
     return min(DEFAULT_IN_FLIGHT + DEFAULT_CHUNK, ingredient_bytes)
 
 
+class EstimateInput(NamedTuple):
+    """What a method's estimate is made from (the argument of ``MergeMethod.estimate``)."""
+
+    indexes: Sequence[IngredientIndex]
+    read_bytes: int  # every ingredient's weight files, Hub and local
+    max_shard_size: int
+    dtype: torch.dtype | None
+    device: torch.device
+
+
+class Peak(NamedTuple):
+    """A method's estimate (what ``MergeMethod.estimate`` returns): its peak memory in bytes,
+    the learned path (or None), what the estimate assumes, and whether it streams every Hub
+    weight file whole (each byte hashed, cached or not) rather than downloading only what the
+    HF cache lacks and reading from disk."""
+
+    nbytes: int
+    learned_path: str | None
+    assumes: str
+    streams_all: bool = False
+
+
 def estimate_run(
     indexes: Sequence[IngredientIndex],
     details: Sequence[dict[str, Any]],
     *,
     method: str,
+    estimate: Callable[[EstimateInput], Peak],
     bandwidth: float | None,
     max_shard_size: int,
     dtype: torch.dtype | None,
@@ -88,27 +109,17 @@ def estimate_run(
         max_shard_size / dtype: the output options.
         device: where the soup would run; ``None``: CUDA when available, else the CPU.
 
-    Raises:
-        RecipeError: an unknown method.
+        method / estimate: the method's name (reported) and its ``MergeMethod.estimate``.
     """
-    if method not in METHODS:
-        raise RecipeError(f"unknown method {method!r} (use {', '.join(METHODS)})")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hub = [d for d in details if not d["local"]]
     weight_bytes = sum(d["weight_bytes"] for d in hub)
-    # A uniform soup streams every Hub weight file whole (each byte is hashed), cached or not;
-    # greedy and learned soups download what the HF cache lacks, then read from disk.
-    download = (
-        weight_bytes if method == "uniform" else weight_bytes - sum(d["cached_bytes"] for d in hub)
-    )
     local = sum(d["weight_bytes"] for d in details if d["local"])
-    if method == "uniform":
-        read = sum(d["weight_bytes"] for d in details)
-        peak, path, assumed = _uniform_peak(indexes, read, max_shard_size, dtype)
-    elif method == "greedy":
-        peak, path, assumed = _greedy_peak(indexes)
-    else:
-        peak, path, assumed = _learned_peak(indexes, device)
+    read = sum(d["weight_bytes"] for d in details)
+    peak, path, assumed, streams_all = estimate(
+        EstimateInput(indexes, read, max_shard_size, dtype, device)
+    )
+    download = weight_bytes - (0 if streams_all else sum(d["cached_bytes"] for d in hub))
     available, where = available_memory(device)
     rate = float(bandwidth) if bandwidth else float(DEFAULT_BANDWIDTH)
     seconds = download / rate + local / DISK_BANDWIDTH
@@ -135,10 +146,6 @@ def estimate_run(
     }
 
 
-# Each method's peak memory: (bytes, the learned path or None, what the estimate assumes).
-_Peak = tuple[int, str | None, str]
-
-
 def _model_bytes(first: IngredientIndex) -> tuple[int, int]:
     """The first ingredient's float tensors in float32, and its other tensors as stored."""
     floats = [r for r in first.tensors.values() if r.dtype in FLOAT_DTYPES]
@@ -146,35 +153,36 @@ def _model_bytes(first: IngredientIndex) -> tuple[int, int]:
     return 4 * sum(r.numel for r in floats), others
 
 
-def _uniform_peak(
-    indexes: Sequence[IngredientIndex], read: int, max_shard_size: int, dtype: torch.dtype | None
-) -> _Peak:
+def uniform_peak(given: EstimateInput) -> Peak:
     """The reads in flight plus one chunk's float32 sums and output bytes (written in place)."""
-    shards = plan_shards(indexes[0], max_shard_size=max_shard_size, dtype=dtype)
+    indexes, read, dtype = given.indexes, given.read_bytes, given.dtype
+    shards = plan_shards(indexes[0], max_shard_size=given.max_shard_size, dtype=dtype)
     acc, out = _chunk_bytes(indexes, shards, dtype)
     # In flight: the budget, the read past it and the one being added (<= a chunk each).
     peak = min(DEFAULT_IN_FLIGHT + 2 * acc, read) + acc + out
-    return peak, None, (
+    return Peak(peak, None, (
         f"reads in flight (up to {human_bytes(DEFAULT_IN_FLIGHT + 2 * acc)}) + one chunk's "
         f"float32 sums ({human_bytes(acc)}) and its output bytes ({human_bytes(out)}), "
         "written in place (the output shard size does not count); fetching overlaps "
         "averaging"
-    )  # fmt: skip
+    ), streams_all=True)  # fmt: skip
 
 
-def _greedy_peak(indexes: Sequence[IngredientIndex]) -> _Peak:
+def greedy_peak(given: EstimateInput) -> Peak:
     """The live model and one float32 running sum, plus one ingredient's reads."""
+    indexes = given.indexes
     model32, others = _model_bytes(indexes[0])
     largest = max(ix.nbytes for ix in indexes)
-    return 2 * model32 + 2 * others + read_ahead_bytes(largest), None, (
+    return Peak(2 * model32 + 2 * others + read_ahead_bytes(largest), None, (
         "the live model and one float32 running sum (float32 scoring), plus one "
         "ingredient's reads; scoring activations (the task's batch size and "
         "length) are not counted, nor is scoring time"
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
-def _learned_peak(indexes: Sequence[IngredientIndex], device: torch.device) -> _Peak:
-    """The learned soup's memory path when it fits on ``device``, else its stream path."""
+def learned_peak(given: EstimateInput) -> Peak:
+    """The learned soup's memory path when it fits on the device, else its stream path."""
+    indexes, device = given.indexes, given.device
     first = indexes[0]
     activations = activation_bytes(
         first.config, batch_size=LEARNED_BATCH, max_length=LEARNED_LENGTH
@@ -187,11 +195,11 @@ def _learned_peak(indexes: Sequence[IngredientIndex], device: torch.device) -> _
     )
     available, _ = available_memory(device)
     path = "memory" if needs["memory"] <= available else "stream"
-    return needs[path], path, (
+    return Peak(needs[path], path, (
         f"the {path} path (memory path ~{human_bytes(needs['memory'])}, stream path "
         f"~{human_bytes(needs['stream'])}), activations at batch size {LEARNED_BATCH} "
         f"and {LEARNED_LENGTH} tokens; training time is not counted"
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def _chunk_bytes(
@@ -214,7 +222,11 @@ def _chunk_bytes(
 
 
 __all__ = [
-    "METHODS",
+    "EstimateInput",
+    "Peak",
+    "greedy_peak",
+    "learned_peak",
+    "uniform_peak",
     "estimate_run",
     "activation_bytes",
     "available_memory",

@@ -1,7 +1,10 @@
 """Everything that talks to the Hub: resolving ingredients, reading bytes, pushing a soup.
 
 This is the only module of hfsoup that makes HTTP calls of its own (through huggingface_hub's
-session and ``HfApi``): resolving, reading ingredient bytes, downloading, committing a push. An
+session and ``HfApi``): resolving, reading ingredient bytes, downloading, committing a push;
+:mod:`hfsoup.io.hubcalls` wraps each call in hfsoup's retries and waits, and
+:mod:`hfsoup.io.sources` is the interface a Hub repo's :class:`HubSource` shares with a local
+folder (no HTTP). An
 ingredient is resolved once to a commit SHA and every later read goes through a :class:`Source`
 pinned to that SHA, so a branch that moves while a soup is being made cannot mix two versions of
 one ingredient.
@@ -16,22 +19,16 @@ its models and data to the loopback Hub it starts with ``HfApi``.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import re
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from hfsoup.errors import (
-    AccessDeniedError,
     CorruptWeightsError,
     HfsoupError,
     HubConnectionError,
@@ -39,8 +36,6 @@ from hfsoup.errors import (
     IngredientNotFoundError,
     IngredientSpecError,
     PushError,
-    RecipeError,
-    scrub,
 )
 from hfsoup.ingredients import (
     IngredientSpec,
@@ -48,260 +43,33 @@ from hfsoup.ingredients import (
     looks_like_path,
     parse_ingredient,  # noqa: F401  (re-exported)
 )
-from hfsoup.io import checksums, hfcache
+from hfsoup.io import checksums, hfcache, hubcalls
+from hfsoup.io.hubcalls import (
+    MIN_BYTES_PER_S,
+    RETRIES,
+    Retryable,
+    Waits,
+    _retry_after,  # noqa: F401  (re-exported)
+    call_hub,
+    gave_up,
+    hub_endpoint,
+    is_network_error,
+    max_retry_wait,  # noqa: F401  (re-exported)
+    network_problem,
+    protocol_problem,
+    raise_for_status,
+)
+from hfsoup.io.sources import (
+    MAX_LOCAL_DEPTH,  # noqa: F401  (re-exported)
+    MAX_LOCAL_ENTRIES,  # noqa: F401  (re-exported)
+    LocalSource,
+    Source,
+    read_buffer,
+    read_file_range,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("hfsoup")
-
-_RETRIES = 5
-_BACKOFF_S = 0.5
-# The longest one request may spend waiting in all (Retry-After waits and back-off together), so
-# that a server asking for an hour fails the run at once instead of holding it.
-MAX_RETRY_WAIT_VARIABLE = "HFSOUP_MAX_RETRY_WAIT"
-DEFAULT_MAX_RETRY_WAIT_S = 60.0
-# A range read slower than this over a whole HF_HUB_DOWNLOAD_TIMEOUT is abandoned and retried
-# (from the last byte received), as a stalled one is: a server sending a byte a second would
-# otherwise hold a run for hours without ever tripping the read timeout.
-MIN_BYTES_PER_S = 1024
-# Answers worth retrying: timeouts, rate limits, server errors.
-_TRANSIENT = (408, 429)
-
-
-# A local ingredient is a model folder: listing stops (with an error) past these bounds, so a
-# folder such as / or ~ fails in a moment rather than walking a whole disk.
-MAX_LOCAL_ENTRIES = 10_000
-MAX_LOCAL_DEPTH = 8
-_UNLISTED_DIRS = {".git", ".cache"}  # version control, huggingface_hub's download metadata
-
-
-class Source(ABC):
-    """Read access to one pinned ingredient: byte ranges of its files, and whole small files."""
-
-    files: dict[str, int | None]
-
-    @abstractmethod
-    def read_range(
-        self, filename: str, start: int, end: int, out: bytearray | None = None
-    ) -> bytearray:
-        """Bytes ``[start, end)`` of ``filename``, into ``out`` when given (of that length)."""
-
-    @abstractmethod
-    def local_file(self, filename: str) -> Path:
-        """A local path holding the whole file (downloaded into the HF cache if needed)."""
-
-    # Caps on the JSON files an ingredient holds (config.json, weight indexes); see read_json.
-    MAX_JSON_BYTES = 64 * 2**20
-    MAX_JSON_DEPTH = 100
-
-    def read_json(self, filename: str, *, unique_keys: bool = False) -> dict[str, Any]:
-        """A JSON object file of the ingredient (config.json, a weight index, ...).
-
-        The file must be UTF-8, at most 64 MiB (``MAX_JSON_BYTES``; no config or index comes
-        near, and a larger one is refused before it is downloaded when the Hub lists its size)
-        and nested at most 100 levels deep (``MAX_JSON_DEPTH``).
-
-        Args:
-            filename: the file's name in the ingredient.
-            unique_keys: refuse an object that names a key twice (``json`` silently keeps the
-                last), as a weight index must.
-
-        Raises:
-            CorruptWeightsError: the file is too large, cannot be read, is not UTF-8, not valid
-                JSON, nested too deeply, not a JSON object, or (``unique_keys``) repeats a key;
-                the message names the file.
-        """
-        where = self.where(filename)
-        limit = f"more than the {self.MAX_JSON_BYTES // 2**20} MiB hfsoup reads for a JSON file"
-        size = self.files.get(filename)
-        if size is not None and size > self.MAX_JSON_BYTES:
-            raise CorruptWeightsError(f"{where}: {size} bytes, {limit}")
-        path = self.local_file(filename)
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(self.MAX_JSON_BYTES + 1)
-        except OSError as exc:
-            raise CorruptWeightsError(f"{where}: cannot be read ({exc.strerror})") from exc
-        if len(raw) > self.MAX_JSON_BYTES:
-            raise CorruptWeightsError(f"{where}: {limit}")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise CorruptWeightsError(
-                f"{where}: not UTF-8 text (invalid byte at offset {exc.start})"
-            ) from exc
-        repeated: list[str] = []
-
-        def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-            obj = dict(items)
-            if len(obj) != len(items):
-                seen: set[str] = set()
-                repeated.extend(k for k, _ in items if k in seen or seen.add(k))
-            return obj
-
-        try:
-            data = json.loads(text, object_pairs_hook=pairs if unique_keys else None)
-        except RecursionError as exc:
-            raise CorruptWeightsError(
-                f"{where}: JSON nested more than {self.MAX_JSON_DEPTH} levels deep"
-            ) from exc
-        except ValueError as exc:
-            raise CorruptWeightsError(f"{where}: not valid JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise CorruptWeightsError(f"{where}: a JSON object was expected")
-        # How deeply lists and objects nest, without recursion (transformers and json.dump
-        # recurse, and would fail far from here).
-        deepest, stack = 0, [(data, 1)]
-        while stack and deepest <= self.MAX_JSON_DEPTH:
-            item, depth = stack.pop()
-            deepest = max(deepest, depth)
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-        if deepest > self.MAX_JSON_DEPTH:
-            raise CorruptWeightsError(
-                f"{where}: JSON nested more than {self.MAX_JSON_DEPTH} levels deep"
-            )
-        if repeated:
-            shown = ", ".join(repr(k)[:120] for k in sorted(set(repeated))[:3])
-            more = len(set(repeated)) - 3
-            raise CorruptWeightsError(
-                f"{where}: names {shown}{f' and {more} more' if more > 0 else ''} more than once"
-            )
-        return data
-
-    def where(self, filename: str) -> str:
-        """How ``filename`` is named in messages (with its repo or folder)."""
-        return filename
-
-    def cached(self) -> Source:
-        """A source that downloads each file whole once, then reads ranges from disk.
-
-        For runs that read an ingredient several times (greedy, learned soups).
-        """
-        return _DiskCached(self)
-
-
-def _buffer(out: bytearray | None, start: int, end: int) -> bytearray:
-    # ``out`` may also be an anonymous mmap or a view of a pinned tensor (hfsoup.io.streaming).
-    if out is None:
-        return bytearray(end - start)
-    if len(out) != end - start:
-        raise ValueError(f"buffer of {len(out)} bytes for a read of {end - start}")
-    return out
-
-
-def _read_file_range(path: Path, start: int, buf: bytearray) -> bool:
-    """Fill ``buf`` from ``path`` at ``start``; False when the file ends first."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        return f.readinto(buf) == len(buf)
-
-
-class _DiskCached(Source):
-    def __init__(self, inner: Source) -> None:
-        self.inner, self.files = inner, inner.files
-
-    def read_range(
-        self, filename: str, start: int, end: int, out: bytearray | None = None
-    ) -> bytearray:
-        buf = _buffer(out, start, end)
-        if not _read_file_range(self.local_file(filename), start, buf):
-            raise CorruptWeightsError(f"{filename}: cached file shorter than its header says")
-        return buf
-
-    def local_file(self, filename: str) -> Path:
-        return self.inner.local_file(filename)
-
-    def where(self, filename: str) -> str:
-        return self.inner.where(filename)
-
-    def cached(self) -> Source:
-        return self
-
-
-class LocalSource(Source):
-    """An ingredient that is a directory on disk.
-
-    Only regular files inside the folder are read: a file that is a symlink is followed only
-    when it stays inside the folder (:meth:`local_file`), symlinked folders are not listed, and
-    the listing is bounded (:data:`MAX_LOCAL_ENTRIES`, :data:`MAX_LOCAL_DEPTH`).
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.files = _list_folder(root)
-
-    def read_range(
-        self, filename: str, start: int, end: int, out: bytearray | None = None
-    ) -> bytearray:
-        buf = _buffer(out, start, end)
-        if not _read_file_range(self.local_file(filename), start, buf):
-            raise IngredientNotFoundError(f"{self.root}/{filename}: file shorter than expected")
-        return buf
-
-    def cached(self) -> Source:
-        return self
-
-    def where(self, filename: str) -> str:
-        return f"{self.root}/{filename}"
-
-    def local_file(self, filename: str) -> Path:
-        """The file's path, after checking it is a regular file inside the folder.
-
-        Raises:
-            IngredientNotFoundError: the name, or a symlink on the way, points outside the
-                folder, or it is not a regular file.
-        """
-        path = (self.root / filename).resolve()
-        if not path.is_relative_to(self.root):
-            raise IngredientNotFoundError(f"{filename!r} points outside {self.root}")
-        if not path.is_file():
-            raise IngredientNotFoundError(f"{self.root}/{filename}: not a regular file")
-        return path
-
-
-def _list_folder(root: Path) -> dict[str, int | None]:
-    """Regular files under ``root`` (relative POSIX names -> sizes), without following
-    symlinked folders or entering .git / .cache.
-
-    Raises:
-        IngredientSpecError: more than :data:`MAX_LOCAL_ENTRIES` entries, or folders nested
-            deeper than :data:`MAX_LOCAL_DEPTH`: not a model folder.
-    """
-    files: dict[str, int | None] = {}
-    seen = 0
-    pending = [(root, 0)]
-    while pending:
-        folder, depth = pending.pop()
-        try:
-            entries = os.scandir(folder)
-        except OSError as exc:
-            if folder == root:
-                raise IngredientNotFoundError(f"{root}: cannot list ({exc.strerror})") from exc
-            continue  # an unreadable subfolder holds nothing we could read either
-        with entries:
-            for entry in entries:
-                seen += 1
-                if seen > MAX_LOCAL_ENTRIES:
-                    raise IngredientSpecError(
-                        f"ingredient {root}: more than {MAX_LOCAL_ENTRIES:,} files and folders; "
-                        "not a model folder"
-                    )
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        if entry.name in _UNLISTED_DIRS:
-                            continue
-                        if depth + 1 > MAX_LOCAL_DEPTH:
-                            raise IngredientSpecError(
-                                f"ingredient {root}: folders nested more than {MAX_LOCAL_DEPTH} "
-                                "deep; not a model folder"
-                            )
-                        pending.append((Path(entry.path), depth + 1))
-                    elif entry.is_file():  # a regular file, or a symlink to one
-                        name = Path(entry.path).relative_to(root).as_posix()
-                        files[name] = entry.stat().st_size
-                except OSError:
-                    continue  # vanished or unreadable: not a file of the model
-    return dict(sorted(files.items()))
 
 
 class HubSource(Source):
@@ -379,10 +147,10 @@ class HubSource(Source):
                 answered another range than the one asked (``Content-Range``).
             IngredientNotFoundError: offline, and the file is not cached.
         """
-        buf = _buffer(out, start, end)
+        buf = read_buffer(out, start, end)
         cached = self.cached_path(filename)
         if cached is not None:
-            if not _read_file_range(cached, start, buf):
+            if not read_file_range(cached, start, buf):
                 raise CorruptWeightsError(
                     f"{self.where(filename)}: the copy in the HF cache ({cached}) is shorter than "
                     "its header says"
@@ -400,8 +168,8 @@ class HubSource(Source):
         # HF_HUB_DOWNLOAD_TIMEOUT, as for huggingface_hub's own downloads: the longest wait for
         # the next byte before a stalled read is abandoned and retried.
         timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
-        waits = _Waits(where)
-        for attempt in range(_RETRIES + 1):
+        waits = Waits(where)
+        for attempt in range(RETRIES + 1):
             # Resume from the last byte received, so a dropped connection costs only a retry.
             headers["Range"] = f"bytes={start + got}-{end - 1}"
             try:
@@ -409,7 +177,7 @@ class HubSource(Source):
                     "GET", self._url(filename), headers=headers, follow_redirects=True,
                     timeout=timeout,
                 ) as response:  # fmt: skip
-                    _raise_for_status(response, where)
+                    raise_for_status(response, where)
                     self._check_range(response, filename, start + got, end)
                     # As the bytes arrive (no re-chunking): a fixed chunk size would buffer,
                     # and lose on a drop, up to a chunk of bytes already received.
@@ -425,27 +193,27 @@ class HubSource(Source):
                         elapsed = time.monotonic() - window_start
                         if elapsed >= timeout:
                             if got - window_got < MIN_BYTES_PER_S * elapsed:
-                                raise _Retryable(
+                                raise Retryable(
                                     f"the Hub sent only {got - window_got} bytes in "
                                     f"{elapsed:.1f}s (slower than {MIN_BYTES_PER_S} bytes/s)"
                                 )
                             window_start, window_got = time.monotonic(), got
                 if got == len(buf):
                     return buf
-                raise _Retryable(f"connection closed after {got} of {len(buf)} bytes")
-            except _Retryable as exc:
+                raise Retryable(f"connection closed after {got} of {len(buf)} bytes")
+            except Retryable as exc:
                 problem, cause, asked, status = str(exc), exc, exc.retry_after, exc.status
             except Exception as exc:  # network errors from the HTTP client
-                broken = _protocol_problem(exc)
+                broken = protocol_problem(exc)
                 if broken is not None:
                     raise HubResponseError(f"{where}: {broken}") from exc
-                if not _is_network_error(exc):
+                if not is_network_error(exc):
                     raise
-                problem, cause, asked, status = _network_problem(exc, timeout), exc, None, None
-            if attempt == _RETRIES or not waits.wait(
-                _BACKOFF_S * 2**attempt, asked=asked, status=status
+                problem, cause, asked, status = network_problem(exc, timeout), exc, None, None
+            if attempt == RETRIES or not waits.wait(
+                hubcalls.BACKOFF_S * 2**attempt, asked=asked, status=status
             ):
-                raise HubConnectionError(f"{where}: {problem} ({_gave_up(attempt)})") from cause
+                raise HubConnectionError(f"{where}: {problem} ({gave_up(attempt)})") from cause
         raise AssertionError("unreachable")
 
     def _check_range(self, response: Any, filename: str, first: int, end: int) -> None:
@@ -540,7 +308,7 @@ class HubSource(Source):
             self._scratch = tempfile.TemporaryDirectory(prefix="hfsoup-no-cache-")
         where = self._scratch.name if self._scratch is not None else None
         return Path(
-            _call_hub(
+            call_hub(
                 lambda: hf_hub_download(
                     self.repo, filename, revision=self.sha, token=self._token,
                     force_download=force, cache_dir=where,
@@ -548,299 +316,6 @@ class HubSource(Source):
                 what=f"{self.repo}/{filename}",
             )
         )  # fmt: skip
-
-
-class _Retryable(Exception):
-    def __init__(
-        self, message: str, retry_after: float | None = None, status: int | None = None
-    ) -> None:
-        super().__init__(message)
-        self.retry_after, self.status = retry_after, status
-
-
-def max_retry_wait() -> float:
-    """Seconds one request may spend waiting in all: ``HFSOUP_MAX_RETRY_WAIT``, default 60.
-
-    Raises:
-        RecipeError: the variable is not a number of seconds >= 0.
-    """
-    raw = os.environ.get(MAX_RETRY_WAIT_VARIABLE, "").strip()
-    if not raw:
-        return DEFAULT_MAX_RETRY_WAIT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise RecipeError(
-            f"{MAX_RETRY_WAIT_VARIABLE} must be a number of seconds >= 0, got {raw!r}"
-        )
-    return value
-
-
-class _Waits:
-    """The waiting budget of one request: what servers ask for and back-off, together."""
-
-    def __init__(self, what: str) -> None:
-        self.what, self.limit = what, max_retry_wait()
-        self.left = self.limit
-
-    def wait(self, backoff: float, *, asked: float | None, status: int | None) -> bool:
-        """Sleep before a retry: ``asked`` seconds when the server said, else ``backoff``.
-
-        Returns:
-            False when the back-off would overrun the budget (the caller gives up).
-
-        Raises:
-            HubConnectionError: the server asked for more than is left; saying what it asked.
-        """
-        if asked is not None and asked > self.left:
-            raise HubConnectionError(
-                f"{self.what}: the Hub answered {status} and asked to retry after {asked:g} s; "
-                f"hfsoup waits at most {self.limit:g} s in all ({MAX_RETRY_WAIT_VARIABLE})"
-            )
-        seconds = asked if asked is not None else backoff
-        if seconds > self.left:
-            return False
-        self.left -= seconds
-        time.sleep(seconds)
-        return True
-
-
-def _gave_up(retries: int) -> str:
-    return f"gave up after {retries} {'retry' if retries == 1 else 'retries'}"
-
-
-def _endpoint() -> str:
-    """The Hub's address for messages, without any credentials written into it."""
-    from huggingface_hub import constants
-
-    return scrub(constants.ENDPOINT)
-
-
-def _is_network_error(exc: BaseException) -> bool:
-    import httpx2
-
-    return isinstance(exc, httpx2.TransportError | ConnectionError | TimeoutError)
-
-
-def _protocol_problem(exc: BaseException) -> str | None:
-    """What is wrong when the server answered in a way no retry will mend (a redirect loop, a
-    redirect to no HTTP address, a body that cannot be decoded); None for other errors."""
-    import httpx2
-
-    if isinstance(exc, httpx2.TooManyRedirects):
-        return f"the Hub at {_endpoint()} redirected the request in a loop (too many redirects)"
-    if isinstance(exc, httpx2.UnsupportedProtocol | httpx2.InvalidURL):
-        return f"the Hub at {_endpoint()} redirected the request to an address that is not http(s)"
-    if isinstance(exc, httpx2.DecodingError):
-        return f"the Hub at {_endpoint()} sent a body that cannot be decoded ({exc})"[:300]
-    return None
-
-
-def _network_problem(exc: BaseException, timeout: float) -> str:
-    import httpx2
-
-    if isinstance(exc, httpx2.TimeoutException | TimeoutError):
-        return f"no answer from the Hub at {_endpoint()} within {timeout:g}s"
-    if isinstance(exc, httpx2.ConnectError | ConnectionRefusedError):
-        return f"cannot reach the Hub at {_endpoint()}"
-    return f"the connection to the Hub at {_endpoint()} broke ({type(exc).__name__})"
-
-
-def _retry_after(headers: Any) -> float | None:
-    """Seconds the server asked us to wait, None if it did not say (or said something
-    unreadable): ``Retry-After`` (seconds or an HTTP date) first, else the Hub's ``RateLimit``
-    header (``"api";r=0;t=55``: no requests left in this window, which resets in 55 s)."""
-    if headers is None:
-        return None
-    value = (headers.get("Retry-After") or "").strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        when = None
-    if when is not None and when.tzinfo is not None:  # RFC 9110 dates are GMT
-        return float(max(0, math.ceil(when.timestamp() - time.time())))
-    return _ratelimit_reset(headers)
-
-
-def _ratelimit_reset(headers: Any) -> float | None:
-    """Seconds until the rate-limit window resets, when the ``RateLimit`` header says that no
-    request is left in it; None otherwise."""
-    from huggingface_hub.utils import parse_ratelimit_headers
-
-    try:
-        info = parse_ratelimit_headers(headers)
-    except (TypeError, ValueError):  # a header the parser cannot read says nothing
-        return None
-    if info is None or info.remaining > 0 or info.reset_in_seconds < 0:
-        return None
-    return float(info.reset_in_seconds)
-
-
-def _is_transient(status: int | None) -> bool:
-    return status is None or status in _TRANSIENT or status >= 500
-
-
-def _raise_for_status(response: Any, what: str) -> None:
-    status = response.status_code
-    if status < 400:
-        return
-    if _is_transient(status):
-        raise _Retryable(
-            f"the Hub answered {status}", retry_after=_retry_after(response.headers), status=status
-        )
-    if status in (401, 403):
-        raise AccessDeniedError(f"{what}: access denied ({status}); {_LOGIN_HINT}")
-    raise IngredientNotFoundError(f"{what}: the Hub answered {status}")
-
-
-_LOGIN_HINT = "set HF_TOKEN or run `hf auth login` with an account that can read it"
-
-
-def _call_hub(fn: Callable[[], T], *, what: str) -> T:
-    """Run one huggingface_hub call, turning its errors into hfsoup's one-line errors.
-
-    429/5xx answers are retried here, within :func:`max_retry_wait` seconds of waiting in all:
-    huggingface_hub's own retries (``hf_hub_download``) would wait as long as a server asks,
-    so while the call runs such an answer is raised out of it at once (:func:`_hook_session`).
-    """
-    from huggingface_hub import errors
-
-    waits = _Waits(what)
-    for attempt in range(_RETRIES + 1):
-        _hook_session()  # each attempt: huggingface_hub replaces its client after a connect error
-        _IN_CALL.active = True
-        try:
-            return fn()
-        except _Retryable as exc:
-            problem, cause, asked, status = str(exc), exc, exc.retry_after, exc.status
-        except errors.GatedRepoError as exc:
-            raise AccessDeniedError(f"{what} is gated or private; {_LOGIN_HINT}") from exc
-        except errors.RevisionNotFoundError as exc:
-            raise IngredientNotFoundError(f"{what}: revision not found") from exc
-        except errors.RepositoryNotFoundError as exc:
-            raise IngredientNotFoundError(
-                f"{what}: repository not found (or private: {_LOGIN_HINT})"
-            ) from exc
-        except errors.LocalEntryNotFoundError as exc:
-            # A subclass of EntryNotFoundError: the file is not cached and the Hub could not be
-            # reached. hf_hub_download has retried already; another loop would only wait longer.
-            raise HubConnectionError(f"{what}: cannot reach the Hub at {_endpoint()}") from exc
-        except errors.EntryNotFoundError as exc:
-            raise IngredientNotFoundError(f"{what}: file not found") from exc
-        except errors.HfHubHTTPError as exc:
-            response = exc.response
-            status = response.status_code if response is not None else None
-            if status in (401, 403):
-                raise AccessDeniedError(f"{what}: access denied; {_LOGIN_HINT}") from exc
-            if not _is_transient(status):
-                raise HubConnectionError(f"{what}: the Hub answered {status}") from exc
-            asked = _retry_after(response.headers) if response is not None else None
-            problem, cause = f"the Hub answered {status}", exc
-        except Exception as exc:
-            broken = _protocol_problem(exc)
-            if broken is not None:
-                raise HubResponseError(f"{what}: {broken}") from exc
-            if not _is_network_error(exc):
-                raise
-            problem, cause, asked, status = (
-                f"cannot reach the Hub at {_endpoint()}",
-                exc,
-                None,
-                None,
-            )
-        finally:
-            _IN_CALL.active = False
-        if attempt == _RETRIES or not waits.wait(
-            _BACKOFF_S * 2**attempt, asked=asked, status=status
-        ):
-            raise HubConnectionError(f"{what}: {problem} ({_gave_up(attempt)})") from cause
-    raise AssertionError("unreachable")
-
-
-# Set while :func:`_call_hub` runs a huggingface_hub call on this thread.
-_IN_CALL = threading.local()
-
-
-def _leave_on_retryable(response: Any) -> None:
-    """Response hook: inside :func:`_call_hub`, a 408/429/5xx answer ends the library call.
-
-    huggingface_hub retries such answers itself, sleeping whatever ``Retry-After`` says (an hour
-    if asked); raised here, the answer reaches hfsoup's loop, which keeps to its budget.
-    """
-    if getattr(_IN_CALL, "active", False) and _is_transient(response.status_code):
-        status = response.status_code
-        raise _Retryable(
-            f"the Hub answered {status}", retry_after=_retry_after(response.headers), status=status
-        )
-
-
-def _bound_slow_bodies(response: Any) -> None:
-    """Response hook: inside :func:`_call_hub`, a body arriving slower than
-    :data:`MIN_BYTES_PER_S` over a whole ``HF_HUB_DOWNLOAD_TIMEOUT`` ends the library call.
-
-    huggingface_hub's downloads time out only when no byte comes at all, and resume (with fresh
-    retries) whenever some did: a server trickling bytes would hold the run for hours. Raised
-    here, the slow answer reaches hfsoup's loop, which retries within its bounds.
-    """
-    if getattr(_IN_CALL, "active", False):
-        response.stream = _min_rate(response.stream)
-
-
-def _min_rate_stream_class() -> type:
-    import httpx2
-    from huggingface_hub import constants
-
-    class MinRateStream(httpx2.SyncByteStream):
-        def __init__(self, inner: Any) -> None:
-            self.inner = inner
-
-        def __iter__(self) -> Any:
-            timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
-            start, got = time.monotonic(), 0
-            for chunk in self.inner:
-                got += len(chunk)
-                yield chunk
-                elapsed = time.monotonic() - start
-                if elapsed >= timeout:
-                    if got < MIN_BYTES_PER_S * elapsed:
-                        raise _Retryable(
-                            f"the Hub sent only {got} bytes in {elapsed:.1f}s "
-                            f"(slower than {MIN_BYTES_PER_S} bytes/s)"
-                        )
-                    start, got = time.monotonic(), 0
-
-        def close(self) -> None:
-            close = getattr(self.inner, "close", None)
-            if close is not None:
-                close()
-
-    return MinRateStream
-
-
-def _min_rate(inner: Any) -> Any:
-    """``inner`` (an httpx2 byte stream) wrapped in the stream class, made on first use."""
-    global _MIN_RATE_STREAM
-    if _MIN_RATE_STREAM is None:
-        _MIN_RATE_STREAM = _min_rate_stream_class()
-    return _MIN_RATE_STREAM(inner)
-
-
-_MIN_RATE_STREAM: type | None = None
-
-
-def _hook_session() -> None:
-    """Add :func:`_leave_on_retryable` and :func:`_bound_slow_bodies` to huggingface_hub's HTTP
-    client (once per client; the hooks do nothing outside hfsoup's calls)."""
-    from huggingface_hub import get_session
-
-    hooks = get_session().event_hooks["response"]
-    for hook in (_leave_on_retryable, _bound_slow_bodies):
-        if hook not in hooks:
-            hooks.append(hook)
 
 
 @dataclass
@@ -894,7 +369,7 @@ def resolve(
     if hfcache.offline():
         return _resolve_offline(spec, token, cache)
     try:
-        info = _call_hub(lambda: _model_info(HfApi(token=token), spec), what=spec.label)
+        info = call_hub(lambda: _model_info(HfApi(token=token), spec), what=spec.label)
     except HfsoupError as exc:
         if spec.local_fallback is None:
             raise
@@ -1192,6 +667,6 @@ def _push_reason(exc: BaseException) -> str:
         if status == 412:
             return "the repo changed while pushing (412); nothing of this push was committed"
         return f"the Hub answered {status}"
-    if _is_network_error(exc):
-        return f"cannot reach the Hub at {_endpoint()}"
+    if is_network_error(exc):
+        return f"cannot reach the Hub at {hub_endpoint()}"
     return type(exc).__name__

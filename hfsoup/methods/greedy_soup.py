@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from hfsoup.registry import MergeMethod, register
 
 if TYPE_CHECKING:
+    from hfsoup.check.estimates import EstimateInput, Peak
     from hfsoup.methods.context import MethodContext, MethodOutcome
 
 
@@ -40,6 +41,13 @@ def run(ctx: MethodContext) -> MethodOutcome:
     return greedy_run.run_greedy_soup(ctx)
 
 
+def estimate(given: EstimateInput) -> Peak:
+    """Its peak memory for ``hfsoup inspect`` (:func:`hfsoup.check.estimates.greedy_peak`)."""
+    from hfsoup.check.estimates import greedy_peak
+
+    return greedy_peak(given)
+
+
 GREEDY = register(
     MergeMethod(
         "greedy",
@@ -55,5 +63,6 @@ GREEDY = register(
         rejects=True,
         config=GreedyConfig,
         run_options=frozenset({"resume"}),
+        estimate=estimate,
     )
 )

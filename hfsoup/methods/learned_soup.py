@@ -13,6 +13,7 @@ from hfsoup.recipe import LearnedConfig
 from hfsoup.registry import MergeMethod, register
 
 if TYPE_CHECKING:
+    from hfsoup.check.estimates import EstimateInput, Peak
     from hfsoup.methods.context import MethodContext, MethodOutcome
 
 
@@ -30,6 +31,13 @@ def run(ctx: MethodContext) -> MethodOutcome:
     return learned_run.run_learned_soup(ctx)
 
 
+def estimate(given: EstimateInput) -> Peak:
+    """Its peak memory for ``hfsoup inspect`` (:func:`hfsoup.check.estimates.learned_peak`)."""
+    from hfsoup.check.estimates import learned_peak
+
+    return learned_peak(given)
+
+
 LEARNED = register(
     MergeMethod(
         "learned",
@@ -43,5 +51,6 @@ LEARNED = register(
         options_key="learned",
         run_options=frozenset({"memory_budget"}),
         one_device=True,
+        estimate=estimate,
     )
 )

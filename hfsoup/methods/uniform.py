@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from hfsoup.registry import MergeMethod, register
 
 if TYPE_CHECKING:
+    from hfsoup.check.estimates import EstimateInput, Peak
     from hfsoup.methods.context import MethodContext, MethodOutcome
 
 
@@ -26,11 +27,19 @@ def run(ctx: MethodContext) -> MethodOutcome:
     return MethodOutcome(ctx.results(ctx.weights, hardware))
 
 
+def estimate(given: EstimateInput) -> Peak:
+    """Its peak memory for ``hfsoup inspect`` (:func:`hfsoup.check.estimates.uniform_peak`)."""
+    from hfsoup.check.estimates import uniform_peak
+
+    return uniform_peak(given)
+
+
 UNIFORM = register(
     MergeMethod(
         "uniform",
         "the (weighted) average of every ingredient",
         run=run,
         card="uniform soup: the plain average of all ingredients' weights",
+        estimate=estimate,
     )
 )

@@ -83,7 +83,7 @@ def local_reads(recipe: Recipe) -> list[str]:
         for entry in recipe.ingredients
         if _local_ingredient(entry)
     ]
-    if recipe.base is not None and _local_ingredient(recipe.base.text):
+    if recipe.base is not None and _local_ingredient(recipe.base):
         found.append(f"the local folder {recipe.base.repo!r} as the base model")
     task = recipe.task
     if task is None:

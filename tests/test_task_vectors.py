@@ -309,6 +309,22 @@ def test_an_incompatible_base_is_refused_naming_the_tensor(models, cli, tmp_path
     _refused(proc, out, "classifier.", "shape [3", "expected [2", "head")
 
 
+@pytest.mark.reliability(
+    "a --base whose head names the ingredients' labels in another order",
+    "one line: 'base X orders its labels differently from Y (id2label ...)'; exit 2, nothing "
+    "written (task vectors would subtract another label's head row)",
+)
+def test_a_base_with_the_labels_in_another_order_is_refused(models, cli, tmp_path):
+    _, fts = models
+    swapped = tmp_path / "swapped"
+    config = tiny_bert_config(id2label={0: "positive", 1: "negative"},
+                              label2id={"positive": 0, "negative": 1})  # fmt: skip
+    make_model(config, 0).save_pretrained(swapped)
+    out = tmp_path / "o"
+    proc = cli("soup", *fts, "--method", "task_arithmetic", "--base", swapped, "-o", out)
+    _refused(proc, out, "orders its labels differently")
+
+
 @pytest.mark.parametrize("density", ["0", "1.5", "-0.1"])
 def test_density_outside_zero_one_is_refused(models, cli, tmp_path, density):
     base, fts = models

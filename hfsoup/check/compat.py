@@ -168,6 +168,23 @@ def check_base(base: IngredientIndex, indexes: Sequence[IngredientIndex]) -> Non
         raise IncompatibleIngredientsError(
             f"base {base.ingredient.label} does not fit {indexes[0].ingredient.label}: {text}{hint}"
         )
+    _check_base_labels(base, indexes[0])
+
+
+def _check_base_labels(base: IngredientIndex, first: IngredientIndex) -> None:
+    """Refuse a base whose head names the ingredients' labels in another order: θᵢ − θ₀ would
+    subtract another label's head row, silently. A base with other label names (a pretrained
+    model's ``LABEL_0``, ``LABEL_1`` beside a fresh head) is taken as it is."""
+    a, b = _labels(first.config), _labels(base.config)
+    if a is None or b is None or a == b or set(a.values()) != set(b.values()):
+        return
+    if label_permutation(a, b) is not None:
+        raise IncompatibleIngredientsError(
+            f"base {base.ingredient.label} orders its labels differently from "
+            f"{first.ingredient.label} (id2label {_brief(b, 200)} != {_brief(a, 200)}): its head "
+            "rows would be subtracted from other labels' rows; give a base with the ingredients' "
+            "label order"
+        )
 
 
 def _tensor_problems(first: IngredientIndex, other: IngredientIndex) -> list[tuple[int, str]]:

@@ -157,7 +157,7 @@ def run_hfsoup(repos: Sequence[str], out: Path) -> dict[str, float]:
 
     options = {}
     if os.environ.get("BENCH_MAX_IN_FLIGHT"):  # --max-in-flight, to compare read-ahead sizes
-        from hfsoup.io.tensors import parse_size
+        from hfsoup.units import parse_size
 
         options["max_in_flight"] = parse_size(os.environ["BENCH_MAX_IN_FLIGHT"])
     result = hfsoup.soup(list(repos), output=out, progress=False, **options)

@@ -19,7 +19,7 @@ from hfsoup.compute.placement import plan_placement
 from hfsoup.dtypes import SCORE_DTYPES
 from hfsoup.errors import IncompatibleIngredientsError, RecipeError
 from hfsoup.ingredients import to_entry as _entry
-from hfsoup.io.tensors import IngredientIndex, parse_size
+from hfsoup.io.tensors import IngredientIndex
 from hfsoup.pipeline import (
     DTYPES,
     IngredientLike,
@@ -35,6 +35,7 @@ from hfsoup.pipeline import (
 from hfsoup.recipe import OutputConfig, Recipe, build_recipe, load_recipe
 from hfsoup.report.outputs import hardware_record
 from hfsoup.report.outputs import pin_recipe as pin_recipe  # importable from here, as before
+from hfsoup.units import parse_size
 from hfsoup.untrusted import check_soup_recipe
 
 if TYPE_CHECKING:

@@ -479,7 +479,7 @@ def _in_flight(value: str | None) -> int | None:
     """``--max-in-flight SIZE`` in bytes (None: the default)."""
     if value is None:
         return None
-    from hfsoup.io.tensors import parse_size
+    from hfsoup.units import parse_size
 
     try:
         return parse_size(value)

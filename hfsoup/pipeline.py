@@ -32,7 +32,7 @@ from hfsoup.ingredients import IngredientLike
 from hfsoup.ingredients import to_spec as ingredient_spec
 from hfsoup.io.hub import IngredientSpec, refuse_push_offline, resolve
 from hfsoup.io.layouts import read_layout
-from hfsoup.io.tensors import IngredientIndex, index_ingredient, parse_size, plan_shards
+from hfsoup.io.tensors import IngredientIndex, index_ingredient, plan_shards
 from hfsoup.io.tokenizer_files import check_tokenizers
 from hfsoup.io.writer import check_output_target, staged_output
 from hfsoup.methods.context import MethodContext, MethodOutcome
@@ -40,6 +40,7 @@ from hfsoup.recipe import Recipe
 from hfsoup.registry import MergeMethod, get_method, methods
 from hfsoup.report.outputs import write_soup_files
 from hfsoup.report.pushplan import check_repo_id, plan_push, push_folder
+from hfsoup.units import parse_size
 from hfsoup.untrusted import check_resolved, plan_lines
 
 log = logging.getLogger("hfsoup")

@@ -241,7 +241,7 @@ def sweep(recipe: SweepRecipe, *, progress: bool = True, token: str | None = Non
 
     from hfsoup.io.hub import refuse_push_offline
     from hfsoup.report.pushplan import push_folder
-    from hfsoup.tasks.scorer import Scorer
+    from hfsoup.tasks.classification import Scorer
 
     if recipe.push_prefix:  # HF_HUB_OFFLINE: refused before any training
         refuse_push_offline(f"{recipe.push_prefix}-1")

@@ -12,8 +12,8 @@ from test_evaluation_data import make_tokenizer, sentences, text_dataset, text_t
 
 from hfsoup.check.labels import label_permutation
 from hfsoup.errors import IncompatibleIngredientsError
+from hfsoup.tasks.classification import Scorer, required_count
 from hfsoup.tasks.ensemble import ensemble, greedy_ensemble, reaches
-from hfsoup.tasks.scorer import Scorer, required_count
 
 N_SELECTION = 24
 

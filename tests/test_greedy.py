@@ -127,7 +127,7 @@ def test_early_rejection_scores_fewer_examples_with_identical_decisions(hub, sen
 
 
 def test_interrupted_run_resumes_without_recomputing(hub, sentiment, tmp_path, monkeypatch):
-    from hfsoup.tasks.scorer import Scorer
+    from hfsoup.tasks.classification import Scorer
 
     calls = {"n": 0}
     original = Scorer.score_with_early_stop

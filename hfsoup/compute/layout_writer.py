@@ -18,8 +18,9 @@ import torch
 from hfsoup.compute.combine import stream_average
 from hfsoup.errors import NonFiniteWeightsError
 from hfsoup.io.layouts import MODULE_WEIGHTS
-from hfsoup.io.tensors import MAX_SIZE, IngredientIndex, plan_shards
+from hfsoup.io.tensors import IngredientIndex, plan_shards
 from hfsoup.io.writer import ShardWriter
+from hfsoup.units import MAX_SIZE
 
 
 def write_modules(

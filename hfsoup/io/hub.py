@@ -11,7 +11,7 @@ one ingredient.
 
 Elsewhere, the libraries hfsoup calls fetch what they are asked for, through their own caches:
 ``transformers``' ``from_pretrained`` (the tokenizer, image processor and config a task scores
-with: :mod:`hfsoup.tasks.preprocess`, :mod:`hfsoup.tasks.scorer`; the base model of
+with: :mod:`hfsoup.tasks.preprocess`, :mod:`hfsoup.tasks.classification`; the base model of
 :mod:`hfsoup.sweep`), ``datasets.load_dataset`` (:mod:`hfsoup.tasks.data`, :mod:`hfsoup.sweep`)
 and ``evaluate.load`` of a Hub metric (:mod:`hfsoup.tasks.metrics`); :mod:`hfsoup.demo` publishes
 its models and data to the loopback Hub it starts with ``HfApi``.

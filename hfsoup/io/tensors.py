@@ -26,7 +26,6 @@ from hfsoup.io.hub import Ingredient
 from hfsoup.io.refs import IngredientIndex, TensorRef
 from hfsoup.io.refs import brief as _brief
 from hfsoup.io.refs import few as _few
-from hfsoup.units import MAX_SIZE, parse_size  # noqa: F401  (re-exported)
 
 _HEADER_PROBE = 64 * 1024
 _MAX_HEADER = 100 * 1024 * 1024

@@ -16,7 +16,7 @@ import torch
 from hfsoup.compute.distributed import Processes
 from hfsoup.compute.placement import Placement
 from hfsoup.errors import RecipeError, TaskError
-from hfsoup.io.tensors import FLOAT_DTYPES, IngredientIndex, output_dtype, parse_size
+from hfsoup.io.tensors import FLOAT_DTYPES, IngredientIndex, output_dtype
 from hfsoup.methods.context import MethodContext, MethodOutcome
 from hfsoup.methods.greedy import (
     SoupSession,
@@ -45,7 +45,8 @@ from hfsoup.recipe import LearnedConfig
 from hfsoup.report.model_index import task_model_index
 from hfsoup.report.outputs import Scores, SoupResults, hardware_record
 from hfsoup.report.summary import markdown_table
-from hfsoup.tasks.scorer import Scorer
+from hfsoup.tasks.classification import Scorer
+from hfsoup.units import parse_size
 
 ALPHA_PNG = "learned_alpha.png"
 

@@ -9,7 +9,6 @@
 - :mod:`~hfsoup.tasks.classification`: the classification kind (outputs, scores, exact
   early rejection, the learned soup's loss).
 - :mod:`~hfsoup.tasks.ensemble`: ensemble and greedy ensemble of cached outputs.
-- :mod:`~hfsoup.tasks.labels`: align ingredients whose labels are ordered differently.
 """
 
 from __future__ import annotations
@@ -18,14 +17,13 @@ import importlib
 from typing import Any
 
 # Public name -> defining module. Imported on first use, so that the light modules (task,
-# labels) do not pull in datasets, evaluate and transformers.
+# kinds) do not pull in datasets, evaluate and transformers.
 _EXPORTS = {
     "holdout_indices": "data",
     "load_task_splits": "data",
     "ensemble": "ensemble",
     "greedy_ensemble": "ensemble",
     "reaches": "ensemble",
-    "label_permutation": "labels",
     "compute": "metrics",
     "is_mean_over_examples": "metrics",
     "load_metric": "metrics",

@@ -1,0 +1,166 @@
+"""PEFT LoRA adapters as ingredients (issue 18): souped in delta space on their base.
+
+The adapters are made with ``peft`` on tiny bases (GPT-2 with Conv1D layers and a tied
+embedding; a BERT classifier with a saved head), with random non-zero B, different ranks and
+target modules. Every soup is checked against an independent computation: peft's own
+``merge_and_unload`` per adapter, then a plain average of the state dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_errors import assert_nothing_written, assert_one_line_error
+
+# (target modules, rank, alpha, rsLoRA): different ranks and module sets; GPT-2's c_attn,
+# c_proj and c_fc are Conv1D (fan_in_fan_out), wte an embedding.
+GPT2_ADAPTERS = [
+    (["c_attn", "c_proj"], 4, 8, False),
+    (["c_attn", "c_fc"], 2, 4, True),
+    (["c_attn", "wte"], 3, 6, False),
+]
+
+
+def _tiny_gpt2(folder: Path, seed: int = 0) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=32,
+                        bos_token_id=0, eos_token_id=0)  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+def make_adapter(base_dir: Path, out: Path, *, base_name: str, seed: int, loader, **lora) -> Path:
+    """A LoRA adapter of ``base_dir`` with random non-zero A and B, naming ``base_name``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(loader(base_dir), LoraConfig(init_lora_weights=False, **lora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:  # a trained head: not the base's
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base_name
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def _gpt2_loader(folder):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(folder)
+
+
+def merged_reference(base_dir: Path, adapter_dirs, loader, weights=None) -> dict[str, torch.Tensor]:
+    """peft's merge_and_unload per adapter, then the weighted average of the state dicts."""
+    from peft import PeftModel
+
+    weights = weights or [1 / len(adapter_dirs)] * len(adapter_dirs)
+    avg: dict[str, torch.Tensor] = {}
+    for w, folder in zip(weights, adapter_dirs, strict=True):
+        merged = PeftModel.from_pretrained(loader(base_dir), folder).merge_and_unload()
+        for k, v in merged.state_dict().items():
+            avg[k] = avg.get(k, 0) + w * v.double()
+    return avg
+
+
+def _max_diff(soup: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    assert soup, "empty soup"
+    return max((soup[k].double() - ref[k]).abs().max().item() for k in soup)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory, hub):
+    """A tiny GPT-2 base on the Hub and three adapters of it on the Hub (and on disk)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url)
+    tmp = tmp_path_factory.mktemp("lora-gpt2")
+    tag = uuid.uuid4().hex[:8]
+    base_dir = _tiny_gpt2(tmp / "base")
+    base = f"test-org/lora-base-{tag}"
+    api.create_repo(base)
+    api.upload_folder(repo_id=base, folder_path=str(base_dir))
+    dirs, repos = [], []
+    for i, (targets, r, alpha, rs) in enumerate(GPT2_ADAPTERS):
+        folder = make_adapter(base_dir, tmp / f"ad{i}", base_name=base, seed=10 + i,
+                              loader=_gpt2_loader, target_modules=targets, r=r, lora_alpha=alpha,
+                              use_rslora=rs, fan_in_fan_out="wte" not in targets)  # fmt: skip
+        repo = f"test-org/lora-ad{i}-{tag}"
+        api.create_repo(repo)
+        api.upload_folder(repo_id=repo, folder_path=str(folder))
+        dirs.append(folder)
+        repos.append(repo)
+    return {"base": base, "base_dir": base_dir, "dirs": dirs, "repos": repos, "api": api}
+
+
+def test_uniform_soup_of_adapters_equals_merge_then_average(gpt2, tmp_path, cli):
+    proc = cli("soup", *gpt2["repos"], "--output", tmp_path / "soup", "-q")
+    assert proc.returncode == 0, proc.stderr
+    soup = load_file(tmp_path / "soup" / "model.safetensors")
+    ref = merged_reference(gpt2["base_dir"], gpt2["dirs"], _gpt2_loader)
+    assert _max_diff(soup, ref) <= 1e-5
+    # ΔW is not zero: the soup is not the base.
+    base = load_file(gpt2["base_dir"] / "model.safetensors")
+    name = "transformer.h.0.attn.c_attn.weight"
+    assert (soup[name] - base[name]).abs().max() > 1e-3
+
+
+def test_weighted_soup_of_adapters_on_a_given_base(gpt2, tmp_path, cli):
+    # Local adapter folders, the base given explicitly (overriding what the adapters name).
+    w = [0.5, 0.3, 0.2]
+    args = [str(d) for d in gpt2["dirs"]]
+    proc = cli("soup", *args, "--weights", *map(str, w), "--base", str(gpt2["base_dir"]),
+               "--output", tmp_path / "soup", "-q")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    soup = load_file(tmp_path / "soup" / "model.safetensors")
+    ref = merged_reference(gpt2["base_dir"], gpt2["dirs"], _gpt2_loader, weights=w)
+    assert _max_diff(soup, ref) <= 1e-5
+
+
+def test_task_arithmetic_of_adapters_takes_their_base(gpt2, tmp_path, cli):
+    # τᵢ = ΔWᵢ: θ₀ + λ Σ ΔWᵢ, with the base the adapters name (no --base given).
+    proc = cli("soup", *gpt2["repos"][:2], "--method", "task_arithmetic", "--lambda", "0.5",
+               "--output", tmp_path / "soup", "-q")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    soup = load_file(tmp_path / "soup" / "model.safetensors")
+    base = {k: v.double() for k, v in load_file(gpt2["base_dir"] / "model.safetensors").items()}
+    avg = merged_reference(gpt2["base_dir"], gpt2["dirs"][:2], _gpt2_loader)
+    # θ₀ + 0.5·(τ₁ + τ₂) = θ₀ + (mean θᵢ − θ₀)
+    ref = {k: base[k] + (avg[k] - base[k]) for k in base}
+    assert _max_diff(soup, ref) <= 1e-5
+
+
+def test_adapters_on_different_bases_are_refused(gpt2, tmp_path, cli):
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in gpt2["dirs"][1].iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "test-org/some-other-base"
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    proc = cli("soup", str(gpt2["dirs"][0]), str(other), "--output", tmp_path / "soup", "-q")
+    assert_one_line_error(proc, "the adapters name different base models",
+                          gpt2["base"], "test-org/some-other-base")  # fmt: skip
+    assert_nothing_written(tmp_path)
+
+
+def test_dora_adapter_is_refused(gpt2, tmp_path, cli):
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    for f in gpt2["dirs"][0].iterdir():
+        (dora / f.name).write_bytes(f.read_bytes())
+    config = json.loads((dora / "adapter_config.json").read_text())
+    config["use_dora"] = True
+    (dora / "adapter_config.json").write_text(json.dumps(config))
+    proc = cli("soup", str(gpt2["dirs"][1]), str(dora), "--output", tmp_path / "soup", "-q")
+    assert_one_line_error(proc, "is a DoRA adapter (use_dora)")
+    assert_nothing_written(tmp_path)

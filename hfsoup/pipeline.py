@@ -44,6 +44,7 @@ from hfsoup.io.writer import check_output_target, staged_output
 from hfsoup.methods.context import MethodContext, MethodOutcome
 from hfsoup.recipe import Recipe
 from hfsoup.registry import MergeMethod, get_method, methods
+from hfsoup.report.lora import check_adapter_output, finish_lora
 from hfsoup.report.outputs import write_soup_files
 from hfsoup.report.pushplan import check_repo_id, plan_push, push_folder
 from hfsoup.units import parse_size
@@ -94,6 +95,7 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> SoupResult:
         return SoupResult(target, recipe.method, [], {}, timings=timings)
     indexes = _index(recipe, opts, target, procs, timings)  # resolve -> index -> check
     base = _base(recipe, opts, indexes, method)
+    check_adapter_output(indexes, adapter=recipe.output.adapter, rank=recipe.output.rank)
     placement = plan_placement(
         indexes[0].config, device=device, device_map=opts.device_map, max_memory=budgets,
         score_dtype=SCORE_DTYPES[opts.score_dtype], accumulate=ACCUMULATE_DTYPES[opts.accumulate],
@@ -115,6 +117,9 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> SoupResult:
         if folder is None:  # a process beside the main one: it scored its share, it writes nothing
             return SoupResult(target, recipe.method, outcome.weights, outcome.results.to_dict(),
                               timings=timings)  # fmt: skip
+        outcome.results.lora, section = finish_lora(folder, indexes, adapter=recipe.output.adapter,
+                                                    rank=recipe.output.rank)  # fmt: skip
+        outcome.sections += [section] if section else []
         results = _write(folder, outcome)  # results.json, card, recipe
     return _push(recipe, target, outcome.weights, results, timings, opts.token)
 

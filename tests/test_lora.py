@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 from test_errors import assert_nothing_written, assert_one_line_error
 
+reliability = pytest.mark.reliability
+
 # (target modules, rank, alpha, rsLoRA): different ranks and module sets; GPT-2's c_attn,
 # c_proj and c_fc are Conv1D (fan_in_fan_out), wte an embedding.
 GPT2_ADAPTERS = [
@@ -139,6 +141,10 @@ def test_task_arithmetic_of_adapters_takes_their_base(gpt2, tmp_path, cli):
     assert _max_diff(soup, ref) <= 1e-5
 
 
+@reliability(
+    "LoRA adapters that name different base models (base_model_name_or_path)",
+    "one line naming each adapter and its base; nothing written",
+)
 def test_adapters_on_different_bases_are_refused(gpt2, tmp_path, cli):
     other = tmp_path / "other"
     other.mkdir()
@@ -153,6 +159,10 @@ def test_adapters_on_different_bases_are_refused(gpt2, tmp_path, cli):
     assert_nothing_written(tmp_path)
 
 
+@reliability(
+    "A DoRA adapter (use_dora), or another PEFT type than LoRA, as an ingredient",
+    "one line: 'X is a DoRA adapter (use_dora); hfsoup soups plain LoRA'; nothing written",
+)
 def test_dora_adapter_is_refused(gpt2, tmp_path, cli):
     dora = tmp_path / "dora"
     dora.mkdir()
@@ -163,4 +173,77 @@ def test_dora_adapter_is_refused(gpt2, tmp_path, cli):
     (dora / "adapter_config.json").write_text(json.dumps(config))
     proc = cli("soup", str(gpt2["dirs"][1]), str(dora), "--output", tmp_path / "soup", "-q")
     assert_one_line_error(proc, "is a DoRA adapter (use_dora)")
+    assert_nothing_written(tmp_path)
+
+
+def _svd_error(delta: torch.Tensor, rank: int) -> float:
+    """Independent: the relative Frobenius error of the best rank-``rank`` approximation, from
+    the singular values alone (Eckart–Young)."""
+    s = torch.linalg.svdvals(delta.double())
+    return (s[rank:].square().sum().sqrt() / s.square().sum().sqrt()).item()
+
+
+def test_output_adapter_loads_in_peft_and_reports_its_svd_error(gpt2, tmp_path, cli):
+    from peft import PeftModel
+
+    rank = 2
+    out = tmp_path / "soup"
+    proc = cli("soup", *gpt2["repos"], "--output-adapter", "--rank", str(rank),
+               "--output", out, "-q")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "model.safetensors").exists()
+    results = json.loads((out / "results.json").read_text())
+    reported = results["lora"]["output_adapter"]
+    assert reported["rank"] == rank
+
+    base = {k: v.double() for k, v in load_file(gpt2["base_dir"] / "model.safetensors").items()}
+    avg = merged_reference(gpt2["base_dir"], gpt2["dirs"], _gpt2_loader)
+    expected = {}
+    for module in reported["relative_frobenius_error"]["per_module"]:
+        name = f"{module}.weight"
+        delta = avg[name] - base[name]
+        # Conv1D (GPT-2) and embeddings are stored (in, out): the adapter's ΔW is its transpose.
+        expected[module] = _svd_error(delta.T, rank)
+    # Every module any adapter targets: c_attn, c_proj and c_fc of both layers, and wte.
+    assert len(expected) == 2 * 4 + 1
+    per_module = reported["relative_frobenius_error"]["per_module"]
+    for module, err in expected.items():
+        assert abs(per_module[module] - err) <= 1e-5, module
+    assert abs(reported["relative_frobenius_error"]["max"] - max(expected.values())) <= 1e-5
+    mean = sum(expected.values()) / len(expected)
+    assert abs(reported["relative_frobenius_error"]["mean"] - mean) <= 1e-5
+    assert max(expected.values()) > 0.01  # rank 2 < the soup's rank: the error is real
+
+    # The adapter loads with peft, and its merged model is θ₀ + the rank-R truncation.
+    merged = PeftModel.from_pretrained(_gpt2_loader(gpt2["base_dir"]), out).merge_and_unload()
+    state = merged.state_dict()
+    name = "transformer.h.1.attn.c_attn.weight"
+    delta = (avg[name] - base[name]).T
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    truncated = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    assert (state[name].double() - (base[name] + truncated.T)).abs().max() <= 1e-5
+    assert "LoRA adapters" in (out / "README.md").read_text()
+
+
+def test_output_adapter_at_full_rank_is_exact(gpt2, tmp_path, cli):
+    # Σ of the adapters' ranks bounds the soup's rank: at that rank the SVD loses nothing.
+    rank = sum(r for _, r, _, _ in GPT2_ADAPTERS)
+    proc = cli("soup", *gpt2["repos"], "--output-adapter", "--rank", str(rank),
+               "--output", tmp_path / "soup", "-q")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "soup" / "results.json").read_text())
+    assert results["lora"]["output_adapter"]["relative_frobenius_error"]["max"] <= 1e-6
+
+
+@reliability(
+    "--output-adapter with full models as ingredients, or --rank without --output-adapter",
+    "one line naming the flag; nothing written",
+)
+def test_output_adapter_of_full_models_is_refused(gpt2, tmp_path, cli):
+    base = str(gpt2["base_dir"])
+    proc = cli("soup", base, base, "--output-adapter", "--output", tmp_path / "soup", "-q")
+    assert_one_line_error(proc, "an adapter output needs LoRA adapters", "--output-adapter")
+    assert_nothing_written(tmp_path)
+    proc = cli("soup", *gpt2["repos"], "--rank", "2", "--output", tmp_path / "soup", "-q")
+    assert_one_line_error(proc, "rank applies to an adapter output only", "--rank")
     assert_nothing_written(tmp_path)

@@ -64,10 +64,12 @@ class LoraModule:
     """One target module of an adapter: where its A and B live, and how ΔW is formed."""
 
     target: str  # the base tensor ΔW is added to
+    module: str  # the module's path as PEFT names it
     a: str
     b: str
     scaling: float
     transpose: bool
+    embedding: bool = False
 
 
 @dataclass
@@ -303,7 +305,8 @@ def _module(
         )
     alpha = float(cfg["lora_alpha"])
     scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-    return LoraModule(target=target, a=ab["A"], b=ab["B"], scaling=scaling, transpose=transpose)
+    return LoraModule(target=target, module=_strip(ab["A"]).rsplit(".lora_", 1)[0], a=ab["A"],
+                      b=ab["B"], scaling=scaling, transpose=transpose, embedding=emb)  # fmt: skip
 
 
 def _strip(key: str) -> str:

@@ -247,3 +247,48 @@ def test_output_adapter_of_full_models_is_refused(gpt2, tmp_path, cli):
     proc = cli("soup", *gpt2["repos"], "--rank", "2", "--output", tmp_path / "soup", "-q")
     assert_one_line_error(proc, "rank applies to an adapter output only", "--rank")
     assert_nothing_written(tmp_path)
+
+
+def _seq_cls_loader(folder):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(folder)
+
+
+def test_greedy_soup_of_classifier_adapters_with_saved_heads(tiny_greedy, hub, tmp_path):
+    """SEQ_CLS adapters (LoRA on query/value, the classifier saved whole as modules_to_save):
+    greedy scores each adapter as θ₀ + ΔW with its own head, and the soup it keeps equals
+    peft's merge-then-average of the adapters it kept."""
+    from huggingface_hub import HfApi
+
+    import hfsoup
+
+    api = HfApi(endpoint=hub.url)
+    base_repo, base_dir = tiny_greedy["repos"][0], tiny_greedy["dirs"][0]
+    tag = uuid.uuid4().hex[:8]
+    dirs, repos = [], []
+    for i, (targets, r) in enumerate([(["query", "value"], 2), (["query"], 4), (["value"], 1)]):
+        folder = make_adapter(base_dir, tmp_path / f"cls{i}", base_name=base_repo, seed=20 + i,
+                              loader=_seq_cls_loader, task_type="SEQ_CLS", target_modules=targets,
+                              r=r, lora_alpha=2 * r)  # fmt: skip
+        repo = f"test-org/lora-cls{i}-{tag}"
+        api.create_repo(repo)
+        api.upload_folder(repo_id=repo, folder_path=str(folder))
+        dirs.append(folder)
+        repos.append(repo)
+    result = hfsoup.soup(repos, output=tmp_path / "soup", method="greedy",
+                         task=tiny_greedy["task"], progress=False)  # fmt: skip
+    results = result.results
+    assert results["method"] == "greedy" and "greedy" in results
+    assert [row["sha"] for row in results["ingredients"]] == [api.model_info(r).sha for r in repos]
+    assert results["lora"]["base"]["repo"] == base_repo
+    assert results["lora"]["adapters"][0]["saved_whole"] == ["classifier.bias", "classifier.weight"]
+    kept = [(w, d) for w, d in zip(result.weights, dirs, strict=True) if w > 0]
+    assert kept
+    soup = load_file(tmp_path / "soup" / "model.safetensors")
+    ref = merged_reference(base_dir, [d for _, d in kept], _seq_cls_loader,
+                           weights=[w for w, _ in kept])  # fmt: skip
+    assert _max_diff(soup, ref) <= 1e-5
+    # The head is the adapters' (saved whole), not the base's.
+    base = load_file(base_dir / "model.safetensors")
+    assert (soup["classifier.weight"] - base["classifier.weight"]).abs().max() > 1e-3

@@ -292,3 +292,19 @@ def test_greedy_soup_of_classifier_adapters_with_saved_heads(tiny_greedy, hub, t
     # The head is the adapters' (saved whole), not the base's.
     base = load_file(base_dir / "model.safetensors")
     assert (soup["classifier.weight"] - base["classifier.weight"]).abs().max() > 1e-3
+
+
+def test_card_recipe_pins_the_base_and_rebuilds_the_same_soup(gpt2, tmp_path, cli):
+    import yaml
+
+    proc = cli("soup", *gpt2["repos"][:2], "--output", tmp_path / "a", "-q")
+    assert proc.returncode == 0, proc.stderr
+    recipe = yaml.safe_load((tmp_path / "a" / "hfsoup_recipe.yaml").read_text())
+    base_sha = gpt2["api"].model_info(gpt2["base"]).sha
+    assert recipe["base"] == {"repo": gpt2["base"], "revision": base_sha} or recipe["base"] == (
+        f"{gpt2['base']}@{base_sha}"
+    )
+    proc = cli("run", tmp_path / "a" / "README.md", "--output", tmp_path / "b", "-q")
+    assert proc.returncode == 0, proc.stderr
+    a = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "model.safetensors").read_bytes()

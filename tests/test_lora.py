@@ -301,10 +301,21 @@ def test_card_recipe_pins_the_base_and_rebuilds_the_same_soup(gpt2, tmp_path, cl
     assert proc.returncode == 0, proc.stderr
     recipe = yaml.safe_load((tmp_path / "a" / "hfsoup_recipe.yaml").read_text())
     base_sha = gpt2["api"].model_info(gpt2["base"]).sha
-    assert recipe["base"] == {"repo": gpt2["base"], "revision": base_sha} or recipe["base"] == (
-        f"{gpt2['base']}@{base_sha}"
-    )
+    assert recipe["base"] == {"repo": gpt2["base"], "revision": base_sha}
     proc = cli("run", tmp_path / "a" / "README.md", "--output", tmp_path / "b", "-q")
     assert proc.returncode == 0, proc.stderr
     a = (tmp_path / "a" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_output_adapter_is_pushed_with_its_files(gpt2, tmp_path, cli, repo_id):
+    target = repo_id("lora-soup")
+    proc = cli("soup", *gpt2["repos"][:2], "--output-adapter", "--output", tmp_path / "soup",
+               "--push-to", target, "-q")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    files = set(gpt2["api"].list_repo_files(target))
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files
+    assert "model.safetensors" not in files
+    # The default rank is the largest of the adapters' (4 and 2).
+    config = json.loads((tmp_path / "soup" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["base_model_name_or_path"] == gpt2["base"]

@@ -117,8 +117,11 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> SoupResult:
         if folder is None:  # a process beside the main one: it scored its share, it writes nothing
             return SoupResult(target, recipe.method, outcome.weights, outcome.results.to_dict(),
                               timings=timings)  # fmt: skip
+        t0 = time.perf_counter()
         outcome.results.lora, section = finish_lora(folder, indexes, adapter=recipe.output.adapter,
                                                     rank=recipe.output.rank)  # fmt: skip
+        if recipe.output.adapter:
+            timings["adapter_output"] = time.perf_counter() - t0
         outcome.sections += [section] if section else []
         results = _write(folder, outcome)  # results.json, card, recipe
     return _push(recipe, target, outcome.weights, results, timings, opts.token)

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from hfsoup.compute.combine import one_cpu_thread
 from hfsoup.io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BoundAdapter, LoraModule
-from hfsoup.io.refs import IngredientIndex
+from hfsoup.io.refs import IngredientIndex, TensorRef
 from hfsoup.io.streaming import iter_tensors
+from hfsoup.io.tensors import DTYPES, parse_header
 
 log = logging.getLogger("hfsoup")
 
@@ -54,11 +56,12 @@ class AdapterWritten:
 def truncated(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(B, A, error)``: the best rank-``rank`` factorisation B·A of ``delta`` (out × in) and
     its relative Frobenius error (0 for a zero ``delta``)."""
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    delta = delta.float()
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     r = min(rank, s.numel())
     b, a = u[:, :r] * s[:r], vh[:r]
-    norm = torch.linalg.matrix_norm(delta.double()).item()
-    err = torch.linalg.matrix_norm(delta.double() - b @ a).item() / norm if norm > 0 else 0.0
+    norm = torch.linalg.matrix_norm(delta).item()
+    err = torch.linalg.matrix_norm(delta - b @ a).item() / norm if norm > 0 else 0.0
     if r < rank:  # a module smaller than the rank: pad with zeros so every module has rank R
         b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], 1)
         a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])], 0)
@@ -89,7 +92,9 @@ def write_adapter(folder: Path, indexes: Sequence[IngredientIndex], *, rank: int
     modules, replaced = soup_modules(indexes)
     weights: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
-    with _Soup(folder) as soup:
+    # One torch thread: LAPACK's OpenMP threads spin-wait beside busy processes (a 3072 x 768
+    # SVD took 8 s on two shared cores, 0.6 s on one thread; BENCHMARKS.md).
+    with _Soup(folder) as soup, one_cpu_thread("cpu"):
         for name, theta0 in iter_tensors(base, sorted(modules)):
             m = modules[name]
             delta = soup.get_tensor(name).float() - theta0.float()
@@ -113,28 +118,44 @@ def write_adapter(folder: Path, indexes: Sequence[IngredientIndex], *, rank: int
 
 
 class _Soup:
-    """The soup's tensors by name, from ``model.safetensors`` or the shards its index names."""
+    """The soup's tensors by name, from ``model.safetensors`` or the shards its index names.
+
+    Read with plain file reads, one tensor at a time: a memory map would keep every page it
+    touched resident (and counted) until the end.
+    """
 
     def __init__(self, folder: Path) -> None:
         index = folder / _INDEX
         if index.is_file():
-            self.where = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(self.where.values()))
+            where = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(where.values()))
             self.files = [*shards, _INDEX]
         else:
-            shards = ["model.safetensors"]
-            self.where, self.files = None, shards
-        self.open = {f: safe_open(str(folder / f), "pt") for f in shards}
+            shards, where = ["model.safetensors"], None
+            self.files = shards
+        self.refs: dict[str, tuple[Path, TensorRef]] = {}
+        for shard in shards:
+            path = folder / shard
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                raw = struct.pack("<Q", n) + f.read(n)
+            for name, ref in parse_header(raw, file=shard, file_size=path.stat().st_size).items():
+                if where is None or where.get(name) == shard:
+                    self.refs[name] = (path, ref)
 
     def __enter__(self) -> _Soup:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.open.clear()
+        self.refs.clear()
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        file = self.where[name] if self.where is not None else "model.safetensors"
-        return self.open[file].get_tensor(name)
+        path, ref = self.refs[name]
+        buf = bytearray(ref.nbytes)
+        with open(path, "rb") as f:
+            f.seek(ref.start)
+            f.readinto(buf)
+        return torch.frombuffer(buf, dtype=DTYPES[ref.dtype]).view(ref.shape)
 
 
 def _config(

@@ -255,20 +255,19 @@ def _seq_cls_loader(folder):
     return AutoModelForSequenceClassification.from_pretrained(folder)
 
 
-def test_greedy_soup_of_classifier_adapters_with_saved_heads(tiny_greedy, hub, tmp_path):
-    """SEQ_CLS adapters (LoRA on query/value, the classifier saved whole as modules_to_save):
-    greedy scores each adapter as θ₀ + ΔW with its own head, and the soup it keeps equals
-    peft's merge-then-average of the adapters it kept."""
+@pytest.fixture(scope="module")
+def cls_adapters(tiny_greedy, hub, tmp_path_factory):
+    """Three SEQ_CLS adapters of a tiny BERT classifier on the Hub: LoRA on query/value with
+    different ranks and modules, each with its own head saved whole (modules_to_save)."""
     from huggingface_hub import HfApi
 
-    import hfsoup
-
     api = HfApi(endpoint=hub.url)
+    tmp = tmp_path_factory.mktemp("lora-cls")
     base_repo, base_dir = tiny_greedy["repos"][0], tiny_greedy["dirs"][0]
     tag = uuid.uuid4().hex[:8]
     dirs, repos = [], []
     for i, (targets, r) in enumerate([(["query", "value"], 2), (["query"], 4), (["value"], 1)]):
-        folder = make_adapter(base_dir, tmp_path / f"cls{i}", base_name=base_repo, seed=20 + i,
+        folder = make_adapter(base_dir, tmp / f"cls{i}", base_name=base_repo, seed=20 + i,
                               loader=_seq_cls_loader, task_type="SEQ_CLS", target_modules=targets,
                               r=r, lora_alpha=2 * r)  # fmt: skip
         repo = f"test-org/lora-cls{i}-{tag}"
@@ -276,22 +275,47 @@ def test_greedy_soup_of_classifier_adapters_with_saved_heads(tiny_greedy, hub, t
         api.upload_folder(repo_id=repo, folder_path=str(folder))
         dirs.append(folder)
         repos.append(repo)
-    result = hfsoup.soup(repos, output=tmp_path / "soup", method="greedy",
-                         task=tiny_greedy["task"], progress=False)  # fmt: skip
+    return {"dirs": dirs, "repos": repos, "base": base_repo, "base_dir": base_dir, "api": api,
+            "task": tiny_greedy["task"]}  # fmt: skip
+
+
+def test_greedy_soup_of_classifier_adapters_with_saved_heads(cls_adapters, tmp_path):
+    """Greedy scores each SEQ_CLS adapter as θ₀ + ΔW with its own head, and the soup it keeps
+    equals peft's merge-then-average of the adapters it kept."""
+    import hfsoup
+
+    c = cls_adapters
+    result = hfsoup.soup(c["repos"], output=tmp_path / "soup", method="greedy", task=c["task"],
+                         progress=False)  # fmt: skip
     results = result.results
     assert results["method"] == "greedy" and "greedy" in results
-    assert [row["sha"] for row in results["ingredients"]] == [api.model_info(r).sha for r in repos]
-    assert results["lora"]["base"]["repo"] == base_repo
+    assert [row["sha"] for row in results["ingredients"]] == [
+        c["api"].model_info(r).sha for r in c["repos"]
+    ]
+    assert results["lora"]["base"]["repo"] == c["base"]
     assert results["lora"]["adapters"][0]["saved_whole"] == ["classifier.bias", "classifier.weight"]
-    kept = [(w, d) for w, d in zip(result.weights, dirs, strict=True) if w > 0]
+    kept = [(w, d) for w, d in zip(result.weights, c["dirs"], strict=True) if w > 0]
     assert kept
     soup = load_file(tmp_path / "soup" / "model.safetensors")
-    ref = merged_reference(base_dir, [d for _, d in kept], _seq_cls_loader,
+    ref = merged_reference(c["base_dir"], [d for _, d in kept], _seq_cls_loader,
                            weights=[w for w, _ in kept])  # fmt: skip
     assert _max_diff(soup, ref) <= 1e-5
     # The head is the adapters' (saved whole), not the base's.
-    base = load_file(base_dir / "model.safetensors")
+    base = load_file(c["base_dir"] / "model.safetensors")
     assert (soup["classifier.weight"] - base["classifier.weight"]).abs().max() > 1e-3
+
+
+def test_learned_soup_of_classifier_adapters_matches_its_weights(cls_adapters, tmp_path):
+    """A learned soup of adapters: the written model is θ₀ + Σ αᵢ ΔWᵢ (heads: Σ αᵢ headᵢ)
+    for the α it reports, as peft's merges averaged with those weights."""
+    import hfsoup
+
+    c = cls_adapters
+    result = hfsoup.soup(c["repos"], output=tmp_path / "soup", method="learned", task=c["task"],
+                         learned={"epochs": 1}, progress=False)  # fmt: skip
+    soup = load_file(tmp_path / "soup" / "model.safetensors")
+    ref = merged_reference(c["base_dir"], c["dirs"], _seq_cls_loader, weights=result.weights)
+    assert _max_diff(soup, ref) <= 1e-5
 
 
 def test_card_recipe_pins_the_base_and_rebuilds_the_same_soup(gpt2, tmp_path, cli):

@@ -163,6 +163,8 @@ def soup(
     private: bool = False,
     learned: dict[str, Any] | None = None,
     merge: dict[str, Any] | None = None,
+    output_adapter: bool = False,
+    rank: int | None = None,
     **options: Any,
 ) -> SoupResult:
     """Make a soup of ``ingredients`` and write it to ``output`` (optionally push it).
@@ -181,6 +183,8 @@ def soup(
         merge: for the task-vector methods (``task_arithmetic``, ``ties``, ``dare_linear``,
             ``dare_ties``, ``wise_ft``): the recipe keys ``base`` (an ingredient), ``lambda``,
             ``density``, ``alpha``.
+        output_adapter: for LoRA adapter ingredients: write one adapter (of ``rank``; default
+            the largest of theirs) instead of the full merged model.
         options: ``overwrite``, ``device``, ``token``, ``allow_pickle``, ``allow_nonfinite``,
             ``resume``, ``accumulate``,
             ``progress``, ``memory_budget``, ``cache`` (see :func:`run`).
@@ -215,6 +219,8 @@ def soup(
                 "max_shard_size": max_shard_size,
                 "push_to": push_to,
                 "private": private,
+                "adapter": output_adapter,
+                "rank": rank,
             },  # fmt: skip
         },
         where="options",

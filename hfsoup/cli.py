@@ -296,6 +296,11 @@ def _add_soup(sub: Any, common: argparse.ArgumentParser, methods: list[str]) -> 
                    help="greedy order: best first (default) or seeded random")  # fmt: skip
     p.add_argument("--seed", type=int, default=0,
                    help="seed for --order random and the DARE masks")  # fmt: skip
+    p.add_argument("--output-adapter", action="store_true",
+                   help="LoRA adapter ingredients: write one adapter (SVD of the averaged ΔW), "
+                        "not the full merged model")  # fmt: skip
+    p.add_argument("--rank", type=int, metavar="R",
+                   help="rank of --output-adapter (default: the largest of the adapters')")  # fmt: skip
     _task_options(p)
     _learned_options(p)
     _task_vector_options(p)
@@ -389,6 +394,7 @@ def _add_hub(sub: Any, common: argparse.ArgumentParser) -> None:
 _OPTION_DESTS = {
     "output.dir": "output", "output.push_to": "push_to", "output.private": "private",
     "output.dtype": "dtype", "output.max_shard_size": "max_shard_size",
+    "output.adapter": "output_adapter", "output.rank": "rank",
     "holdout.fraction": "holdout_fraction", "holdout.from": "holdout_from",
     "holdout.seed": "holdout_seed",
     **{f"learned.{key}": dest for dest, key in _LEARNED_FLAGS.items()},
@@ -513,7 +519,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             dtype=args.dtype, max_shard_size=args.max_shard_size,
             task=task_from_args(args), accept=args.accept, order=args.order, seed=args.seed,
             name=args.name, push_to=args.push_to, private=args.private,
-            learned=learned_from_args(args), merge=task_vector_from_args(args), **run_options,
+            learned=learned_from_args(args), merge=task_vector_from_args(args),
+            output_adapter=args.output_adapter, rank=args.rank, **run_options,
         )  # fmt: skip
         if _is_main():
             _print_soup(result, args.json)

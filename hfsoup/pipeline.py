@@ -27,9 +27,15 @@ from hfsoup.compute.distributed import Processes, processes
 from hfsoup.compute.placement import parse_max_memory, plan_placement
 from hfsoup.dtypes import ACCUMULATE_DTYPES, SCORE_DTYPES
 from hfsoup.dtypes import OUTPUT_DTYPES as DTYPES
-from hfsoup.errors import NothingToResumeError, PushError, RecipeError
+from hfsoup.errors import (
+    IncompatibleIngredientsError,
+    NothingToResumeError,
+    PushError,
+    RecipeError,
+)
 from hfsoup.ingredients import IngredientLike
 from hfsoup.ingredients import to_spec as ingredient_spec
+from hfsoup.io.adapters import AdapterFile, bind, common_base, is_adapter, read_adapter
 from hfsoup.io.hub import IngredientSpec, refuse_push_offline, resolve
 from hfsoup.io.layouts import read_layout
 from hfsoup.io.tensors import IngredientIndex, index_ingredient, plan_shards
@@ -38,6 +44,7 @@ from hfsoup.io.writer import check_output_target, staged_output
 from hfsoup.methods.context import MethodContext, MethodOutcome
 from hfsoup.recipe import Recipe
 from hfsoup.registry import MergeMethod, get_method, methods
+from hfsoup.report.lora import check_adapter_output, finish_lora
 from hfsoup.report.outputs import write_soup_files
 from hfsoup.report.pushplan import check_repo_id, plan_push, push_folder
 from hfsoup.units import parse_size
@@ -87,7 +94,8 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> SoupResult:
         # Nothing to score: the main process streams and writes the soup alone.
         return SoupResult(target, recipe.method, [], {}, timings=timings)
     indexes = _index(recipe, opts, target, procs, timings)  # resolve -> index -> check
-    base = _base(recipe, opts, indexes) if recipe.base is not None else None
+    base = _base(recipe, opts, indexes, method)
+    check_adapter_output(indexes, adapter=recipe.output.adapter, rank=recipe.output.rank)
     placement = plan_placement(
         indexes[0].config, device=device, device_map=opts.device_map, max_memory=budgets,
         score_dtype=SCORE_DTYPES[opts.score_dtype], accumulate=ACCUMULATE_DTYPES[opts.accumulate],
@@ -109,6 +117,12 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> SoupResult:
         if folder is None:  # a process beside the main one: it scored its share, it writes nothing
             return SoupResult(target, recipe.method, outcome.weights, outcome.results.to_dict(),
                               timings=timings)  # fmt: skip
+        t0 = time.perf_counter()
+        outcome.results.lora, section = finish_lora(folder, indexes, adapter=recipe.output.adapter,
+                                                    rank=recipe.output.rank)  # fmt: skip
+        if recipe.output.adapter:
+            timings["adapter_output"] = time.perf_counter() - t0
+        outcome.sections += [section] if section else []
         results = _write(folder, outcome)  # results.json, card, recipe
     return _push(recipe, target, outcome.weights, results, timings, opts.token)
 
@@ -160,10 +174,12 @@ def _index(
     local = [p for e in entries for p in _local_paths(ingredient_spec(e))]
     check_output_target(target, overwrite=opts.overwrite, inputs=local)  # before anything is read
     t0 = time.perf_counter()
-    indexes = load_ingredients(recipe.ingredients, token=opts.token,
+    indexes = load_ingredients(recipe.ingredients, token=opts.token, base=recipe.base,
                                allow_pickle=opts.allow_pickle, cache=opts.cache)  # fmt: skip
-    check_resolved(recipe, [(ix.ingredient.spec.label, ix.ingredient.spec.path is not None)
-                            for ix in indexes], allow_local=opts.allow_local)  # fmt: skip
+    read = [ix.ingredient.spec for ix in indexes]
+    read += [indexes[0].adapter.base.ingredient.spec] if indexes[0].adapter is not None else []
+    check_resolved(recipe, [(spec.label, spec.path is not None) for spec in read],
+                   allow_local=opts.allow_local)  # fmt: skip
     indexes = checked(indexes)
     # A soup averages embedding rows by id: tokenizers must agree (before any weight byte).
     for line in check_tokenizers([ix.ingredient for ix in indexes]):
@@ -172,11 +188,20 @@ def _index(
     return indexes
 
 
-def _base(recipe: Recipe, opts: RunOptions, indexes: list[IngredientIndex]) -> IngredientIndex:
-    """The base model θ₀, resolved and indexed like an ingredient, checked to hold the
-    ingredients' tensors (names, shapes)."""
+def _base(
+    recipe: Recipe, opts: RunOptions, indexes: list[IngredientIndex], method: MergeMethod
+) -> IngredientIndex | None:
+    """The base model θ₀ of a method that needs one, resolved and indexed like an ingredient,
+    checked to hold the ingredients' tensors (names, shapes); for LoRA adapters, the base they
+    were applied to (their task vectors are their ΔW)."""
     from hfsoup.check.compat import check_base
 
+    adapter = indexes[0].adapter
+    method.check_coefficients(recipe, adapters=adapter is not None)
+    if adapter is not None:
+        return adapter.base if method.needs_base else None
+    if recipe.base is None:
+        return None
     (base,) = load_ingredients([recipe.base], token=opts.token, allow_pickle=opts.allow_pickle,
                                cache=opts.cache)  # fmt: skip
     check_resolved(recipe, [(base.ingredient.spec.label, base.ingredient.spec.path is not None)],
@@ -192,11 +217,12 @@ def _local_paths(spec: IngredientSpec) -> list[Path]:
 
 def load_ingredients(
     ingredients: Sequence[IngredientLike], *, token: str | None = None, allow_pickle: bool = False,
-    cache: bool | None = None,
+    cache: bool | None = None, base: IngredientLike | None = None,
 ) -> list[IngredientIndex]:  # fmt: skip
     """Resolve every ingredient to a SHA and read its config and headers (no weights).
 
-    ``cache``: as for :func:`hfsoup.run`.
+    ``cache``: as for :func:`hfsoup.run`. PEFT LoRA adapters come back as the full models they
+    stand for (:func:`hfsoup.io.adapters.bind`) on ``base``, or on the base they all name.
 
     Ingredients are resolved concurrently: on a real Hub each is a few round trips.
     """
@@ -204,15 +230,35 @@ def load_ingredients(
     if not specs:
         raise RecipeError("no ingredients given")
 
-    def one(spec: IngredientSpec) -> IngredientIndex:
+    def one(spec: IngredientSpec) -> IngredientIndex | AdapterFile:
         ingredient = resolve(spec, token=token, cache=cache)
-        layout = read_layout(ingredient, allow_pickle=allow_pickle)  # an adapter is refused first
+        if is_adapter(ingredient):
+            return read_adapter(ingredient)
+        layout = read_layout(ingredient, allow_pickle=allow_pickle)
         index = index_ingredient(ingredient, allow_pickle=allow_pickle)
         index.layout = layout
         return index
 
     with ThreadPoolExecutor(max_workers=min(8, len(specs))) as pool:
-        return list(pool.map(one, specs))
+        found = list(pool.map(one, specs))
+    adapters = [f for f in found if isinstance(f, AdapterFile)]
+    if not adapters:
+        return found
+    if len(adapters) != len(found):
+        full = next(f.ingredient.label for f in found if not isinstance(f, AdapterFile))
+        raise IncompatibleIngredientsError(
+            f"{adapters[0].ingredient.label} is a LoRA adapter and {full} a full model: soup "
+            "adapters together (on their base), or full models together"
+        )
+    name = common_base(adapters, None if base is None else ingredient_spec(base).label)
+    spec = ingredient_spec(base) if base is not None else ingredient_spec(name)
+    (theta0,) = load_ingredients([spec], token=token, allow_pickle=allow_pickle, cache=cache)
+    if theta0.adapter is not None:
+        raise IncompatibleIngredientsError(
+            f"the adapters' base {theta0.ingredient.label} is itself an adapter: give its full "
+            "model (merged) as the base"
+        )
+    return [bind(a, theta0) for a in adapters]
 
 
 def checked(indexes: Sequence[IngredientIndex]) -> list[IngredientIndex]:
@@ -251,7 +297,7 @@ def check_run(
             options=["task"],
         )
     _check_method_options(recipe, method)
-    method.check_coefficients(recipe)
+    method.check_coefficients(recipe, adapters=None)  # the base: once they are resolved
     if opts.accumulate not in ACCUMULATE_DTYPES:
         raise RecipeError(f"accumulate must be float32 or float64, got {opts.accumulate!r}")
     if opts.score_dtype not in SCORE_DTYPES:

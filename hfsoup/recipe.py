@@ -63,6 +63,10 @@ class OutputConfig(_Strict):
     max_shard_size: str | int = "5GB"
     push_to: str | None = None
     private: bool = False
+    # LoRA adapter ingredients: write the soup as one adapter (rank-``rank`` SVD of the
+    # averaged ΔW; default rank: the largest of the adapters') instead of a full model.
+    adapter: bool = False
+    rank: int | None = Field(None, ge=1)
 
 
 class LearnedConfig(_Strict):

@@ -81,14 +81,18 @@ class MergeMethod:
         """The card's sentence about this method."""
         return self.card or self.summary
 
-    def check_coefficients(self, recipe: Recipe) -> None:
+    def check_coefficients(self, recipe: Recipe, *, adapters: bool | None = False) -> None:
         """Refuse a base model for a method that takes none (or none for one that needs it),
         and a task-vector coefficient (``lambda``, ``density``, ``alpha``) it does not take.
+
+        ``adapters``: whether the ingredients are LoRA adapters, whose base is always welcome
+        (it is what they are applied to) and never needed (they name their own); ``None``: not
+        known yet (before they are resolved), so the base is not judged.
 
         Raises:
             RecipeError: naming the option.
         """
-        if self.needs_base != (recipe.base is not None):
+        if adapters is False and self.needs_base != (recipe.base is not None):
             raise RecipeError(
                 f"method {self.name!r} needs a base model θ₀: set base" if self.needs_base
                 else f"method {self.name!r} takes no base model; drop base",

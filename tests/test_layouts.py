@@ -328,11 +328,11 @@ def test_module_path_outside_the_repo_is_refused(tmp_path, cli):
 
 
 @reliability(
-    "A PEFT LoRA adapter repo (adapter_config.json + adapter_model.safetensors) as an ingredient",
-    "one line: 'X is a PEFT LORA adapter (adapter_config.json), not a full model; adapters are not "
-    "supported yet: merge it into its base (...) with peft first'; nothing written",
+    "A PEFT LoRA adapter repo souped with a full model",
+    "one line: 'X is a LoRA adapter and Y a full model: soup adapters together (on their base), "
+    "or full models together'; nothing written (adapters together: tests/test_lora.py)",
 )
-def test_peft_adapter_repo_is_refused(tmp_path, publish, cli):
+def test_peft_adapter_beside_a_full_model_is_refused(tmp_path, publish, cli):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
@@ -345,11 +345,7 @@ def test_peft_adapter_repo_is_refused(tmp_path, publish, cli):
     full = publish(base_dir, stem="full")[0]
 
     proc = cli("soup", full, adapter, "--output", tmp_path / "soup", "-q")
-    assert_one_line_error(
-        proc,
-        f"{adapter} is a PEFT LORA adapter (adapter_config.json), not a full model",
-        f"merge it into its base ('{base_dir}') with peft first",
-    )
+    assert_one_line_error(proc, f"{adapter} is a LoRA adapter and {full} a full model")
     assert_nothing_written(tmp_path)
 
 

@@ -233,6 +233,9 @@ def _one_cpu_thread(device: torch.device | str) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+one_cpu_thread = _one_cpu_thread  # for the other CPU-bound loops (hfsoup.compute.lora_writer)
+
+
 def _fetches(
     indexes: Sequence[IngredientIndex], chunks: Sequence[Chunk], passes: int = 1
 ) -> Iterator[Fetch]:

@@ -8,7 +8,9 @@ all of them so that none imports another to name a type.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+import torch
 
 from hfsoup.io.hub import Ingredient
 
@@ -36,6 +38,14 @@ class TensorRef:
         return n
 
 
+class TensorPatch(Protocol):
+    """What changes an ingredient's tensors as they are read (a LoRA adapter's ΔW)."""
+
+    def apply(
+        self, refs: tuple[TensorRef, ...], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]: ...
+
+
 @dataclass
 class IngredientIndex:
     """Every tensor of one ingredient, plus its config.json."""
@@ -50,6 +60,9 @@ class IngredientIndex:
     head_tensors: frozenset[str] = frozenset()
     # The sentence-transformers modules beside the weights (hfsoup.io.layouts), if any.
     layout: Layout | None = None
+    # A LoRA adapter read as the full model it stands for (hfsoup.io.adapters.BoundAdapter):
+    # ``tensors`` are its base's, and every read of them is passed through ``adapter.apply``.
+    adapter: TensorPatch | None = None
 
     @property
     def num_parameters(self) -> int:

@@ -143,7 +143,7 @@ def read_fetch(
         from hfsoup.io.pickled import load_pickled
 
         state = load_pickled(fetch.index.ingredient, fetch.file)
-        return _aligned(fetch.index, {r.name: state[r.name] for r in fetch.refs})
+        return _aligned(fetch, {r.name: state[r.name] for r in fetch.refs})
     raw = buf if isinstance(buf, torch.Tensor) else None
     if raw is not None:
         buf = memoryview(raw.numpy())
@@ -165,11 +165,15 @@ def read_fetch(
         flat = torch.frombuffer(buf, dtype=dtype, count=ref.numel, offset=offset)
         # A misaligned tensor in a tensor buffer is copied out (to plain memory).
         out[ref.name] = (flat.clone() if raw is not None else flat).view(ref.shape)
-    return _aligned(fetch.index, out)
+    return _aligned(fetch, out)
 
 
-def _aligned(index: IngredientIndex, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Reorder classification-head rows of an ingredient whose labels are ordered differently."""
+def _aligned(fetch: Fetch, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Reorder classification-head rows of an ingredient whose labels are ordered differently;
+    add a LoRA adapter's ΔW to the base tensors it reads (:mod:`hfsoup.io.adapters`)."""
+    index = fetch.index
+    if index.adapter is not None:
+        tensors = index.adapter.apply(fetch.refs, tensors)
     if index.row_perm is None:
         return tensors
     perm = torch.tensor(index.row_perm)

@@ -188,6 +188,11 @@ def _read_header(ingredient: Ingredient, file: str) -> dict[str, TensorRef]:
     return parse_header(raw, file=file, file_size=size, where=where)
 
 
+def read_safetensors_header(ingredient: Ingredient, file: str) -> dict[str, TensorRef]:
+    """The checked header of one safetensors file of ``ingredient`` (see :func:`parse_header`)."""
+    return _read_header(ingredient, file)
+
+
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _PICKLE_INDEX = "pytorch_model.bin.index.json"
 

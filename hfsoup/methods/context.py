@@ -15,6 +15,7 @@ import torch
 
 from hfsoup.compute.distributed import Processes
 from hfsoup.compute.placement import Placement
+from hfsoup.ingredients import IngredientEntry
 from hfsoup.io.tensors import IngredientIndex
 from hfsoup.recipe import Recipe
 from hfsoup.report.outputs import SoupResults, pin_recipe
@@ -68,12 +69,19 @@ class MethodContext:
     @property
     def pinned(self) -> Recipe:
         """The recipe with every revision replaced by the commit SHA read (what the soup records),
-        the base's too."""
+        the base's too (LoRA adapters': the base they were applied to, so a rebuild reads the
+        same commit)."""
         pinned = pin_recipe(self.recipe, self.indexes)
-        if self.base is None or self.recipe.base is None:
+        adapter = self.indexes[0].adapter
+        theta0 = adapter.base if adapter is not None else self.base
+        entry = self.recipe.base
+        if theta0 is not None and entry is None and adapter is not None:
+            spec = theta0.ingredient.spec
+            entry = IngredientEntry(repo=spec.repo or str(spec.path), revision=spec.revision)
+        if theta0 is None or entry is None:
             return pinned
-        with_base = self.recipe.model_copy(update={"ingredients": [self.recipe.base]})
-        (base,) = pin_recipe(with_base, [self.base]).ingredients
+        with_base = self.recipe.model_copy(update={"ingredients": [entry]})
+        (base,) = pin_recipe(with_base, [theta0]).ingredients
         return pinned.model_copy(update={"base": base})
 
     @property

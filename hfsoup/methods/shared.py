@@ -20,6 +20,8 @@ def make_scorer(
     read it from the cache.
     """
     procs = processes or Processes()
+    if first.adapter is not None:  # a LoRA adapter: the tokenizer and labels are its base's
+        first = first.adapter.base
     spec = first.ingredient.spec
     source = str(spec.path) if spec.path is not None else spec.repo
     if not procs.is_main:

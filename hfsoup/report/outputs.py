@@ -134,6 +134,8 @@ class SoupResults:
         hardware: :func:`hardware_record` of the run.
         scores: for a scored soup (None for an unscored one).
         record: the method's own block, written under the method's name (``"greedy"``).
+        lora: for LoRA adapter ingredients: their base and, for an adapter output, its rank and
+            SVD errors (``hfsoup.pipeline``).
     """
 
     recipe: Recipe
@@ -144,6 +146,7 @@ class SoupResults:
     hardware: dict[str, Any] = field(default_factory=dict)
     scores: Scores | None = None
     record: dict[str, Any] | None = None
+    lora: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """results.json: the keys every method shares, then the scored keys, then the record."""
@@ -168,6 +171,8 @@ class SoupResults:
             out["selection"] = {"split": scores.selection[0], "metric": scores.selection[1]}
         if self.record is not None:
             out[recipe.method] = self.record
+        if self.lora is not None:
+            out["lora"] = self.lora
         return out
 
 

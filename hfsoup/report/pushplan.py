@@ -41,6 +41,8 @@ WEIGHT_PATTERNS = (
     "pytorch_model*.bin",
     "*.bin.index.json",
 )
+# A soup of LoRA adapters written as one adapter (hfsoup.compute.lora_writer).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _MAX_NAMED = 8  # names listed in one line before "and N more"
 _MAX_REPO_ID_SHOWN = 100
 _READ_AT_ONCE = 8 * 2**20  # bytes; larger files are streamed from an open descriptor
@@ -84,7 +86,7 @@ def is_soup_file(path: str, module_folders: Sequence[str] | None = None) -> bool
         return True
     if "/" in path:
         return False
-    fixed = (CONFIG_NAME, CARD_NAME, RECIPE_NAME, RESULTS_NAME, *CARD_IMAGES)
+    fixed = (CONFIG_NAME, CARD_NAME, RECIPE_NAME, RESULTS_NAME, *CARD_IMAGES, *ADAPTER_FILES)
     return path in fixed or any(fnmatch.fnmatchcase(path, p) for p in WEIGHT_PATTERNS)
 
 
@@ -188,6 +190,8 @@ def _own_files(folder: Path, found: Sequence[str]) -> list[str]:
         weights = [INDEX_NAME, *_indexed_shards(folder, present)]
     elif SINGLE_WEIGHTS in present:
         weights = [SINGLE_WEIGHTS]
+    elif all(f in present for f in ADAPTER_FILES):  # an adapter: its files are soup files
+        weights = []
     else:
         raise PushError(f"{folder} holds no weights ({SINGLE_WEIGHTS} or {INDEX_NAME})")
     modules = _module_folders(folder, present)

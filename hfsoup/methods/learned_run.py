@@ -46,6 +46,7 @@ from hfsoup.report.model_index import task_model_index
 from hfsoup.report.outputs import Scores, SoupResults, hardware_record
 from hfsoup.report.summary import markdown_table
 from hfsoup.tasks.classification import Scorer
+from hfsoup.tasks.output_cache import record as record_cache
 from hfsoup.units import parse_size
 
 ALPHA_PNG = "learned_alpha.png"
@@ -101,7 +102,7 @@ def prepare(ctx: MethodContext) -> tuple[PathPlan, Scorer]:
     plan = plan_learned(config, ctx.indexes, max_length=task.max_length, device=ctx.device,
                         memory_budget=ctx.memory_budget)  # fmt: skip
     t0 = time.perf_counter()
-    scorer = make_scorer(task, ctx.indexes[0], progress=ctx.progress)
+    scorer = make_scorer(task, ctx.indexes[0], progress=ctx.progress, cache=ctx.cache)
     ctx.timings["load_task"] = time.perf_counter() - t0
     check_task(scorer)
     return plan, scorer
@@ -121,6 +122,7 @@ def run_learned_soup(ctx: MethodContext) -> MethodOutcome:
     t0 = time.perf_counter()
     individual = score_ingredients(session, scorer, labels=labels, log=log)
     timings["score_ingredients"] = time.perf_counter() - t0
+    record_cache(scorer, timings)
     t0 = time.perf_counter()
     log("scoring the uniform soup")
     uniform = score_uniform(session, scorer)
@@ -180,12 +182,16 @@ def ingredient_weights(result: LearnedResult, first: IngredientIndex) -> list[fl
 
 
 def _estimate_seconds(
-    scorer: Any, config: LearnedConfig, k: int, timings: dict[str, float]
+    scorer: Any, config: LearnedConfig, k: int, timings: dict[str, Any]
 ) -> dict[str, float]:
     # A training step costs about three forward passes; one model was scored k times per split.
     examples = sum(scorer.split(s).size for s in scorer.task.splits)
-    forward = timings["score_ingredients"] / max(k * examples, 1)
-    read = max(timings["uniform_soup"] - timings["score_ingredients"] / k, 0.0)
+    scored = k - timings.get("cache", {}).get("hits", 0)  # outputs not from the cache
+    if scored > 0:
+        forward = timings["score_ingredients"] / max(scored * examples, 1)
+        read = max(timings["uniform_soup"] - timings["score_ingredients"] / scored, 0.0)
+    else:  # every ingredient's outputs came from the cache: the uniform soup's pass bounds it
+        forward, read = timings["uniform_soup"] / max(examples, 1), 0.0
     steps = config.epochs * steps_per_epoch(scorer.split(scorer.selection_split).size,
                                             config.batch_size)  # fmt: skip
     return estimate_seconds(

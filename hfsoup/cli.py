@@ -68,7 +68,7 @@ def _soup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="average weights holding NaN/Inf instead of refusing them")  # fmt: skip
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted greedy run (an error if there is none)")  # fmt: skip
+                   help="continue an interrupted greedy or learned run (an error if there is none)")  # fmt: skip
     p.add_argument("--memory-budget", metavar="SIZE",
                    help="learned soups: plan against SIZE bytes (e.g. 8GB), not the free memory")  # fmt: skip
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,

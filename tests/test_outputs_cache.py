@@ -216,3 +216,59 @@ def test_the_key_follows_what_changes_outputs(hub, sentiment, tmp_path):
     weights.write_bytes(bytes(data))
     (ix,) = load_ingredients([str(local)])
     assert output_cache.ingredient_key(ix) != first
+
+
+def test_a_learned_soup_resumes_after_an_interrupt(hub, sentiment, tmp_path, monkeypatch):
+    from hfsoup.errors import NothingToResumeError
+    from hfsoup.io.writer import partial_dir
+    from hfsoup.methods import learned_state
+
+    s = sentiment
+    options = {"method": "learned", "task": s["task"], "progress": False,
+               "learned": {"epochs": 3, "lr": 0.1}}  # fmt: skip
+    whole = hfsoup.soup(s["repos"], output=tmp_path / "whole", **options)
+    with pytest.raises(NothingToResumeError):
+        hfsoup.soup(s["repos"], output=tmp_path / "cut", resume=True, **options)
+
+    save, epochs = learned_state.LearnedState.save, []
+
+    def interrupting_save(self, checkpoint):
+        save(self, checkpoint)
+        epochs.append(checkpoint["epoch"])
+        if checkpoint["epoch"] == 1:
+            raise RuntimeError("injected interrupt after epoch 1")
+
+    monkeypatch.setattr(learned_state.LearnedState, "save", interrupting_save)
+    with pytest.raises(RuntimeError, match="injected"):
+        hfsoup.soup(s["repos"], output=tmp_path / "cut", **options)
+    assert (partial_dir((tmp_path / "cut").resolve()) / learned_state.LEARNED_STATE).is_file()
+    epochs.clear()
+    resumed = hfsoup.soup(s["repos"], output=tmp_path / "cut", resume=True, **options)
+    assert epochs == [2, 3]  # epoch 1 was not trained again
+    ours, theirs = resumed.results["learned"], whole.results["learned"]
+    assert ours["alpha"] == theirs["alpha"] and ours["beta"] == theirs["beta"]
+    assert ours["loss"] == theirs["loss"]
+    weights = (tmp_path / "cut" / "model.safetensors").read_bytes()
+    assert weights == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert not (tmp_path / "cut" / learned_state.LEARNED_STATE).exists()
+
+
+def test_a_learned_checkpoint_of_another_run_is_not_resumed(hub, sentiment, tmp_path, monkeypatch):
+    from hfsoup.errors import NothingToResumeError
+    from hfsoup.methods import learned_state
+
+    s = sentiment
+    options = {"method": "learned", "task": s["task"], "progress": False}
+    save = learned_state.LearnedState.save
+
+    def interrupting_save(self, checkpoint):
+        save(self, checkpoint)
+        raise RuntimeError("injected interrupt")
+
+    monkeypatch.setattr(learned_state.LearnedState, "save", interrupting_save)
+    with pytest.raises(RuntimeError):
+        hfsoup.soup(s["repos"], output=tmp_path / "cut", learned={"epochs": 2}, **options)
+    monkeypatch.undo()
+    with pytest.raises(NothingToResumeError, match="cannot resume"):
+        hfsoup.soup(s["repos"], output=tmp_path / "cut", learned={"epochs": 3}, resume=True,
+                    **options)  # fmt: skip

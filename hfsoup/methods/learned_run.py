@@ -40,6 +40,7 @@ from hfsoup.methods.learned import (
     read_ahead_bytes,
     steps_per_epoch,
 )
+from hfsoup.methods.learned_state import LEARNED_STATE, LearnedState, check_resumable, fingerprint
 from hfsoup.methods.shared import make_scorer
 from hfsoup.recipe import LearnedConfig
 from hfsoup.report.model_index import task_model_index
@@ -101,6 +102,8 @@ def prepare(ctx: MethodContext) -> tuple[PathPlan, Scorer]:
         raise RecipeError(f"learned.lr: must be a finite positive number, got {config.lr}")
     plan = plan_learned(config, ctx.indexes, max_length=task.max_length, device=ctx.device,
                         memory_budget=ctx.memory_budget)  # fmt: skip
+    if ctx.resume:
+        check_resumable(ctx.target, fingerprint(ctx.recipe, ctx.indexes, config, plan.path))
     t0 = time.perf_counter()
     scorer = make_scorer(task, ctx.indexes[0], progress=ctx.progress, cache=ctx.cache)
     ctx.timings["load_task"] = time.perf_counter() - t0
@@ -132,9 +135,11 @@ def run_learned_soup(ctx: MethodContext) -> MethodOutcome:
     seconds = _estimate_seconds(scorer, config, k, timings)
     log(_plan_line(plan, seconds))
     t0 = time.perf_counter()
+    checkpoints = LearnedState(ctx.folder, fingerprint(ctx.recipe, ctx.indexes, config, plan.path))
     result = learn(
         session, scorer, groups=groups, path=plan.path, epochs=config.epochs, lr=config.lr,
         batch_size=config.batch_size, param=config.param, seed=ctx.recipe.seed, log=log,
+        resume_from=checkpoints.load(), on_epoch=checkpoints.save,
     )  # fmt: skip
     timings["learn"] = time.perf_counter() - t0
     _check_converged(result, config)
@@ -159,7 +164,8 @@ def run_learned_soup(ctx: MethodContext) -> MethodOutcome:
         plot_alpha(ctx.folder / ALPHA_PNG, result.weights, ingredients=labels, groups=list(groups))
     index = task_model_index(ctx.recipe, ctx.target, table, method, ctx.indexes[0].config)
     section = _card_section(results, labels, sel)
-    return MethodOutcome(results, sections=[section], model_index=index or None)
+    return MethodOutcome(results, sections=[section], model_index=index or None,
+                         scratch=[LEARNED_STATE])  # fmt: skip
 
 
 def _check_converged(result: LearnedResult, config: LearnedConfig) -> None:

@@ -288,7 +288,9 @@ def run(
             disk): ``None`` (default) writes into it the files read whole anyway (greedy and
             learned soups, configs, tokenizers); ``True`` also the weight files a uniform soup
             streams (written on the way, kept once their digest matched); ``False`` writes no
-            file hfsoup downloads into it (whole downloads go to a temporary folder).
+            file hfsoup downloads into it (whole downloads go to a temporary folder), and reads
+            and writes no ingredient outputs in the outputs cache across runs
+            (:mod:`hfsoup.tasks.output_cache`).
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(_recipe_file(recipe))
@@ -358,6 +360,7 @@ def evaluate(
     device_map: str | None = None,
     max_memory: str | list[str] | dict | None = None,
     score_dtype: str = "float32",
+    cache: bool | None = None,
 ) -> dict[str, Any]:
     """Score each ingredient on a task, with the ensemble and greedy ensemble beside them.
 
@@ -368,6 +371,9 @@ def evaluate(
         ingredients: as for :func:`soup`.
         task: a preset (``"glue/sst2"``), a task mapping (recipe keys) or a ``Task``.
         device, device_map, max_memory, score_dtype: as for :func:`run`.
+        cache: False reads and writes no ingredient outputs in the outputs cache across runs
+            (:mod:`hfsoup.tasks.output_cache`; on by default, so a later greedy or learned
+            run of the same ingredients and task scores none of them again).
 
     Returns:
         ``{"ingredients": [{repo, revision, sha, scores}], "table": {method: {split: {metric:
@@ -394,7 +400,7 @@ def evaluate(
         indexes[0].config, device=target_device, device_map=device_map, max_memory=budgets,
         score_dtype=SCORE_DTYPES[score_dtype], all_gpus=device == "auto" and not procs.distributed,
     )  # fmt: skip
-    scorer = make_scorer(task, indexes[0], progress=progress, processes=procs)
+    scorer = make_scorer(task, indexes[0], progress=progress, processes=procs, cache=cache)
     session = SoupSession(indexes, placement=placement)
     labels = [ix.ingredient.label for ix in indexes]
     individual = score_ingredients(session, scorer, labels=labels)
@@ -419,7 +425,7 @@ def evaluate(
         "greedy_ensemble": {"members": [labels[i] for i in members]},
         "selection": {"split": sel, "metric": scorer.selection_metric},
         "hardware": hardware_record(procs, placement),
-        "timings": {"evaluate": round(seconds, 4)},
+        "timings": {"evaluate": round(seconds, 4), "cache": scorer.outputs_cache.counts()},
     }
 
 

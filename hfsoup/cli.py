@@ -68,12 +68,13 @@ def _soup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="average weights holding NaN/Inf instead of refusing them")  # fmt: skip
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted greedy run (an error if there is none)")  # fmt: skip
+                   help="continue an interrupted greedy or learned run (an error if there is none)")  # fmt: skip
     p.add_argument("--memory-budget", metavar="SIZE",
                    help="learned soups: plan against SIZE bytes (e.g. 8GB), not the free memory")  # fmt: skip
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
                    help="write the weights a uniform soup streams into the HF cache too; "
-                        "--no-cache: write nothing there (default: only files read whole)")  # fmt: skip
+                        "--no-cache: write nothing there (default: only files read whole), and "
+                        "neither read nor write ingredient outputs (HF_HOME/hfsoup/outputs)")  # fmt: skip
     p.add_argument("--max-in-flight", metavar="SIZE",
                    help="bytes of reads ahead of the averaging, e.g. 128MB (default 32MiB; "
                         "raise it for a link with a long round trip)")  # fmt: skip
@@ -316,6 +317,9 @@ def _add_evaluate(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("ingredients", nargs="+", metavar="INGREDIENT")
     _device_options(p)
     p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="--no-cache: neither read nor write ingredient outputs in the outputs "
+                        "cache across runs (HF_HOME/hfsoup/outputs)")  # fmt: skip
     _task_options(p)
 
 
@@ -529,7 +533,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if task is None:
             raise RecipeError("evaluate needs a task: --task glue/sst2, or --dataset ... options")
         report = api.evaluate(args.ingredients, task=task, allow_pickle=args.allow_pickle,
-                              progress=progress, **_device_args(args))  # fmt: skip
+                              progress=progress, cache=args.cache, **_device_args(args))  # fmt: skip
         if _is_main():
             _print_evaluation(report, args.json)
     elif args.command == "run":

@@ -108,7 +108,7 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> SoupResult:
         config=method.read_config(recipe), placement=placement, device=device,
         accumulate=ACCUMULATE_DTYPES[opts.accumulate], processes=procs, progress=opts.progress,
         overwrite=opts.overwrite, resume=opts.resume, max_in_flight=opts.max_in_flight,
-        memory_budget=opts.memory_budget, timings=timings, base=base,
+        memory_budget=opts.memory_budget, timings=timings, base=base, cache=opts.cache,
     )  # fmt: skip
     ctx.state = method.prepare(ctx) if method.prepare else None  # fails before any output
     with _stage(ctx, method) as folder:

@@ -193,3 +193,11 @@ def sentiment(tmp_path_factory, hub):
         dataset="test-org/keyword-sentiment", prefix="test-org/sentiment-ft", seeds=(1, 2, 3),
         sizes=(300, 200, 200), batch_size=32,
     )  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _outputs_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own, empty outputs cache across runs (hfsoup.tasks.output_cache), so
+    that no test reads the ingredient outputs another scored; tests of the cache itself run
+    several runs inside one test."""
+    monkeypatch.setenv("HFSOUP_OUTPUTS_CACHE", str(tmp_path_factory.mktemp("outputs-cache")))

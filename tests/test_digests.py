@@ -111,6 +111,7 @@ EXPECTED = {
                 "selection_split": "str",
             },
             "timings": {
+                "cache": "dict",  # the outputs cache's {hits, misses} (additive)
                 "greedy_soup": "float",
                 "load_task": "float",
                 "resolve": "float",
@@ -174,6 +175,7 @@ EXPECTED = {
                 "selection_split": "str",
             },
             "timings": {
+                "cache": "dict",  # the outputs cache's {hits, misses} (additive)
                 "learn": "float",
                 "load_task": "float",
                 "resolve": "float",

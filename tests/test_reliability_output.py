@@ -209,7 +209,7 @@ def test_resume_without_an_interrupted_run_is_refused(tiny_greedy, tmp_path, cli
                "--output", tmp_path / "soup", "--resume", "-q")  # fmt: skip
     assert_one_line_error(proc, "nothing to resume")
     proc = cli("soup", *tiny_greedy["dirs"][:2], "--output", tmp_path / "soup", "--resume", "-q")
-    assert_one_line_error(proc, "only greedy runs can be resumed")
+    assert_one_line_error(proc, "only greedy or learned runs can be resumed")
     assert_nothing_written(tmp_path)
 
 

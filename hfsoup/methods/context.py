@@ -65,6 +65,7 @@ class MethodContext:
     folder: Path | None = None
     state: Any = None
     base: IngredientIndex | None = None
+    cache: bool | None = None  # False: --no-cache (also no outputs cache across runs)
 
     @property
     def pinned(self) -> Recipe:

@@ -27,6 +27,8 @@ from hfsoup.errors import TaskError
 from hfsoup.io.streaming import iter_tensors
 from hfsoup.io.tensors import FLOAT_DTYPES, IngredientIndex
 from hfsoup.tasks.kinds import Direction, TaskScorer
+from hfsoup.tasks.output_cache import ingredient_outputs
+from hfsoup.tasks.output_cache import record as record_cache
 
 Scores = dict[str, dict[str, float]]  # {split: {metric: value}}
 STATE_FILE = "greedy_state.json"
@@ -243,6 +245,7 @@ def run_greedy(
     t0 = time.perf_counter()
     individual = score_ingredients(session, scorer, labels=labels, state=state, log=log)
     timings["score_ingredients"] = time.perf_counter() - t0
+    record_cache(scorer, timings)
 
     t0 = time.perf_counter()
     log("scoring the uniform soup")
@@ -323,18 +326,30 @@ def score_ingredients(
     state: _State | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> list[Scores]:
-    """Score every ingredient on every split; outputs land in ``scorer.cache`` under ``"i"``."""
+    """Score every ingredient on every split; outputs land in ``scorer.cache`` under ``"i"``.
+
+    Outputs found in the scorer's outputs cache across runs (:mod:`hfsoup.tasks.output_cache`)
+    are taken from there instead of scoring the ingredient; new ones are stored there."""
     individual: list[Scores] = []
     splits = scorer.task.splits
+    disk = ingredient_outputs(scorer)  # the outputs cache across runs, if the scorer has one
     for i in range(len(session.indexes)):
         if state is not None and str(i) in state.data["individual"]:
             for split, logits in state.load_logits(i).items():
                 scorer.cache[(str(i), split)] = logits
             individual.append(state.data["individual"][str(i)])
             continue
-        log(f"scoring ingredient {i + 1}/{len(session.indexes)}: {labels[i]}")
-        session.show(i)
-        logits = {s: scorer.outputs(session.model, s, key=str(i)) for s in splits}
+        logits = disk.load(session, scorer, i) if disk is not None else None
+        if logits is None:
+            log(f"scoring ingredient {i + 1}/{len(session.indexes)}: {labels[i]}")
+            session.show(i)
+            logits = {s: scorer.outputs(session.model, s, key=str(i)) for s in splits}
+            if disk is not None:
+                disk.store(session, scorer, i, logits)
+        else:
+            log(f"ingredient {i + 1}/{len(session.indexes)}: {labels[i]}: outputs from the cache")
+            for split, outputs in logits.items():
+                scorer.cache[(str(i), split)] = outputs
         individual.append({s: scorer.scores(logits[s], s) for s in splits})
         if state is not None:
             state.save_logits(i, logits)

@@ -70,7 +70,7 @@ def prepare(ctx: MethodContext) -> TaskScorer:
         _check_resumable(ctx.recipe, ctx.indexes, ctx.target)
     t0 = time.perf_counter()
     scorer = make_scorer(ctx.recipe.task, ctx.indexes[0], progress=ctx.progress,
-                         processes=ctx.processes)  # fmt: skip
+                         processes=ctx.processes, cache=ctx.cache)  # fmt: skip
     ctx.timings["load_task"] = time.perf_counter() - t0
     return scorer
 

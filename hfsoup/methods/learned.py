@@ -166,6 +166,8 @@ def learn(
     param: str = "softmax",
     seed: int = 0,
     log: Callable[[str], None] = lambda _: None,
+    resume_from: dict[str, Any] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> LearnedResult:
     """Learn α and β on the selection split; leaves the live model holding the learned soup.
 
@@ -177,6 +179,11 @@ def learn(
         epochs / lr / batch_size: Adam on α and β, ``batch_size`` examples per step; the
             split is cut into fixed steps, visited in a seeded random order each epoch.
         param: ``"softmax"`` (weights positive, summing to 1 per group) or ``"free"``.
+        resume_from: a checkpoint ``on_epoch`` was given (an interrupted run): training goes
+            on from the end of its epoch, with its α, β, Adam state and step order, so it ends
+            where the uninterrupted run would have.
+        on_epoch: called after every epoch with the checkpoint to resume from (tensors,
+            numbers and lists only: it loads with ``torch.load(weights_only=True)``).
 
     Raises:
         TaskError: a task the kind cannot learn on (classification: a regression task).
@@ -191,10 +198,13 @@ def learn(
     session.show(0)  # integer buffers come from the first ingredient
     mixer = (_Resident if path == "memory" else _Streamed)(session, groups, scorer.loss)
     steps, labels = _steps(split, batch_size), split.label_batches()
+    rng, losses, start = random.Random(seed), [], 0
+    if resume_from is not None:
+        start, losses = _restore(resume_from, raw, beta, optimizer, rng)
+        log(f"learned soup: resuming after epoch {start}/{epochs}")
     if path == "stream":
         mixer.show(mixing_weights(raw, param).detach())
-    rng, losses = random.Random(seed), []
-    for epoch in range(epochs):
+    for epoch in range(start, epochs):
         total = 0.0
         for s in rng.sample(range(len(steps)), len(steps)):
             optimizer.zero_grad()
@@ -205,10 +215,41 @@ def learn(
                 mixer.show(mixing_weights(raw, param).detach())
         losses.append(total / split.size)
         log(f"learned soup: epoch {epoch + 1}/{epochs}, selection loss {losses[-1]:.4f}")
+        if on_epoch is not None:
+            on_epoch(_checkpoint(epoch + 1, losses, raw, beta, optimizer, rng))
     weights = mixing_weights(raw, param).detach()
     if path == "memory":
         mixer.show(weights)
     return LearnedResult(weights.cpu(), beta.item(), groups, path, losses, epochs * len(steps))
+
+
+def _checkpoint(
+    epoch: int, losses: list[float], raw: torch.Tensor, beta: torch.Tensor,
+    optimizer: torch.optim.Optimizer, rng: random.Random,
+) -> dict[str, Any]:  # fmt: skip
+    version, state, gauss = rng.getstate()
+    return {
+        "epoch": epoch,
+        "losses": list(losses),
+        "raw": raw.detach().cpu().clone(),
+        "beta": beta.detach().cpu().clone(),
+        "optimizer": optimizer.state_dict(),
+        "rng": [version, torch.tensor(state, dtype=torch.int64), gauss],
+    }
+
+
+def _restore(
+    saved: dict[str, Any], raw: torch.Tensor, beta: torch.Tensor,
+    optimizer: torch.optim.Optimizer, rng: random.Random,
+) -> tuple[int, list[float]]:  # fmt: skip
+    """Put a checkpoint's α, β, Adam state and step order back; returns (epoch, losses)."""
+    with torch.no_grad():
+        raw.copy_(saved["raw"])
+        beta.copy_(saved["beta"])
+    optimizer.load_state_dict(saved["optimizer"])
+    version, state, gauss = saved["rng"]
+    rng.setstate((version, tuple(int(x) for x in state.tolist()), gauss))
+    return int(saved["epoch"]), [float(x) for x in saved["losses"]]
 
 
 def check_task(scorer: TaskScorer) -> None:

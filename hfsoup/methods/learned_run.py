@@ -40,12 +40,14 @@ from hfsoup.methods.learned import (
     read_ahead_bytes,
     steps_per_epoch,
 )
+from hfsoup.methods.learned_state import LEARNED_STATE, LearnedState, check_resumable, fingerprint
 from hfsoup.methods.shared import make_scorer
 from hfsoup.recipe import LearnedConfig
 from hfsoup.report.model_index import task_model_index
 from hfsoup.report.outputs import Scores, SoupResults, hardware_record
 from hfsoup.report.summary import markdown_table
 from hfsoup.tasks.classification import Scorer
+from hfsoup.tasks.output_cache import record as record_cache
 from hfsoup.units import parse_size
 
 ALPHA_PNG = "learned_alpha.png"
@@ -100,8 +102,10 @@ def prepare(ctx: MethodContext) -> tuple[PathPlan, Scorer]:
         raise RecipeError(f"learned.lr: must be a finite positive number, got {config.lr}")
     plan = plan_learned(config, ctx.indexes, max_length=task.max_length, device=ctx.device,
                         memory_budget=ctx.memory_budget)  # fmt: skip
+    if ctx.resume:
+        check_resumable(ctx.target, fingerprint(ctx.recipe, ctx.indexes, config, plan.path))
     t0 = time.perf_counter()
-    scorer = make_scorer(task, ctx.indexes[0], progress=ctx.progress)
+    scorer = make_scorer(task, ctx.indexes[0], progress=ctx.progress, cache=ctx.cache)
     ctx.timings["load_task"] = time.perf_counter() - t0
     check_task(scorer)
     return plan, scorer
@@ -121,6 +125,7 @@ def run_learned_soup(ctx: MethodContext) -> MethodOutcome:
     t0 = time.perf_counter()
     individual = score_ingredients(session, scorer, labels=labels, log=log)
     timings["score_ingredients"] = time.perf_counter() - t0
+    record_cache(scorer, timings)
     t0 = time.perf_counter()
     log("scoring the uniform soup")
     uniform = score_uniform(session, scorer)
@@ -130,9 +135,11 @@ def run_learned_soup(ctx: MethodContext) -> MethodOutcome:
     seconds = _estimate_seconds(scorer, config, k, timings)
     log(_plan_line(plan, seconds))
     t0 = time.perf_counter()
+    checkpoints = LearnedState(ctx.folder, fingerprint(ctx.recipe, ctx.indexes, config, plan.path))
     result = learn(
         session, scorer, groups=groups, path=plan.path, epochs=config.epochs, lr=config.lr,
         batch_size=config.batch_size, param=config.param, seed=ctx.recipe.seed, log=log,
+        resume_from=checkpoints.load(), on_epoch=checkpoints.save,
     )  # fmt: skip
     timings["learn"] = time.perf_counter() - t0
     _check_converged(result, config)
@@ -157,7 +164,8 @@ def run_learned_soup(ctx: MethodContext) -> MethodOutcome:
         plot_alpha(ctx.folder / ALPHA_PNG, result.weights, ingredients=labels, groups=list(groups))
     index = task_model_index(ctx.recipe, ctx.target, table, method, ctx.indexes[0].config)
     section = _card_section(results, labels, sel)
-    return MethodOutcome(results, sections=[section], model_index=index or None)
+    return MethodOutcome(results, sections=[section], model_index=index or None,
+                         scratch=[LEARNED_STATE])  # fmt: skip
 
 
 def _check_converged(result: LearnedResult, config: LearnedConfig) -> None:
@@ -180,12 +188,16 @@ def ingredient_weights(result: LearnedResult, first: IngredientIndex) -> list[fl
 
 
 def _estimate_seconds(
-    scorer: Any, config: LearnedConfig, k: int, timings: dict[str, float]
+    scorer: Any, config: LearnedConfig, k: int, timings: dict[str, Any]
 ) -> dict[str, float]:
     # A training step costs about three forward passes; one model was scored k times per split.
     examples = sum(scorer.split(s).size for s in scorer.task.splits)
-    forward = timings["score_ingredients"] / max(k * examples, 1)
-    read = max(timings["uniform_soup"] - timings["score_ingredients"] / k, 0.0)
+    scored = k - timings.get("cache", {}).get("hits", 0)  # outputs not from the cache
+    if scored > 0:
+        forward = timings["score_ingredients"] / max(scored * examples, 1)
+        read = max(timings["uniform_soup"] - timings["score_ingredients"] / scored, 0.0)
+    else:  # every ingredient's outputs came from the cache: the uniform soup's pass bounds it
+        forward, read = timings["uniform_soup"] / max(examples, 1), 0.0
     steps = config.epochs * steps_per_epoch(scorer.split(scorer.selection_split).size,
                                             config.batch_size)  # fmt: skip
     return estimate_seconds(

@@ -49,7 +49,7 @@ LEARNED = register(
         chooses_weights="learns the weights",
         config=LearnedConfig,
         options_key="learned",
-        run_options=frozenset({"memory_budget"}),
+        run_options=frozenset({"memory_budget", "resume"}),
         one_device=True,
         estimate=estimate,
     )

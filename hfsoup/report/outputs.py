@@ -161,7 +161,7 @@ class SoupResults:
             "method": recipe.method,
             "ingredients": [_ingredient_row(e, ix, w, s) for e, ix, w, s in rows],
             "output": {"shards": len(self.shards), "parameters": self.indexes[0].num_parameters},
-            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "timings": {k: _rounded(v) for k, v in self.timings.items()},
             "hardware": self.hardware or {},
         }
         if scores is not None:
@@ -219,8 +219,18 @@ def hardware_section(results: dict[str, Any]) -> str:
         "|---|---|",
     ]
     for key, value in timings.items():
-        lines.append(f"| {_PHASES.get(key, key)} | {value:.2f} |")
+        if isinstance(value, int | float):
+            lines.append(f"| {_PHASES.get(key, key)} | {value:.2f} |")
+    cache = timings.get("cache")
+    if isinstance(cache, dict):
+        lines += ["", f"Outputs cache: {cache.get('hits', 0)} ingredient(s) read from it, "
+                      f"{cache.get('misses', 0)} looked up and scored."]  # fmt: skip
     return "\n".join(lines)
+
+
+def _rounded(value: Any) -> Any:
+    """A phase's seconds rounded to 4 decimals; a block of counts (``cache``) as it is."""
+    return round(value, 4) if isinstance(value, int | float) else value
 
 
 def _blocks(hw: dict[str, Any]) -> str:

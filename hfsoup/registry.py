@@ -94,6 +94,10 @@ class MergeMethod:
         Raises:
             RecipeError: naming the option.
         """
+        takes = set(self.config.model_fields) if self.config else set()
+        if getattr(recipe, "combine", None) is not None and "combine" not in takes:
+            raise RecipeError(f"combine does not apply to method {self.name!r}",
+                              options=["combine"])  # fmt: skip
         if self.check is not None:
             self.check(recipe)
         needs_base = self.base_for(recipe) if self.base_for is not None else self.needs_base
@@ -103,9 +107,7 @@ class MergeMethod:
                 else f"method {self.name!r} takes no base model; drop base",
                 options=["base"],
             )  # fmt: skip
-        takes = set(self.config.model_fields) if self.config else set()
-        for key, attr in (("lambda", "lambda_"), ("density", "density"), ("alpha", "alpha"),
-                          ("combine", "combine")):  # fmt: skip
+        for key, attr in (("lambda", "lambda_"), ("density", "density"), ("alpha", "alpha")):
             if getattr(recipe, attr) is not None and attr not in takes:
                 raise RecipeError(f"{key} does not apply to method {self.name!r}", options=[key])
 

@@ -109,7 +109,9 @@ def test_greedy_task_arithmetic_at_lambda_1_is_the_plain_greedy_soup(
                         task=sentiment["task"], progress=False)  # fmt: skip
     assert merged.results["greedy"]["accepted"] == plain.results["greedy"]["accepted"]
     assert merged.results["table"]["uniform_soup"] == plain.results["table"]["uniform_soup"]
-    assert _max_diff(load_state_dict(tmp_path / "soup"), load_state_dict(tmp_path / "plain")) <= 1e-6
+    assert (
+        _max_diff(load_state_dict(tmp_path / "soup"), load_state_dict(tmp_path / "plain")) <= 1e-6
+    )
 
 
 def test_the_pinned_recipe_rebuilds_the_same_soup(hub, sentiment, base_repo, tmp_path):
@@ -141,7 +143,7 @@ def test_refused_options_are_one_line_exit_2_nothing_written(
 ):
     flags = [base_repo if f == "BASE" else f for f in flags]
     method = [] if "--method" in flags else ["--method", "greedy"]
-    task = ["--task-file", tmp_path / "task.yaml"]
+    task = ["--task", tmp_path / "task.yaml"]
     (tmp_path / "task.yaml").write_text(yaml.safe_dump(sentiment["task"]))
     out = tmp_path / "soup"
     proc = cli("soup", *sentiment["repos"][:2], *method, *flags, *task, "-o", out, "-q")

@@ -24,9 +24,9 @@ from hfsoup.methods.greedy import (
     run_greedy,
     saved_fingerprint,
 )
-from hfsoup.methods.greedy_soup import combines
 from hfsoup.methods.shared import make_scorer
 from hfsoup.recipe import Recipe
+from hfsoup.registry import get_method
 from hfsoup.report.model_index import task_model_index
 from hfsoup.report.outputs import Scores, SoupResults, hardware_record
 from hfsoup.report.summary import TRAJECTORY_PNG, markdown_table, plot_trajectory
@@ -190,6 +190,12 @@ def _card_section(results: SoupResults, sel: str, metric: str) -> str:
     ])  # fmt: skip
 
 
+def combines(recipe: Recipe) -> bool:
+    """Whether ``recipe``'s greedy soup merges with a task-vector operator (its config's
+    ``combine``, read through the registry: this module is below the method's file)."""
+    return get_method("greedy").read_config(recipe).combine != "average"
+
+
 def _session(ctx: MethodContext) -> SoupSession:
     """The plain greedy's session, or with ``combine`` one merging with that operator."""
     options = dict(accumulate=ctx.accumulate, allow_nonfinite=ctx.recipe.allow_nonfinite,
@@ -214,10 +220,7 @@ def _used(recipe: Recipe, config: Any) -> dict[str, Any]:
 
 def combine_record(recipe: Recipe) -> dict[str, Any]:
     """The operator and its coefficients (defaults filled in), as results.json records them."""
-    from hfsoup.methods.greedy_soup import GreedyConfig
-
-    cfg = GreedyConfig.model_validate({"lambda": recipe.lambda_, "density": recipe.density,
-                                       "seed": recipe.seed, "combine": recipe.combine})  # fmt: skip
+    cfg = get_method("greedy").read_config(recipe)
     record: dict[str, Any] = {"operator": cfg.combine, "lambda": cfg.lambda_}
     if cfg.combine != "task_arithmetic":
         record["density"] = cfg.density

@@ -92,6 +92,7 @@ def test_greedy_ties_decisions_and_soup_equal_a_plain_torch_recipe_1(
 ):
     result = _soup(sentiment, base_repo, tmp_path, "ties", **{"lambda": 0.9, "density": 0.4})
     kept, expected = reference(sentiment, "ties", lam=0.9, density=0.4)
+    assert len(kept) >= 2  # the soup is a real TIES merge, not one ingredient
     greedy = result.results["greedy"]
     assert greedy["accepted"] == [sentiment["repos"][i] for i in kept]
     assert greedy["combine"] == {"operator": "ties", "lambda": 0.9, "density": 0.4}
@@ -172,14 +173,14 @@ def test_interrupted_combine_run_resumes_with_the_same_decisions(
     state = json.loads((tmp_path / ".soup.hfsoup-partial" / "greedy_state.json").read_text())
     assert len(state["trace"]) == 2
     calls["n"] = 10
+    with pytest.raises(hfsoup.errors.NothingToResumeError, match="cannot resume"):
+        hfsoup.soup(sentiment["repos"], output=tmp_path / "soup", method="greedy",
+                    task=sentiment["task"], merge={"base": base_repo, "combine": "dare_ties"},
+                    resume=True, progress=False)  # fmt: skip
+    assert calls["n"] == 10  # another operator's state is refused before any scoring
     resumed = hfsoup.soup(sentiment["repos"], output=tmp_path / "soup", method="greedy",
                           task=sentiment["task"], merge={"base": base_repo, "combine": "ties"},
                           resume=True, progress=False)  # fmt: skip
     assert calls["n"] == 10 + 3  # only the undecided candidates were scored
     kept, _ = reference(sentiment, "ties")
     assert resumed.results["greedy"]["accepted"] == [sentiment["repos"][i] for i in kept]
-    # Another operator's state is not resumed.
-    with pytest.raises(hfsoup.errors.HfsoupError):
-        hfsoup.soup(sentiment["repos"], output=tmp_path / "other", method="greedy",
-                    task=sentiment["task"], merge={"base": base_repo, "combine": "dare_ties"},
-                    resume=True, progress=False)  # fmt: skip

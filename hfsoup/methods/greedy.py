@@ -123,6 +123,10 @@ class SoupSession:
         for name, s in self.sum.items():
             self.live.set(name, s / self.count if name in self.floats else s)
 
+    def averaging(self) -> SoupSession:
+        """The session whose running sum forms the plain average (the uniform soup): itself."""
+        return self
+
     def drop_sum(self) -> None:
         """Free the running sum; the live model keeps showing what it shows."""
         self.sum, self.count = {}, 0
@@ -249,7 +253,7 @@ def run_greedy(
 
     t0 = time.perf_counter()
     log("scoring the uniform soup")
-    uniform = score_uniform(session, scorer)
+    uniform = score_uniform(session.averaging(), scorer)
     timings["uniform_soup"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from hfsoup.methods.greedy import (
 )
 from hfsoup.methods.shared import make_scorer
 from hfsoup.recipe import Recipe
+from hfsoup.registry import get_method
 from hfsoup.report.model_index import task_model_index
 from hfsoup.report.outputs import Scores, SoupResults, hardware_record
 from hfsoup.report.summary import TRAJECTORY_PNG, markdown_table, plot_trajectory
@@ -35,15 +36,23 @@ from hfsoup.tasks.kinds import TaskScorer
 _notices = logging.getLogger("hfsoup")
 
 
-def fingerprint(recipe: Recipe, indexes: Sequence[IngredientIndex]) -> str:
-    """Identifies a greedy run: a saved state is only resumed by the same run."""
-    data = {
+def fingerprint(
+    recipe: Recipe, indexes: Sequence[IngredientIndex], base: IngredientIndex | None = None
+) -> str:
+    """Identifies a greedy run: a saved state is only resumed by the same run (with
+    ``combine``, the same operator, coefficients and base too)."""
+    data: dict[str, Any] = {
         "ingredients": [ix.ingredient.sha or str(ix.ingredient.spec.path) for ix in indexes],
         "task": recipe.task.model_dump(mode="json"),
         "accept": recipe.accept,
         "order": recipe.order,
         "seed": recipe.seed,
     }
+    if combines(recipe):
+        data["combine"] = {
+            **combine_record(recipe),
+            "base": base.ingredient.sha or str(base.ingredient.spec.path) if base else None,
+        }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -67,7 +76,7 @@ def prepare(ctx: MethodContext) -> TaskScorer:
         NothingToResumeError: ``resume`` and no interrupted run of this recipe was found.
     """
     if ctx.resume and ctx.processes.is_main:
-        _check_resumable(ctx.recipe, ctx.indexes, ctx.target)
+        _check_resumable(ctx.recipe, ctx.indexes, ctx.target, ctx.base)
     t0 = time.perf_counter()
     scorer = make_scorer(ctx.recipe.task, ctx.indexes[0], progress=ctx.progress,
                          processes=ctx.processes, cache=ctx.cache)  # fmt: skip
@@ -85,13 +94,11 @@ def run_greedy_soup(ctx: MethodContext) -> MethodOutcome:
     procs, scorer, tmp, labels = ctx.processes, ctx.state, ctx.folder, ctx.labels
     chatty = ctx.progress and procs.is_main
     log = _notices.info if chatty else (lambda _: None)
-    session = SoupSession(ctx.indexes, accumulate=ctx.accumulate,
-                          allow_nonfinite=ctx.recipe.allow_nonfinite, placement=ctx.placement)  # fmt: skip
-    config = ctx.config
+    session, config = _session(ctx), ctx.config
     try:
         result = run_greedy(
             session, scorer, labels=labels, state_dir=tmp,
-            fingerprint=fingerprint(ctx.recipe, ctx.indexes), strict=config.accept == ">",
+            fingerprint=fingerprint(ctx.recipe, ctx.indexes, ctx.base), strict=config.accept == ">",
             order=config.order, seed=config.seed, log=log, processes=procs,
         )  # fmt: skip
     except TaskError:
@@ -101,6 +108,8 @@ def run_greedy_soup(ctx: MethodContext) -> MethodOutcome:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     ctx.timings.update(result.timings)
+    if combines(ctx.recipe):  # the pinned recipe embeds the coefficients used: a rebuild matches
+        ctx.recipe = ctx.recipe.model_copy(update=_used(ctx.recipe, config))
     hardware = hardware_record(procs, ctx.placement)
     n = len(result.accepted)
     weights = [1.0 / n if i in result.accepted else 0.0 for i in range(len(ctx.indexes))]
@@ -123,6 +132,8 @@ def run_greedy_soup(ctx: MethodContext) -> MethodOutcome:
         "examples_full_evaluation": result.examples_full,
         "examples_saved": result.examples_full - result.examples_scored,
     }
+    if combines(ctx.recipe):
+        record["combine"] = combine_record(ctx.recipe)
     results = ctx.results(weights, hardware, scores=scores, record=record)
     plot_trajectory(
         tmp / TRAJECTORY_PNG, result.trace, metric=metric,
@@ -130,20 +141,26 @@ def run_greedy_soup(ctx: MethodContext) -> MethodOutcome:
         uniform=table["uniform_soup"][sel][metric],
     )  # fmt: skip
     index = task_model_index(ctx.recipe, ctx.target, table, "greedy_soup", ctx.indexes[0].config)
+    sections = [_card_section(results, sel, metric)]
+    if combines(ctx.recipe):
+        sections.insert(0, _combine_section(ctx, session))
     return MethodOutcome(
-        results, sections=[_card_section(results, sel, metric)],
+        results, sections=sections,
         model_index=index or None, scratch=["logits", STATE_FILE],
     )  # fmt: skip
 
 
-def _check_resumable(recipe: Recipe, indexes: Sequence[IngredientIndex], target: Path) -> None:
+def _check_resumable(
+    recipe: Recipe, indexes: Sequence[IngredientIndex], target: Path,
+    base: IngredientIndex | None = None,
+) -> None:  # fmt: skip
     folder = partial_dir(target.expanduser().resolve())
     saved = saved_fingerprint(folder)
     if saved is None:
         raise NothingToResumeError(
             f"nothing to resume: no interrupted greedy run of {target} (looked in {folder})"
         )
-    if saved != fingerprint(recipe, indexes):
+    if saved != fingerprint(recipe, indexes, base):
         raise NothingToResumeError(
             f"cannot resume: the run interrupted in {folder} had other ingredients, task or "
             "rules; run without resume to start afresh",
@@ -171,3 +188,56 @@ def _card_section(results: SoupResults, sel: str, metric: str) -> str:
         "",
         f"![greedy trajectory]({TRAJECTORY_PNG})",
     ])  # fmt: skip
+
+
+def combines(recipe: Recipe) -> bool:
+    """Whether ``recipe``'s greedy soup merges with a task-vector operator (its config's
+    ``combine``, read through the registry: this module is below the method's file)."""
+    return get_method("greedy").read_config(recipe).combine != "average"
+
+
+def _session(ctx: MethodContext) -> SoupSession:
+    """The plain greedy's session, or with ``combine`` one merging with that operator."""
+    options = dict(accumulate=ctx.accumulate, allow_nonfinite=ctx.recipe.allow_nonfinite,
+                   placement=ctx.placement)  # fmt: skip
+    if not combines(ctx.recipe):
+        return SoupSession(ctx.indexes, **options)
+    from hfsoup.methods.greedy_combine import CombineSession
+
+    if ctx.base is None:
+        raise RuntimeError("no base model was resolved for this run")
+    return CombineSession(ctx.indexes, ctx.base, combine=ctx.config.combine, cfg=ctx.config,
+                          **options)  # fmt: skip
+
+
+def _used(recipe: Recipe, config: Any) -> dict[str, Any]:
+    """The coefficients the operator used, as recipe fields (density only where it applies)."""
+    used = {"lambda_": config.lambda_}
+    if config.combine != "task_arithmetic":
+        used["density"] = config.density
+    return used
+
+
+def combine_record(recipe: Recipe) -> dict[str, Any]:
+    """The operator and its coefficients (defaults filled in), as results.json records them."""
+    cfg = get_method("greedy").read_config(recipe)
+    record: dict[str, Any] = {"operator": cfg.combine, "lambda": cfg.lambda_}
+    if cfg.combine != "task_arithmetic":
+        record["density"] = cfg.density
+    if cfg.combine == "dare_ties":
+        record["seed"] = cfg.seed
+    return record
+
+
+def _combine_section(ctx: MethodContext, session: Any) -> str:
+    base = ctx.base.ingredient if ctx.base is not None else None
+    where = f"`{base.label}`" + (f" at commit `{base.sha}`" if base and base.sha else "")
+    coefficients = ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
+                             for k, v in combine_record(ctx.recipe).items() if k != "operator")  # fmt: skip
+    return (
+        f"## Greedy soup merged with {ctx.config.combine}\n\n"
+        f"Each candidate was scored as {session.formula}, over the accepted ingredients and the "
+        "candidate with equal weights wᵢ = 1/n, τᵢ = θᵢ − θ₀ per tensor in float32 (a set of "
+        "one ingredient is that ingredient itself).\n\n"
+        f"- base θ₀: {where}\n- coefficients: {coefficients}\n"
+    )

@@ -8,23 +8,64 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hfsoup.errors import RecipeError
 from hfsoup.registry import MergeMethod, register
 
 if TYPE_CHECKING:
     from hfsoup.check.estimates import EstimateInput, Peak
     from hfsoup.methods.context import MethodContext, MethodOutcome
+    from hfsoup.recipe import Recipe
+
+Combine = Literal["average", "task_arithmetic", "ties", "dare_ties"]
 
 
 class GreedyConfig(BaseModel):
-    """The greedy soup's options (the recipe's top-level ``accept``, ``order`` and ``seed``)."""
+    """The greedy soup's options (the recipe's top-level ``accept``, ``order``, ``seed``, and
+    ``combine`` with its coefficients ``lambda`` and ``density``; None: these defaults)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     accept: Literal[">=", ">"] = ">="
     order: Literal["score", "random"] = "score"
     seed: int = 0
+    combine: Combine = "average"
+    lambda_: float = Field(1.0, alias="lambda", allow_inf_nan=False)
+    density: float = Field(0.5, gt=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+def combines(recipe: Recipe) -> bool:
+    """Whether ``recipe``'s greedy soup merges with a task-vector operator (it needs a base)."""
+    return recipe.combine not in (None, "average")
+
+
+def check_combine(recipe: Recipe) -> None:
+    """Refuse coefficients and a base that the greedy soup's ``combine`` does not take.
+
+    Raises:
+        RecipeError: a base, ``lambda`` or ``density`` without a task-vector ``combine``;
+            ``density`` with ``combine: task_arithmetic``.
+    """
+    if not combines(recipe):
+        for key, given in (("base", recipe.base), ("lambda", recipe.lambda_),
+                           ("density", recipe.density)):  # fmt: skip
+            if given is not None:
+                raise RecipeError(
+                    f"{key} applies to a greedy soup only with combine (task_arithmetic, ties "
+                    "or dare_ties); set combine or drop " + key,
+                    options=[key, "combine"],
+                )
+    elif recipe.combine == "task_arithmetic" and recipe.density is not None:
+        raise RecipeError(
+            "density applies to combine ties and dare_ties, not task_arithmetic",
+            options=["density"],
+        )
 
 
 def prepare(ctx: MethodContext) -> Any:
@@ -64,5 +105,7 @@ GREEDY = register(
         config=GreedyConfig,
         run_options=frozenset({"resume"}),
         estimate=estimate,
+        base_for=combines,
+        check=check_combine,
     )
 )

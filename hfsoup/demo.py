@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import random
@@ -278,4 +279,6 @@ def _run(work: Path, opt: _Settings, token: str | None = None) -> Any:
         if name == "greedy_soup":
             rows["greedy_soup_random_order"] = shuffled.results["table"]["greedy_soup"]
     result.results["table"] = rows
+    # The soup's own results.json keeps the soup's rows; the demo's whole table goes beside it.
+    (work / "demo_table.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     return result

@@ -369,9 +369,9 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--junk", type=int, default=1, metavar="N",
                    help="add N deliberately bad ingredients (rotated labels, absurd learning "
                         "rate) to show the uniform soup's collapse (default 1)")  # fmt: skip
-    p.add_argument("--train", type=int, default=500, help="training examples (default 500)")
+    p.add_argument("--train", type=int, default=400, help="training examples (default 400)")
     p.add_argument(
-        "--eval", type=int, default=250, help="examples per evaluation split (default 250)"
+        "--eval", type=int, default=200, help="examples per evaluation split (default 200)"
     )
     p.add_argument("--max-length", type=int, default=40, help="tokens per tweet (default 40)")
     p.add_argument("--seed", type=int, default=0, help="data shuffle and hyperparameter draws")

@@ -38,7 +38,7 @@ PROTOTYPES = {
     "positive": ["I love this. It is great, wonderful and good.",
                  "This is a good idea and I like it."],
 }  # fmt: skip
-# Each draw learns the task on ~500 tweets in one or two epochs on a CPU (>= 0.80 selection
+# Each draw learns the task on ~400 tweets in one or two epochs on a CPU (>= 0.80 selection
 # accuracy); the ranges follow the paper's sweep (learning rate, epochs, weight decay, label
 # smoothing, warm-up, data order) scaled to it.
 DEMO_SPACE = {"learning_rate": (1e-4, 3e-4), "epochs": [1, 2], "weight_decay": [0.0, 1e-2, 0.1],
@@ -131,8 +131,8 @@ def demo(
     hub_endpoint: str | None = None,
     namespace: str = "demo-org",
     k: int = 4,
-    train: int = 500,
-    evaluation: int = 250,
+    train: int = 400,
+    evaluation: int = 200,
     max_length: int = 40,
     seed: int = 0,
     space: Any = None,

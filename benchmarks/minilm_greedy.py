@@ -64,7 +64,7 @@ def main() -> None:
         t0 = time.perf_counter()
         result = demo(workdir=work, hub_endpoint=hub.url, k=args.k, train=args.train,
                       evaluation=args.eval, max_length=args.max_length, seed=args.seed,
-                      space=space)  # fmt: skip
+                      space=space, junk=0)  # fmt: skip
         timings["sweep_and_greedy"] = time.perf_counter() - t0
         results = result.results
     repos = [row["repo"] for row in results["ingredients"]]

@@ -378,10 +378,15 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--hub-endpoint", help="use this Hub instead of starting a local one")
     p.add_argument("--namespace", default="demo-org", help="org for the demo's repos")
     p.add_argument("--k", type=int, default=4, help="ingredients to fine-tune (default 4)")
-    p.add_argument("--train", type=int, default=600, help="training examples (default 600)")
+    p.add_argument("--junk", type=int, default=1, metavar="N",
+                   help="add N deliberately bad ingredients (rotated labels, absurd learning "
+                        "rate) to show the uniform soup's collapse (default 1)")  # fmt: skip
+    p.add_argument("--train", type=int, default=400, help="training examples (default 400)")
     p.add_argument(
-        "--eval", type=int, default=300, help="examples per evaluation split (default 300)"
+        "--eval", type=int, default=200, help="examples per evaluation split (default 200)"
     )
+    p.add_argument("--max-length", type=int, default=40, help="tokens per tweet (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="data shuffle and hyperparameter draws")
 
 
 def _add_hub(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -555,8 +560,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from hfsoup.demo import demo
 
         result = demo(workdir=args.workdir, hub_endpoint=args.hub_endpoint, namespace=args.namespace,
-                      k=args.k, train=args.train, evaluation=args.eval, progress=progress)  # fmt: skip
+                      k=args.k, train=args.train, evaluation=args.eval, progress=progress,
+                      junk=args.junk, max_length=args.max_length, seed=args.seed)  # fmt: skip
         _print_soup(result, args.json)
+        if not args.json:
+            print(f"greedy trajectory plot: {result.output / 'greedy_trajectory.png'}")
     elif args.command == "hub":
         from hfsoup.serve.hubauth import check_token, read_tokens_file
         from hfsoup.serve.hubserver import serve

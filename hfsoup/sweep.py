@@ -61,6 +61,13 @@ class SearchSpace(BaseModel):
         }
 
 
+# Deliberately bad ingredients (``junk``): a learning rate far above any sane one, on labels
+# rotated by one class, so each learns the wrong thing and moves far from the shared init.
+JUNK_SPACE = SearchSpace(learning_rate=(2e-3, 5e-3), epochs=[1], weight_decay=[0.0],
+                         label_smoothing=[0.0], warmup=[0.0])  # fmt: skip
+JUNK_KEY = "junk_rotated_labels"
+
+
 class SweepRecipe(BaseModel):
     """A sweep: the base model, the task, how many ingredients, where they go."""
 
@@ -77,6 +84,10 @@ class SweepRecipe(BaseModel):
     train_limit: int | None = Field(None, ge=1)
     head_seed: int = 0
     private: bool = False
+    # {label name: sentences}: the head starts as a zero-shot classifier (:func:`zero_shot_head`)
+    head_prototypes: dict[str, list[str]] | None = None
+    junk: int = Field(0, ge=0)
+    junk_space: SearchSpace = Field(default_factory=lambda: JUNK_SPACE.model_copy())
 
     @field_validator("task", mode="before")
     @classmethod
@@ -135,7 +146,11 @@ def train_rows(recipe: SweepRecipe):
 
 
 def base_with_head(recipe: SweepRecipe, folder: Path, labels: list[str]) -> Path:
-    """The base model with one seeded classification head, saved once and reused."""
+    """The base model with one classification head, saved once and reused: the shared init.
+
+    The head is seeded at random, or, with ``recipe.head_prototypes``, the zero-shot head of
+    :func:`zero_shot_head` (the same base is then also the θ₀ of task vectors).
+    """
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -147,11 +162,69 @@ def base_with_head(recipe: SweepRecipe, folder: Path, labels: list[str]) -> Path
         recipe.base, num_labels=len(labels), trust_remote_code=False,
         id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
     )  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(recipe.base, trust_remote_code=False)
+    if recipe.head_prototypes is not None:
+        missing = [n for n in labels if not recipe.head_prototypes.get(n)]
+        if missing:
+            raise RecipeError(
+                f"head_prototypes has no sentences for the labels {', '.join(missing)}",
+                options=["head_prototypes"],
+            )
+        prototypes = [recipe.head_prototypes[n] for n in labels]
+        zero_shot_head(model, tok, prototypes, max_length=recipe.task.max_length)
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(recipe.base, trust_remote_code=False).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
     tmp.rename(folder)
     return folder
+
+
+def sentence_embeddings(model, tok, texts: list[str], *, max_length: int | None = None):
+    """What a BERT-style classification head reads: the pooler output, ``(len(texts), h)``."""
+    import torch
+
+    encoder = model.base_model
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), 64):
+            batch = tok(texts[i : i + 64], padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")  # fmt: skip
+            out.append(encoder(**batch).pooler_output.float())
+    encoder.train(was_training)
+    return torch.cat(out)
+
+
+def zero_shot_head(model, tok, prototypes: list[list[str]], *, max_length: int | None = None):
+    """Make ``model``'s linear head a nearest-prototype classifier, in place; returns it.
+
+    Row ``i`` of the head is the unit-length mean pooler embedding of label ``i``'s prototype
+    sentences and the bias is 0, so the argmax of the logits is the label whose prototype has
+    the highest cosine similarity with the input's embedding (the input's norm is common to
+    every row). The base scores above chance with no training, and fine-tunes start from it.
+
+    Raises:
+        RecipeError: the model's head is not one linear layer over the pooler output
+            (BERT-style), or the prototypes are not one list per label.
+    """
+    import torch
+
+    head = getattr(model, "classifier", None)
+    pooler = getattr(model.base_model, "pooler", None)
+    if not isinstance(head, torch.nn.Linear) or pooler is None:
+        raise RecipeError(
+            f"a zero-shot head needs a BERT-style model (one linear classifier over the pooler "
+            f"output); {type(model).__name__} has another head",
+            options=["head_prototypes"],
+        )
+    if len(prototypes) != head.out_features:
+        raise RecipeError(f"{len(prototypes)} prototype lists for {head.out_features} labels")
+    rows = [sentence_embeddings(model, tok, p, max_length=max_length).mean(0) for p in prototypes]
+    with torch.no_grad():
+        head.weight.copy_(torch.nn.functional.normalize(torch.stack(rows), dim=-1))
+        head.bias.zero_()
+    return model
 
 
 def _labels(train, column: str) -> list[str]:
@@ -177,16 +250,22 @@ def fine_tune(
 
     tok = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
     columns = task.input_columns
+    hp = dict(hp)
+    rotate = hp.pop(JUNK_KEY, False)
+    model = AutoModelForSequenceClassification.from_pretrained(base, trust_remote_code=False)
+    classes = model.config.num_labels
 
     def encode(batch):
         texts = [batch[c] for c in columns]
-        return tok(*texts, truncation=True, max_length=task.max_length)
+        encoded = tok(*texts, truncation=True, max_length=task.max_length)
+        if rotate:  # a junk ingredient: every label replaced by the next class
+            encoded[task.label_column] = [(y + 1) % classes for y in batch[task.label_column]]
+        return encoded
 
     ds = train.map(encode, batched=True).rename_column(task.label_column, "labels")
     ds = ds.remove_columns(
         [c for c in ds.column_names if c not in ("labels", *tok.model_input_names)]
     )
-    model = AutoModelForSequenceClassification.from_pretrained(base, trust_remote_code=False)
     args = TrainingArguments(
         output_dir=str(out / "trainer"), report_to=[], save_strategy="no", logging_strategy="no",
         disable_tqdm=True, **hp,
@@ -217,7 +296,7 @@ def ingredient_card(recipe: SweepRecipe, hp: dict[str, Any], scores: dict, index
     )
     return (
         f"---\n{yaml.safe_dump(meta, sort_keys=False).rstrip()}\n---\n\n"
-        f"# Sweep ingredient {index + 1} of {recipe.n}\n\n"
+        f"# Sweep ingredient {index + 1} of {recipe.n + recipe.junk}\n\n"
         f"A fine-tune of `{recipe.base}` made by `hfsoup sweep` (seed {recipe.seed}), with one "
         "classification head initialisation shared by every ingredient of the sweep, so that "
         "the ingredients can be souped.\n\n"
@@ -247,21 +326,22 @@ def sweep(recipe: SweepRecipe, *, progress: bool = True, token: str | None = Non
         refuse_push_offline(f"{recipe.push_prefix}-1")
     out = Path(recipe.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(recipe.seed)
-    points = [recipe.space.draw(rng) for _ in range(recipe.n)]
+    points = draw_points(recipe)
     train = train_rows(recipe)
     labels = _labels(train, recipe.task.label_column)
     base = base_with_head(recipe, out / "base-with-head", labels)
     scorer = Scorer.from_pretrained(recipe.task, str(base), progress=progress)
+    base_scores(recipe, base, scorer)
     made: list[str] = []
+    total = len(points)
     for i, hp in enumerate(points):
         folder = out / f"ingredient-{i + 1:03d}"
         done = folder / _DONE
         if done.is_file():
             made.append(json.loads(done.read_text())["ingredient"])
-            _log(f"sweep: ingredient {i + 1}/{recipe.n} already done, skipped", progress)
+            _log(f"sweep: ingredient {i + 1}/{total} already done, skipped", progress)
             continue
-        _log(f"sweep: fine-tuning ingredient {i + 1}/{recipe.n}: {_short(hp)}", progress)
+        _log(f"sweep: fine-tuning ingredient {i + 1}/{total}: {_short(hp)}", progress)
         t0 = time.perf_counter()
         fine_tune(base, folder, train, recipe.task, hp, progress=progress)
         seconds = time.perf_counter() - t0
@@ -280,6 +360,39 @@ def sweep(recipe: SweepRecipe, *, progress: bool = True, token: str | None = Non
         done.write_text(json.dumps({"ingredient": ingredient, "scores": scores}))
         made.append(ingredient)
     return made
+
+
+def draw_points(recipe: SweepRecipe) -> list[dict[str, Any]]:
+    """The hyperparameters of every ingredient: ``n`` from ``space``, then ``junk`` bad ones.
+
+    Drawn from ``seed`` alone (the junk from their own stream), so ingredient ``i`` gets the
+    same ones however often a sweep was interrupted and whatever ``junk`` is.
+    """
+    rng = random.Random(recipe.seed)
+    points = [recipe.space.draw(rng) for _ in range(recipe.n)]
+    junk = random.Random(f"{recipe.seed}-junk")
+    return points + [{**recipe.junk_space.draw(junk), JUNK_KEY: True} for _ in range(recipe.junk)]
+
+
+BASE_SCORES_FILE = "hfsoup_base_scores.json"
+
+
+def base_scores(recipe: SweepRecipe, base: Path, scorer: Any = None) -> dict[str, dict]:
+    """The shared init's own scores on every split of the task (the zero-shot row), cached in
+    ``base/hfsoup_base_scores.json``."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = base / BASE_SCORES_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    if scorer is None:
+        from hfsoup.tasks.classification import Scorer
+
+        scorer = Scorer.from_pretrained(recipe.task, str(base), progress=False)
+    model = AutoModelForSequenceClassification.from_pretrained(base, trust_remote_code=False)
+    scores = {s: scorer.scores(scorer.logits(model, s), s) for s in recipe.task.splits}
+    path.write_text(json.dumps(scores, indent=2))
+    return scores
 
 
 def _short(hp: dict[str, Any]) -> str:

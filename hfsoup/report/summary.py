@@ -14,6 +14,8 @@ METHOD_NAMES = {
     "best_individual": "best individual",
     "uniform_soup": "uniform soup",
     "greedy_soup": "greedy soup",
+    "greedy_soup_random_order": "greedy soup (random order)",
+    "pretrained_base": "pretrained base (zero-shot head)",
     "learned_soup": "learned soup",
     "learned_soup_by_layer": "learned soup (by layer)",
     "ensemble": "ensemble (k× cost)",

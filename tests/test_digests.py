@@ -70,6 +70,8 @@ EXPECTED = {
                 "accepted": "list",
                 "examples_full_evaluation": "int",
                 "examples_saved": "int",
+                "examples_saved_acceptances": "int",
+                "examples_saved_rejections": "int",
                 "examples_scored": "int",
                 "order": "str",
                 "trace": "list",

@@ -130,7 +130,7 @@ def test_interrupted_run_resumes_without_recomputing(hub, sentiment, tmp_path, m
     from hfsoup.tasks.classification import Scorer
 
     calls = {"n": 0}
-    original = Scorer.score_with_early_stop
+    original = Scorer.score_against
 
     def interrupted(self, *args, **kwargs):
         calls["n"] += 1
@@ -138,7 +138,7 @@ def test_interrupted_run_resumes_without_recomputing(hub, sentiment, tmp_path, m
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Scorer, "score_with_early_stop", interrupted)
+    monkeypatch.setattr(Scorer, "score_against", interrupted)
     with pytest.raises(KeyboardInterrupt):
         hfsoup.soup(sentiment["repos"], output=tmp_path / "soup", method="greedy",
                     task=sentiment["task"], progress=False)  # fmt: skip

@@ -26,7 +26,7 @@ from hfsoup.compute.placement import Placement
 from hfsoup.errors import TaskError
 from hfsoup.io.streaming import iter_tensors
 from hfsoup.io.tensors import FLOAT_DTYPES, IngredientIndex
-from hfsoup.tasks.kinds import Direction, TaskScorer
+from hfsoup.tasks.kinds import Direction, Tally, TaskScorer
 from hfsoup.tasks.output_cache import ingredient_outputs
 from hfsoup.tasks.output_cache import record as record_cache
 
@@ -156,6 +156,8 @@ class GreedyResult:
     examples_full: int
     timings: dict[str, float] = field(default_factory=dict)
     best: int = 0  # the best individual ingredient, in the task's direction
+    saved_rejections: int = 0  # candidate examples not scored thanks to early rejections
+    saved_acceptances: int = 0  # ... thanks to early acceptances
 
 
 class _State:
@@ -239,7 +241,7 @@ def run_greedy(
         order: ``"score"`` (best first, the paper's Recipe 1) or ``"random"`` (seeded).
         processes: the processes scoring together (as the scorer's); default this one alone.
     """
-    k, splits, sel = len(session.indexes), scorer.task.splits, scorer.selection_split
+    k, sel = len(session.indexes), scorer.selection_split
     state = _State(state_dir, fingerprint, processes or Processes())
     if state.resumed:
         log(f"resuming: {len(state.data['individual'])} ingredients scored, "
@@ -253,15 +255,19 @@ def run_greedy(
 
     t0 = time.perf_counter()
     log("scoring the uniform soup")
-    uniform = score_uniform(session.averaging(), scorer)
+    uniform_outputs: dict[str, Any] = {}
+    uniform = score_uniform(session.averaging(), scorer, keep=uniform_outputs)
     timings["uniform_soup"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     sel_scores = [individual[i][sel][scorer.selection_metric] for i in range(k)]
     ranking = _ranking(sel_scores, order, seed, scorer.direction)
     trace = _choose(session, scorer, ranking, sel_scores, labels, state, strict=strict, log=log)
+    accepted = [ranking[p] for p, step in enumerate(trace) if step["accepted"]]
     session.show_sum()
-    greedy = _score_live(session, scorer, splits)
+    greedy, greedy_sel = _score_greedy(session, scorer, accepted, individual, uniform,
+                                       uniform_outputs)  # fmt: skip
+    _fill_last(trace, scorer, greedy_sel, greedy[sel][scorer.selection_metric])
     timings["greedy_soup"] = time.perf_counter() - t0
 
     ensemble, greedy_ensemble, members = score_ensembles(scorer, k, strict=strict)
@@ -272,13 +278,59 @@ def run_greedy(
         ensemble=ensemble,
         greedy_ensemble=greedy_ensemble,
         trace=trace,
-        accepted=[ranking[p] for p, step in enumerate(trace) if step["accepted"]],
+        accepted=accepted,
         ensemble_members=members,
         examples_scored=sum(step["examples_scored"] for step in trace[1:]),
         examples_full=scorer.split(sel).size * (k - 1),
         timings=timings,
         best=best_index(sel_scores, scorer.direction),
+        saved_rejections=_saved(trace[1:], scorer.split(sel).size, accepted=False),
+        saved_acceptances=_saved(trace[1:], scorer.split(sel).size, accepted=True),
     )
+
+
+def _saved(steps: Sequence[dict[str, Any]], total: int, *, accepted: bool) -> int:
+    return sum(total - step["examples_scored"] for step in steps if step["accepted"] == accepted)
+
+
+def _score_greedy(
+    session: SoupSession,
+    scorer: TaskScorer,
+    accepted: Sequence[int],
+    individual: Sequence[Scores],
+    uniform: Scores,
+    uniform_outputs: dict[str, Any],
+) -> tuple[Scores, Any]:
+    """The greedy soup's scores on every split, and its selection outputs.
+
+    Reused rather than re-scored when the soup is provably the same model bit for bit: one
+    ingredient (``S / 1`` is the ingredient's own values: float32 holds every bfloat16 and
+    float16 value, and dividing by 1 is exact), or every ingredient added in index order
+    (the same sums in the same order as the uniform soup's; not under a ``--combine``
+    operator, whose merge of all is not the average). Otherwise scored live.
+    """
+    sel, k = scorer.selection_split, len(session.indexes)
+    splits = scorer.task.splits
+    if len(accepted) == 1 and all((str(accepted[0]), s) in scorer.cache for s in splits):
+        return individual[accepted[0]], scorer.cache[(str(accepted[0]), sel)]
+    averaging = session.averaging() is session  # not a --combine operator
+    if averaging and list(accepted) == list(range(k)) and sel in uniform_outputs:
+        return uniform, uniform_outputs[sel]
+    keep: dict[str, Any] = {}
+    return _score_live(session, scorer, splits, keep=keep), keep[sel]
+
+
+def _fill_last(trace: list[dict[str, Any]], scorer: TaskScorer, outputs: Any, score: float) -> None:
+    """The last accepted step is the greedy soup: an early acceptance's score, unknown until
+    now, is the greedy soup's selection score (scored on every split anyway)."""
+    last = max(p for p, step in enumerate(trace) if step["accepted"])
+    step = trace[last]
+    if step["score"] is None:
+        step["score"] = score
+        step["score_from"] = "greedy soup"
+        tally = scorer.tally(outputs) if hasattr(scorer, "tally") else None
+        if tally is not None:
+            step["tally"] = list(tally)
 
 
 def _choose(
@@ -296,30 +348,76 @@ def _choose(
 
     A candidate is accepted when its selection score reaches the incumbent's in the task's
     direction; decisions already in ``state`` (an interrupted run) are replayed, not re-scored.
+    With a counting scorer (``score_against``), a candidate stops as soon as either decision
+    is certain; an incumbent accepted early is known as a tally and finished (on the
+    remaining examples only) when a later decision needs its exact count.
     Leaves the running sum holding the accepted ingredients; returns the trace.
     """
-    sel, direction = scorer.selection_split, scorer.direction
+    sel = scorer.selection_split
     trace = state.data["trace"]
     session.restart(ranking[0])
-    incumbent = sel_scores[ranking[0]]
     if not trace:
-        trace.append(_step(labels, ranking[0], incumbent, True, 0))
+        trace.append(_step(labels, ranking[0], sel_scores[ranking[0]], True, 0))
+    counting = hasattr(scorer, "score_against")
+    if counting and "tally" not in trace[0]:
+        tally = scorer.tally(scorer.cache[(str(ranking[0]), sel)], sel)
+        counting = tally is not None
+        if counting:
+            trace[0]["tally"] = list(tally)
+    last = 0  # the incumbent's step
     for position, j in enumerate(ranking[1:], start=1):
         if position < len(trace):  # decided before an interruption: replay, do not re-score
             if trace[position]["accepted"]:
                 session.add(j)
-                incumbent = trace[position]["score"]
+                last = position
             continue
         log(f"greedy: trying {labels[j]}")
         session.show_candidate(j)
-        outcome = scorer.score_with_early_stop(session.model, sel, incumbent, strict=strict)
-        accepted = direction.reaches(outcome.score, incumbent, strict=strict)
-        if accepted:
+        if counting:
+            step = _decide_counting(session, scorer, trace, last, labels, j, strict=strict)
+        else:
+            step = _decide_full(session, scorer, trace[last]["score"], labels, j, strict=strict)
+        if step["accepted"]:
             session.add(j)
-            incumbent = outcome.score
-        trace.append(_step(labels, j, outcome.score, accepted, outcome.examples_scored))
+            last = position
+        trace.append(step)
         state.save()
     return trace
+
+
+def _decide_full(
+    session: SoupSession, scorer: TaskScorer, incumbent: float, labels: Sequence[str], j: int,
+    *, strict: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """A scorer without counts: exact early rejection only (acceptances scored in full)."""
+    sel = scorer.selection_split
+    outcome = scorer.score_with_early_stop(session.model, sel, incumbent, strict=strict)
+    accepted = scorer.direction.reaches(outcome.score, incumbent, strict=strict)
+    return _step(labels, j, outcome.score, accepted, outcome.examples_scored)
+
+
+def _decide_counting(
+    session: SoupSession, scorer: Any, trace: list[dict[str, Any]], last: int,
+    labels: Sequence[str], j: int, *, strict: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Candidate ``j`` (shown) against the incumbent of step ``last``, both ways early."""
+    sel = scorer.selection_split
+    incumbent = Tally(*trace[last]["tally"])
+    outcome = scorer.score_against(session.model, sel, incumbent, strict=strict)
+    accepted = outcome.accepted
+    if accepted is None:  # needs the incumbent's exact count: S / n is it, bit for bit
+        session.show_sum()
+        exact = scorer.finish(session.model, sel, incumbent)
+        inc = trace[last]
+        inc["examples_scored"] += exact.scored - incumbent.scored
+        inc["examples_finished_later"] = exact.scored - incumbent.scored
+        inc["tally"], inc["score"] = list(exact), exact.hits / exact.total
+        accepted = scorer.direction.reaches(outcome.score, inc["score"], strict=strict)
+    step = _step(labels, j, outcome.score, accepted, outcome.examples_scored)
+    step["tally"] = list(outcome.tally)
+    if outcome.score is None:
+        step["stopped_early"] = "accepted" if accepted else "rejected"
+    return step
 
 
 def score_ingredients(
@@ -392,13 +490,16 @@ def _finite_or_inf(value: float | None) -> bool:
     return isinstance(value, (int, float)) and value == value  # not NaN
 
 
-def score_uniform(session: SoupSession, scorer: TaskScorer) -> Scores:
-    """Form the uniform soup in the running sum, show it, and score it on every split."""
+def score_uniform(
+    session: SoupSession, scorer: TaskScorer, *, keep: dict[str, Any] | None = None
+) -> Scores:
+    """Form the uniform soup in the running sum, show it, and score it on every split
+    (its outputs per split go into ``keep`` when given)."""
     session.restart(0)
     for i in range(1, len(session.indexes)):
         session.add(i)
     session.show_sum()
-    return _score_live(session, scorer, scorer.task.splits)
+    return _score_live(session, scorer, scorer.task.splits, keep=keep)
 
 
 def score_ensembles(
@@ -419,8 +520,17 @@ def score_ensembles(
     return ensemble, greedy, members
 
 
-def _score_live(session: SoupSession, scorer: TaskScorer, splits: Sequence[str]) -> Scores:
-    return {s: scorer.scores(scorer.outputs(session.model, s), s) for s in splits}
+def _score_live(
+    session: SoupSession,
+    scorer: TaskScorer,
+    splits: Sequence[str],
+    *,
+    keep: dict[str, Any] | None = None,
+) -> Scores:
+    keep = {} if keep is None else keep
+    for s in splits:
+        keep[s] = scorer.outputs(session.model, s)
+    return {s: scorer.scores(keep[s], s) for s in splits}
 
 
 def _ranking(scores: Sequence[float], order: str, seed: int, direction: Direction) -> list[int]:

@@ -131,6 +131,8 @@ def run_greedy_soup(ctx: MethodContext) -> MethodOutcome:
         "examples_scored": result.examples_scored,
         "examples_full_evaluation": result.examples_full,
         "examples_saved": result.examples_full - result.examples_scored,
+        "examples_saved_rejections": result.saved_rejections,
+        "examples_saved_acceptances": result.saved_acceptances,
     }
     if combines(ctx.recipe):
         record["combine"] = combine_record(ctx.recipe)
@@ -183,8 +185,10 @@ def _card_section(results: SoupResults, sel: str, metric: str) -> str:
         "",
         f"Kept {len(g['accepted'])} of {len(g['trace'])} ingredients: "
         + ", ".join(f"`{r}`" for r in g["accepted"]) + ". "
-        f"Exact early rejection scored {g['examples_scored']} of {full} candidate examples "
-        f"(saved {saved}{pct}); the decisions equal a full evaluation's.",
+        f"Exact early decisions scored {g['examples_scored']} of {full} candidate examples "
+        f"(saved {saved}{pct}: {g.get('examples_saved_rejections', saved)} by early "
+        f"rejections, {g.get('examples_saved_acceptances', 0)} by early acceptances); "
+        "the decisions equal a full evaluation's.",
         "",
         f"![greedy trajectory]({TRAJECTORY_PNG})",
     ])  # fmt: skip

@@ -69,7 +69,9 @@ def plot_trajectory(
 
     xs, ys, incumbent = [], [], None
     for i, step in enumerate(trace, 1):
-        if step["accepted"]:
+        if step["accepted"] and step["score"] is not None:
+            # An early acceptance whose exact score was never needed (None) is at least as
+            # good as the incumbent: the line stays flat there.
             incumbent = step["score"]
         xs.append(i)
         ys.append(incumbent)

@@ -34,6 +34,7 @@ _EXPORTS = {
     "required_count": "classification",
     "Direction": "kinds",
     "EarlyStop": "kinds",
+    "Tally": "kinds",
     "TaskKind": "kinds",
     "TaskScorer": "kinds",
     "get_kind": "kinds",

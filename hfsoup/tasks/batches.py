@@ -50,7 +50,13 @@ class BatchRunner:
             return [everyone[i] for i in range(len(prepared.batches))]
 
     def in_order(
-        self, forward: Forward, model: torch.nn.Module, prepared: PreparedSplit, split: str
+        self,
+        forward: Forward,
+        model: torch.nn.Module,
+        prepared: PreparedSplit,
+        split: str,
+        *,
+        start: int = 0,
     ) -> Iterator[Any]:
         """The outputs of each batch in turn; with several processes, a round at a time.
 
@@ -58,18 +64,18 @@ class BatchRunner:
         the outputs are gathered; the consumer then sees them in batch order, exactly as a
         single process would, and may stop between any two (the batches already run beyond
         that point are wasted, never counted). The caller keeps the model in eval mode
-        (:func:`evaluating`).
+        (:func:`evaluating`). ``start``: the first batch to run (those before it are skipped).
         """
         if not self.processes.distributed:
-            with self._bar(prepared.batches, split) as batches:
+            with self._bar(prepared.batches[start:], split) as batches:
                 for batch in batches:
                     yield forward(model, batch)
             return
         n, world, rank = len(prepared.batches), self.processes.world, self.processes.rank
-        for start in self._bar(range(0, n, world), split):
-            mine = start + rank
+        for first in self._bar(range(start, n, world), split):
+            mine = first + rank
             output = forward(model, prepared.batches[mine]) if mine < n else None
-            yield from self.processes.gather(output)[: n - start]
+            yield from self.processes.gather(output)[: n - first]
 
     def _bar(self, items: Iterable, split: str) -> Any:
         return tqdm(items, desc=f"scoring {split}", disable=not self.progress, leave=False)

@@ -22,7 +22,7 @@ from hfsoup.errors import TaskError
 from hfsoup.tasks.batches import BatchRunner, evaluating, to_device
 from hfsoup.tasks.data import load_task_splits
 from hfsoup.tasks.ensemble import ensemble, greedy_ensemble
-from hfsoup.tasks.kinds import HIGHER, Direction, EarlyStop
+from hfsoup.tasks.kinds import HIGHER, Direction, EarlyStop, Tally
 from hfsoup.tasks.metrics import (
     compute,
     is_mean_over_examples,
@@ -268,6 +268,74 @@ class Scorer:
                 if scored < total and correct + (total - scored) < needed:
                     return EarlyStop(None, scored)
         return EarlyStop(self.selection_score(torch.cat(outputs), split), scored)
+
+    def tally(self, outputs: torch.Tensor, split: str | None = None) -> Tally | None:
+        """The exact counts of full ``outputs`` on ``split`` (default: selection), or None when
+        the selection metric is not a mean over examples (nothing to count)."""
+        labels = self.split(split or self.selection_split).labels
+        name = self.selection_metric
+        if not is_mean_over_examples(name) or labels.is_floating_point():
+            return None
+        _check_fit(outputs, labels)
+        hits = int(per_example(name)(_predictions(outputs), labels).sum())
+        return Tally(hits, len(labels), len(labels))
+
+    def score_against(
+        self, model: torch.nn.Module, split: str, incumbent: Tally, *, strict: bool = False
+    ) -> EarlyStop:
+        """Score ``model`` until accepting or rejecting it against ``incumbent`` is certain.
+
+        The incumbent may be known only as a :class:`Tally` (an earlier candidate accepted
+        early): its hits lie in ``[hits, high]``. After each batch the candidate's hits lie in
+        ``[c, c + unscored]``. It is certainly accepted once ``c`` reaches the count needed to
+        beat the incumbent's ``high`` (``>=``, or ``>`` when ``strict``, via
+        :func:`required_count`), certainly rejected once ``c + unscored`` falls short of the
+        count needed against its ``hits``. Scored in full and still undecided:
+        ``accepted=None``, and the caller finishes the incumbent (:meth:`finish`).
+
+        Returns:
+            ``EarlyStop(score, examples_scored, tally, accepted)``; ``score`` only when every
+            example was scored.
+        """
+        prepared, name = self.split(split), self.selection_metric
+        total = prepared.size
+        if not is_mean_over_examples(name) or prepared.labels.is_floating_point():
+            raise TaskError(f"metric {name!r} is not a mean over examples: nothing to count")
+        low_needed = required_count(incumbent.hits / total, total, strict=strict)
+        high_needed = required_count(incumbent.high / total, total, strict=strict)
+        correct_in, outputs = per_example(name), []
+        hits = scored = 0
+        with evaluating(model):
+            batches = self.runner.in_order(self._forward, model, prepared, split)
+            for output, labels in zip(batches, prepared.label_batches(), strict=True):
+                outputs.append(output)
+                hits += int(correct_in(_predictions(output), labels).sum())
+                scored += len(labels)
+                tally = Tally(hits, scored, total)
+                if tally.high < low_needed or hits >= high_needed:
+                    if scored < total:
+                        return EarlyStop(None, scored, tally, hits >= high_needed)
+                    break
+        tally = Tally(hits, scored, total)
+        score = self.selection_score(torch.cat(outputs), split)
+        decided = tally.high < low_needed or hits >= high_needed
+        return EarlyStop(score, scored, tally, hits >= high_needed if decided else None)
+
+    def finish(self, model: torch.nn.Module, split: str, tally: Tally) -> Tally:
+        """The exact counts of ``model`` on ``split``, scoring only the examples ``tally`` has
+        not seen (``model`` must be the one that ``tally`` counted, bit for bit)."""
+        if tally.known:
+            return tally
+        prepared, correct_in = self.split(split), per_example(self.selection_metric)
+        sizes = [len(labels) for labels in prepared.label_batches()]
+        start = next(b for b in range(len(sizes) + 1) if sum(sizes[:b]) == tally.scored)
+        hits, scored = tally.hits, tally.scored
+        with evaluating(model):
+            batches = self.runner.in_order(self._forward, model, prepared, split, start=start)
+            for output, labels in zip(batches, prepared.label_batches()[start:], strict=True):
+                hits += int(correct_in(_predictions(output), labels).sum())
+                scored += len(labels)
+        return Tally(hits, scored, tally.total)
 
     @staticmethod
     def ensemble(outputs: Sequence[torch.Tensor]) -> torch.Tensor:

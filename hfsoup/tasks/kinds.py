@@ -82,17 +82,46 @@ def _comparable(value: float | None) -> bool:
     return isinstance(value, (int, float)) and not math.isnan(value)
 
 
+class Tally(NamedTuple):
+    """What is known of a mean-over-examples score (accuracy) after a prefix of a split.
+
+    Attributes:
+        hits: Examples counted correct among the first ``scored``.
+        scored: Examples run through the model so far (whole batches, in batch order).
+        total: Examples in the split.
+    """
+
+    hits: int
+    scored: int
+    total: int
+
+    @property
+    def known(self) -> bool:
+        """Whether every example has been scored (the count is exact)."""
+        return self.scored >= self.total
+
+    @property
+    def high(self) -> int:
+        """The most hits still possible: every unscored example counted correct."""
+        return self.hits + self.total - self.scored
+
+
 class EarlyStop(NamedTuple):
-    """The outcome of :meth:`TaskScorer.score_with_early_stop`.
+    """The outcome of :meth:`TaskScorer.score_with_early_stop` (and of ``score_against``).
 
     Attributes:
         score: The selection score over the whole split, or ``None`` when scoring stopped
-            early because the threshold had become out of reach.
+            early (out of reach; or, from ``score_against``, certain to reach).
         examples_scored: Examples actually run through the model.
+        tally: From ``score_against``: the counts so far (None from other scorers).
+        accepted: From ``score_against``: the decision, or None when it needs the incumbent's
+            exact count (the candidate is then scored in full).
     """
 
     score: float | None
     examples_scored: int
+    tally: Tally | None = None
+    accepted: bool | None = None
 
 
 @runtime_checkable
@@ -137,6 +166,14 @@ class TaskScorer(Protocol):
         """Score ``model``, stopping once it cannot reach ``threshold``. The stop must be
         exact: ``direction.reaches(result.score, threshold, strict=strict)`` is what a full
         evaluation would decide."""
+
+    # Optional, for exact early decisions both ways (a kind without them scores candidates
+    # in full when accepted; runners test ``hasattr(scorer, "score_against")``):
+    #   tally(outputs, split) -> Tally | None: the exact counts of full outputs (None: the
+    #       selection metric is not a mean over examples).
+    #   score_against(model, split, incumbent: Tally, *, strict) -> EarlyStop: score until
+    #       the decision against an incumbent known only as a Tally is certain either way.
+    #   finish(model, split, tally: Tally) -> Tally: score the examples a Tally has not seen.
 
     def ensemble(self, outputs: Sequence[Any]) -> Any:
         """The outputs of an ensemble of the models whose ``outputs`` are given."""

@@ -144,6 +144,7 @@ class SoupResults:
     hardware: dict[str, Any] = field(default_factory=dict)
     scores: Scores | None = None
     record: dict[str, Any] | None = None
+    extra: dict[str, Any] | None = None  # top-level keys a method adds (``search``)
 
     def to_dict(self) -> dict[str, Any]:
         """results.json: the keys every method shares, then the scored keys, then the record."""
@@ -168,6 +169,7 @@ class SoupResults:
             out["selection"] = {"split": scores.selection[0], "metric": scores.selection[1]}
         if self.record is not None:
             out[recipe.method] = self.record
+        out.update(self.extra or {})
         return out
 
 

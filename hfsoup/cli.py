@@ -96,20 +96,38 @@ def _task_vector_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task-vector merges (task_arithmetic, ties, dare_*, wise_ft)")
     g.add_argument("--base", metavar="INGREDIENT",
                    help="the base model θ₀ the task vectors θᵢ − θ₀ are taken from")  # fmt: skip
-    g.add_argument("--lambda", type=float, metavar="L", help="scaling of the merged task vector "
-                   "(default 1)")  # fmt: skip
-    g.add_argument("--density", type=float, metavar="D",
-                   help="ties/dare: fraction of each task vector kept, in (0, 1] (default 0.5)")  # fmt: skip
-    g.add_argument("--alpha", type=float, metavar="A", help="wise_ft: (1 − α)·base + α·soup "
-                   "(default 0.5)")  # fmt: skip
+    g.add_argument("--lambda", type=_float_or_auto, metavar="L", help="scaling of the merged "
+                   "task vector (default 1); auto: chosen on --task from --grid")  # fmt: skip
+    g.add_argument("--density", type=_float_or_auto, metavar="D",
+                   help="ties/dare: fraction of each task vector kept, in (0, 1] (default 0.5); auto")  # fmt: skip
+    g.add_argument("--alpha", type=_float_or_auto, metavar="A", help="wise_ft: (1 − α)·base + "
+                   "α·soup (default 0.5); auto")  # fmt: skip
+    g.add_argument("--grid", nargs="+", metavar="NAME=V1,V2", type=_grid_item,
+                   help="the values auto coefficients are chosen from, e.g. lambda=0.2,0.5,1 "
+                   "density=0.3,0.5 (default λ 0.1..1.5 by 0.1, density 0.1,0.3,..,0.9, "
+                   "α 0..1 by 0.1)")  # fmt: skip
     g.add_argument("--combine", choices=["average", "task_arithmetic", "ties", "dare_ties"],
                    help="greedy: merge the accepted set with this operator (needs --base; "
                    "default average, the paper's soup)")  # fmt: skip
 
 
+def _float_or_auto(text: str) -> float | str:
+    return "auto" if text == "auto" else float(text)
+
+
+def _grid_item(text: str) -> tuple[str, list[float]]:
+    name, _, values = text.partition("=")
+    try:
+        return name, [float(v) for v in values.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=V1,V2,...") from None
+
+
 def task_vector_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe's task-vector keys (base, lambda, density, alpha) the flags give."""
     given = {key: getattr(args, key) for key in ("base", "lambda", "density", "alpha", "combine")}
+    if getattr(args, "grid", None):
+        given["grid"] = dict(args.grid)
     return {key: value for key, value in given.items() if value is not None}
 
 

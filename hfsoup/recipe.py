@@ -18,7 +18,7 @@ neither the output folder nor a push target: the card's ``output.dir``, ``output
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -96,9 +96,13 @@ class Recipe(_Strict):
     # Task-vector methods (hfsoup.methods.task_vectors): the base model theta_0 and the
     # coefficients; None: the method's default (the pinned recipe writes the ones used).
     base: IngredientEntry | None = None
-    lambda_: float | None = Field(None, alias="lambda", allow_inf_nan=False)
-    density: float | None = Field(None, gt=0, le=1)
-    alpha: float | None = Field(None, allow_inf_nan=False)
+    # "auto": chosen on the task's selection split from ``grid`` (hfsoup.methods.tv_search).
+    lambda_: Annotated[float, Field(allow_inf_nan=False)] | Literal["auto"] | None = Field(
+        None, alias="lambda"
+    )
+    density: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] | None = None
+    alpha: Annotated[float, Field(allow_inf_nan=False)] | Literal["auto"] | None = None
+    grid: dict[Literal["lambda", "density", "alpha"], list[float]] | None = None
     # Greedy soups (hfsoup.methods.greedy_combine): the operator the accepted set is merged
     # with; None: the plain average (the paper's Recipe 1).
     combine: Literal["average", "task_arithmetic", "ties", "dare_ties"] | None = None

@@ -114,6 +114,7 @@ class MergeMethod:
         for key, attr in (("lambda", "lambda_"), ("density", "density"), ("alpha", "alpha")):
             if getattr(recipe, attr) is not None and attr not in takes:
                 raise RecipeError(f"{key} does not apply to method {self.name!r}", options=[key])
+        _check_search(recipe, self.name)
 
     def read_config(self, recipe: Recipe) -> BaseModel | None:
         """This method's options as ``recipe`` gives them (defaults where it gives none)."""
@@ -175,3 +176,27 @@ def _load_builtin() -> None:
     # a lower layer than the methods (the recipe validates against it), so it loads them by
     # name, as a plugin, when first asked what is registered.
     importlib.import_module("hfsoup.methods")
+
+
+_RANGES = {"lambda": (float("-inf"), float("inf")), "density": (0.0, 1.0),
+           "alpha": (float("-inf"), float("inf"))}  # fmt: skip
+
+
+def _check_search(recipe: Recipe, name: str) -> None:
+    """Refuse ``auto`` without a task, and a grid for a coefficient that is not ``auto`` (so the
+    method does not take it) or with a value outside its range (density in (0, 1])."""
+    auto = {k for k, a in (("lambda", "lambda_"), ("density", "density"), ("alpha", "alpha"))
+            if getattr(recipe, a, None) == "auto"}  # fmt: skip
+    if auto and recipe.task is None:
+        first = sorted(auto)[0]
+        raise RecipeError(f"{first} auto is chosen on a task's selection split: set a task",
+                          options=["task", first])  # fmt: skip
+    for key, values in (getattr(recipe, "grid", None) or {}).items():
+        if key not in auto:
+            raise RecipeError(f"grid {key}: method {name!r} searches no {key} here (set {key} "
+                              "auto, or drop it from the grid)", options=["grid"])  # fmt: skip
+        low, high = _RANGES[key]
+        bad = [v for v in values if not (v == v and low < v <= high) or abs(v) == float("inf")]
+        if not values or bad:
+            raise RecipeError(f"grid {key}: {bad[0] if bad else 'no values'} is outside its "
+                              f"range{' (0, 1]' if key == 'density' else ''}", options=["grid"])  # fmt: skip

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -44,7 +44,9 @@ class TaskVectorConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    lambda_: float = Field(1.0, alias="lambda", allow_inf_nan=False)
+    lambda_: Annotated[float, Field(allow_inf_nan=False)] | Literal["auto"] = Field(
+        1.0, alias="lambda"
+    )
     seed: int = 0
 
     @model_validator(mode="before")
@@ -57,13 +59,13 @@ class SparseConfig(TaskVectorConfig):
     """TIES and DARE: also the kept fraction ``density`` in (0, 1] (default 0.5, the value of
     mergekit's examples and of the issue's comparison)."""
 
-    density: float = Field(0.5, gt=0, le=1)
+    density: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = 0.5
 
 
 class WiseConfig(TaskVectorConfig):
     """WiSE-FT: the mixing coefficient α (default 0.5, the paper's usual middle point)."""
 
-    alpha: float = Field(0.5, allow_inf_nan=False)
+    alpha: Annotated[float, Field(allow_inf_nan=False)] | Literal["auto"] = 0.5
 
 
 def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
@@ -130,8 +132,19 @@ class _TaskVectors:
     def take(self, pass_index: int, i: int, tau: torch.Tensor) -> None:
         self.sum.add_(tau, alpha=self.weights[i])
 
+    scale_key = "lambda_"
+
+    def merged(self) -> torch.Tensor:
+        """The merged task vector τ (what the coefficient scales)."""
+        return self.sum
+
+    @staticmethod
+    def apply(base: torch.Tensor, merged: torch.Tensor, scale: float) -> torch.Tensor:
+        """θ from θ₀, τ and the coefficient (the search shows candidates with this too)."""
+        return base + scale * merged
+
     def result(self) -> torch.Tensor:
-        return self.base + self.cfg.lambda_ * self.sum
+        return self.apply(self.base, self.merged(), getattr(self.cfg, self.scale_key))
 
 
 class TaskArithmetic(_TaskVectors):
@@ -146,8 +159,8 @@ class DareLinear(_TaskVectors):
     def vector(self, tau: torch.Tensor, i: int) -> torch.Tensor:
         return dare(tau, self.cfg.density, self.cfg.seed, i, self.name)
 
-    def result(self) -> torch.Tensor:
-        return self.base + self.cfg.lambda_ * (self.sum / sum(self.weights))
+    def merged(self) -> torch.Tensor:
+        return self.sum / sum(self.weights)
 
 
 class Ties(_TaskVectors):
@@ -174,9 +187,8 @@ class Ties(_TaskVectors):
         self.sum.add_(torch.where(agree, tau * w, 0.0))
         self.count.add_(agree.to(torch.float32), alpha=w)
 
-    def result(self) -> torch.Tensor:
-        mean = self.sum / torch.where(self.count == 0, 1.0, self.count)
-        return self.base + self.cfg.lambda_ * mean
+    def merged(self) -> torch.Tensor:
+        return self.sum / torch.where(self.count == 0, 1.0, self.count)
 
 
 class DareTies(Ties):
@@ -196,8 +208,11 @@ class WiseFT(_TaskVectors):
         else:
             self.sum.add_(t, alpha=self.weights[slot - 1])
 
-    def result(self) -> torch.Tensor:
-        return (1 - self.cfg.alpha) * self.base + self.cfg.alpha * self.sum
+    scale_key = "alpha"
+
+    @staticmethod
+    def apply(base: torch.Tensor, merged: torch.Tensor, scale: float) -> torch.Tensor:
+        return (1 - scale) * base + scale * merged
 
 
 _FORMULAS = {
@@ -232,16 +247,59 @@ def run(ctx: MethodContext) -> MethodOutcome:
         from hfsoup.errors import RecipeError
 
         raise RecipeError("dare_linear takes a weighted mean: the weights must not sum to 0")
+    search, scores = None, None
+    if ctx.recipe.task is not None:
+        from hfsoup.methods.tv_search import SEARCH_PNG, scored_run
+
+        cfg, search, scores = scored_run(ctx, _ACCUMULATORS[name], weights, cfg)
     ctx.stream_soup(lambda: _ACCUMULATORS[name](weights, cfg), base=True)
     shown = {k: v for k, v in cfg.model_dump(by_alias=True).items()
              if k != "seed" or name.startswith("dare")}  # fmt: skip
     # The pinned recipe embeds the coefficients used, so a rebuild from the card is the same.
     used = cfg.model_dump()
     ctx.recipe = ctx.recipe.model_copy(
-        update={k: used[k] for k in ("lambda_", "density", "alpha") if k in used}
+        update={**{k: used[k] for k in ("lambda_", "density", "alpha") if k in used}, "grid": None}
     )
     hardware = hardware_record(Processes(), ctx.placement)
-    return MethodOutcome(ctx.results(weights, hardware), sections=[_section(ctx, name, shown)])
+    results = ctx.results(weights, hardware, scores=scores)
+    sections = [_section(ctx, name, shown)]
+    if scores is not None:
+        sections.append(_scores_section(ctx, scores, search, name))
+        if search is not None and len(search) > 1:
+            from hfsoup.report.summary import plot_search
+
+            results.extra = {"search": search}
+            plot_search(ctx.folder / SEARCH_PNG, search, metric=scores.selection[1])
+            sections[-1] += f"\n\n![coefficient search]({SEARCH_PNG})"
+    return MethodOutcome(results, sections=sections)
+
+
+def _scores_section(ctx: MethodContext, scores: Any, search: Any, name: str) -> str:
+    from hfsoup.report.summary import markdown_table
+
+    sel, metric = scores.selection
+    lines = ["## Scores", "", f"Chosen on split `{sel}` by `{metric}`; the other splits are the "
+             "report.", "", markdown_table(scores.table, selection_split=sel)]  # fmt: skip
+    if search is not None and len(search) > 1:
+        scored = sum(r["examples_scored"] for r in search)
+        lines += ["", f"Coefficients searched over {len(search)} grid points (density-major; "
+                  "a candidate replaced the best only when strictly better, so ties keep the "
+                  f"earlier point); exact early rejection scored {scored} examples."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def prepare(ctx: MethodContext) -> Any:
+    """With a task: load it before the output is staged (the scorer is ``ctx.state``)."""
+    if ctx.recipe.task is None:
+        return None
+    from hfsoup.errors import RecipeError
+    from hfsoup.methods.shared import make_scorer
+
+    if ctx.processes.distributed:
+        raise RecipeError("task-vector merges scored on a task run in one process: drop "
+                          "accelerate launch, or the task", options=["task"])  # fmt: skip
+    return make_scorer(ctx.recipe.task, ctx.indexes[0], progress=ctx.progress,
+                       processes=ctx.processes)  # fmt: skip
 
 
 def _section(ctx: MethodContext, name: str, shown: dict[str, Any]) -> str:
@@ -264,6 +322,7 @@ def _method(name: str, summary: str, config: type[BaseModel]) -> MergeMethod:
             name,
             summary,
             run=run,
+            prepare=prepare,
             card=f"{name}: {_FORMULAS[name]}",
             needs_base=True,
             config=config,

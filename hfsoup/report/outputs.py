@@ -147,6 +147,7 @@ class SoupResults:
     scores: Scores | None = None
     record: dict[str, Any] | None = None
     lora: dict[str, Any] | None = None
+    extra: dict[str, Any] | None = None  # top-level keys a method adds (``search``)
 
     def to_dict(self) -> dict[str, Any]:
         """results.json: the keys every method shares, then the scored keys, then the record."""
@@ -173,6 +174,7 @@ class SoupResults:
             out[recipe.method] = self.record
         if self.lora is not None:
             out["lora"] = self.lora
+        out.update(self.extra or {})
         return out
 
 

@@ -124,3 +124,31 @@ def model_index(
     if not results:
         return []
     return ModelCardData(model_name=name, eval_results=results).to_dict()["model-index"]
+
+
+def plot_search(path: Path, search: Sequence[dict[str, Any]], *, metric: str) -> None:
+    """The coefficient search's curve: selection score against the scale (λ or α), one line per
+    density; early-rejected points (no score) are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale = "alpha" if "alpha" in search[0]["params"] else "lambda"
+    lines: dict[Any, list] = {}
+    for r in search:
+        if r["score"] is not None:
+            lines.setdefault(r["params"].get("density"), []).append(
+                (r["params"][scale], r["score"])
+            )
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    for density, pts in lines.items():
+        label = f"density {density:g}" if density is not None else None
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xlabel(scale)
+    ax.set_ylabel(f"selection {metric}")
+    if any(d is not None for d in lines):
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -307,6 +307,19 @@ def test_greedy_soup_by_perplexity_via_the_cli(lm, cli, tmp_path):
     assert [s["index"] for s in results["greedy"]["trace"]] == sorted(
         range(4), key=scores.__getitem__
     )
+    card = (out / "README.md").read_text()
+    assert "by `perplexity` (task kind `causal-lm`, lower is better)" in card
+    assert "type: text-generation" in card
+
+
+def test_a_learned_soup_trains_on_the_token_nll_via_the_cli(lm, cli, tmp_path):
+    out = tmp_path / "learned"
+    proc = cli("soup", *lm["repos"]["llama"][:3], "--method", "learned", "--dataset", lm["text"],
+               "--task-kind", "causal-lm", "--max-length", "8", "--stride", "4",
+               "--report-split", "test", "--learned-epochs", "1", "--output", out, "-q")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert table["learned_soup"]["validation"]["perplexity"] > 1
 
 
 @pytest.mark.parametrize(
@@ -336,3 +349,12 @@ def test_a_classification_model_is_refused_by_the_causal_lm_kind(tiny_greedy, lm
 def test_causal_lm_keys_are_refused_on_classification_tasks():
     with pytest.raises(TaskError, match="stride is a key of causal-lm tasks"):
         resolve_task({"dataset": "org/data", "stride": 4})
+
+
+def test_the_causal_lm_scorer_implements_the_protocol(lm):
+    from hfsoup.tasks.kinds import TaskScorer, get_kind
+
+    assert get_kind("causal-lm") is KIND
+    assert isinstance(
+        KIND.prepare(text_task(lm), lm["repos"]["llama"][0], progress=False), TaskScorer
+    )

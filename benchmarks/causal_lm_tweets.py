@@ -24,8 +24,8 @@ import torch
 from hfsoup.demo import tweet_splits
 
 # (learning rate, steps, data-order seed) per fine-tune; the last two overshoot on purpose.
-FINE_TUNES = [(1e-3, 150, 1), (2e-3, 150, 2), (1e-3, 250, 3), (5e-4, 200, 4), (2e-2, 150, 5),
-              (5e-2, 100, 6)]  # fmt: skip
+FINE_TUNES = [(1e-3, 80, 1), (2e-3, 80, 2), (1e-3, 120, 3), (5e-4, 100, 4), (2e-2, 80, 5),
+              (5e-2, 60, 6)]  # fmt: skip
 CONTEXT = 48
 
 
@@ -48,7 +48,7 @@ def train(model, tok, texts: list[str], *, lr: float, steps: int, seed: int) -> 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
         idx = torch.randint(len(texts), (32,), generator=gen).tolist()
         batch = tok([texts[i] for i in idx], padding=True, truncation=True,
                     max_length=CONTEXT, return_tensors="pt")  # fmt: skip
@@ -57,17 +57,19 @@ def train(model, tok, texts: list[str], *, lr: float, steps: int, seed: int) -> 
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if (step + 1) % 50 == 0:
+            print(f"  step {step + 1}/{steps} loss {loss.item():.3f}", flush=True)
     model.eval()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/clm-tweets"))
-    parser.add_argument("--pretrain-steps", type=int, default=600)
+    parser.add_argument("--pretrain-steps", type=int, default=300)
     args = parser.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     splits = tweet_splits(6000, 300, seed=0)

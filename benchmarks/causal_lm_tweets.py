@@ -103,7 +103,7 @@ def main() -> None:
             "stride": CONTEXT // 2, "report_splits": ["test"], "batch_size": 32}  # fmt: skip
     (work / "task.yaml").write_text(json.dumps(task))
     out = work / "soup"
-    command = [sys.executable, "-m", "hfsoup", "soup", *folders, "--allow-local", "--method",
+    command = [sys.executable, "-m", "hfsoup", "soup", *folders, "--method",
                "greedy", "--task", str(work / "task.yaml"), "--output", str(out), "--overwrite", "-q"]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(command, check=True)

@@ -160,13 +160,27 @@ def _task_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--holdout-seed", type=int, default=0)
     g.add_argument("--allow-overlap", action="store_true",
                    help="allow a report split to be the selection split")  # fmt: skip
+    g.add_argument("--task-kind", help="task kind: classification (default) or causal-lm")
+    g.add_argument("--stride", type=int, help="causal-lm perplexity: window stride in tokens")
+    g.add_argument("--choices-column", help="causal-lm choice-accuracy: the list of choices")
+    g.add_argument(
+        "--normalize",
+        action="store_const",
+        const=True,
+        help="causal-lm choice-accuracy: log-likelihood per character (acc_norm)",
+    )
+    g.add_argument("--chat-template", action=argparse.BooleanOptionalAction,
+                   help="causal-lm: apply the tokenizer's chat template (default: when the "
+                   "data is conversational and the tokenizer has one)")  # fmt: skip
 
 
 _TASK_FLAGS = {
     "dataset_config": "config", "selection_split": "selection_split",
     "report_split": "report_splits", "input_column": "input_columns",
     "label_column": "label_column", "metric": "metrics", "limit": "limit",
-    "batch_size": "batch_size", "max_length": "max_length",
+    "batch_size": "batch_size", "max_length": "max_length", "task_kind": "kind",
+    "stride": "stride", "choices_column": "choices_column", "normalize": "normalize",
+    "chat_template": "chat_template",
 }  # fmt: skip
 
 

@@ -167,7 +167,7 @@ def test_the_default_kind_is_left_out_of_dumps_and_others_are_kept(toy_kind):
 
 
 def test_registry_names_lists_and_refuses_a_taken_name(toy_kind):
-    assert kind_names() == sorted(["classification", TOY])
+    assert kind_names() == sorted(["causal-lm", "classification", TOY])
     assert isinstance(get_kind(TOY), ToyBrier)
     with pytest.raises(ValueError, match="already registered"):
         register_kind(ToyBrier())

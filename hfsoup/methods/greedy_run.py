@@ -143,7 +143,7 @@ def run_greedy_soup(ctx: MethodContext) -> MethodOutcome:
         uniform=table["uniform_soup"][sel][metric],
     )  # fmt: skip
     index = task_model_index(ctx.recipe, ctx.target, table, "greedy_soup", ctx.indexes[0].config)
-    sections = [_card_section(results, sel, metric)]
+    sections = [_card_section(results, sel, metric, scorer.direction.higher_is_better)]
     if combines(ctx.recipe):
         sections.insert(0, _combine_section(ctx, session))
     return MethodOutcome(
@@ -170,15 +170,18 @@ def _check_resumable(
         )
 
 
-def _card_section(results: SoupResults, sel: str, metric: str) -> str:
+def _card_section(results: SoupResults, sel: str, metric: str, higher: bool = True) -> str:
     g = results.record
+    kind = results.scores.task.kind if results.scores is not None else "classification"
+    better = "higher" if higher else "lower"
     saved = g["examples_saved"]
     full = g["examples_full_evaluation"]
     pct = f" ({100 * saved / full:.0f}%)" if full else ""
     return "\n".join([
         "## Scores",
         "",
-        f"Chosen on split `{sel}` by `{metric}`; the other splits are the report. "
+        f"Chosen on split `{sel}` by `{metric}` (task kind `{kind}`, {better} is better); "
+        "the other splits are the report. "
         f"Greedy acceptance rule: `{g['accept']}`, order: `{g['order']}`.",
         "",
         markdown_table(results.scores.table, selection_split=sel),

@@ -97,7 +97,7 @@ GREEDY = register(
         prepare=prepare,
         card=(
             "greedy soup (Wortsman et al. 2022, Recipe 1): ingredients sorted by held-out score, "
-            "each kept only if the soup with it does not score lower"
+            "each kept only if the soup with it does not score worse"
         ),
         needs_task=True,
         chooses_weights="chooses its ingredients",

@@ -144,7 +144,9 @@ def run_learned_soup(ctx: MethodContext) -> MethodOutcome:
     timings["learn"] = time.perf_counter() - t0
     _check_converged(result, config)
     method = "learned_soup_by_layer" if config.by_layer else "learned_soup"
-    learned = {s: scorer.scores(scorer.logits(session.model, s), s) for s in ctx.recipe.task.splits}
+    learned = {
+        s: scorer.scores(scorer.outputs(session.model, s), s) for s in ctx.recipe.task.splits
+    }
     ensemble, greedy_ensemble, members = score_ensembles(scorer, k)
     best = best_index([scores[sel][metric] for scores in individual], scorer.direction)
     table = {"best_individual": individual[best], "uniform_soup": uniform, method: learned,

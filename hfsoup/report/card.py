@@ -20,6 +20,7 @@ _PIPELINES = (
     ("ForQuestionAnswering", "question-answering"),
     ("ForImageClassification", "image-classification"),
     ("ForCausalLM", "text-generation"),
+    ("LMHeadModel", "text-generation"),  # GPT2LMHeadModel and its kin
     ("ForMaskedLM", "fill-mask"),
     ("ForConditionalGeneration", "text2text-generation"),
 )

@@ -58,7 +58,7 @@ def load_task_splits(task: Task) -> dict[str, datasets.Dataset]:
     for name, dataset in out.items():
         if task.limit is not None and len(dataset) > task.limit:
             dataset = out[name] = dataset.select(range(task.limit))
-        check_columns(dataset, [*task.input_columns, task.label_column], split=name)
+        check_columns(dataset, task.data_columns, split=name)
     return out
 
 

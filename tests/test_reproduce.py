@@ -128,3 +128,77 @@ def test_shift_split_is_airline_tweets_the_ingredients_never_saw():
     assert not any(airline.search(r["text"]) for r in home)
     texts = [r["text"] for s in reproduce.SPLITS for r in splits[s]]
     assert len(set(texts)) == len(texts)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Every soup of the table, made by hfsoup.reproduce from four tiny real fine-tunes."""
+    import pandas as pd
+    from greedy_fixtures import fine_tune, sentences, tokenizer
+
+    tmp = tmp_path_factory.mktemp("reproduce")
+    tok = tokenizer(tmp)
+    splits = {name: sentences(n, seed) for name, n, seed in
+              [("train", 200, 0), ("validation", 60, 1), ("test", 60, 2), ("shift", 60, 3)]}  # fmt: skip
+    files = {}
+    for name, rows in splits.items():
+        files[name] = str(tmp / f"{name}.parquet")
+        pd.DataFrame(rows).to_parquet(files[name])
+    runs = [{"lr": lr} for lr in (3e-3, 1e-2, 1e-3, 3e-2)]
+    dirs = [
+        str(fine_tune(tmp / f"ft{i}", tok, splits["train"], seed=i, **run))
+        for i, run in enumerate(runs)
+    ]
+    task = reproduce.task_block({"path": "parquet", "data_files": files}, max_length=32)
+    results = reproduce.soup_results(tmp / "work", dirs, task, orders=3)
+    return {"tmp": tmp, "dirs": dirs, "splits": splits, "tok": tok, "results": results}
+
+
+def _independent(tiny_run, state_dir, split: str) -> float:
+    from factories import load_state_dict
+    from greedy_fixtures import accuracy
+
+    state = load_state_dict(state_dir)
+    return accuracy(state, tiny_run["dirs"][0], tiny_run["splits"][split], tiny_run["tok"])
+
+
+def test_tiny_run_best_and_second_best_match_independent_scores(tiny_run):
+    from pathlib import Path
+
+    rows = {r["row"]: r for r in reproduce.table_rows(tiny_run["results"], SPLITS)}
+    dirs = [Path(d) for d in tiny_run["dirs"]]
+    val = [_independent(tiny_run, d, "validation") for d in dirs]
+    order = sorted(range(len(dirs)), key=lambda i: -val[i])
+    for row, i in (("Best individual model", order[0]), ("Second best individual model", order[1])):
+        for split in ("validation", "test", "shift"):
+            assert rows[row][split] == pytest.approx(_independent(tiny_run, dirs[i], split))
+
+
+def test_tiny_run_random_order_row_matches_the_three_soups_scored_independently(tiny_run):
+    rows = {r["row"]: r for r in reproduce.table_rows(tiny_run["results"], SPLITS)}
+    work = tiny_run["tmp"] / "work" / "soups"
+    for split in ("test", "shift"):
+        values = [_independent(tiny_run, work / f"greedy_random_{s}", split) for s in range(3)]
+        mean, sd = rows["Greedy soup, random order (3 orders)"][split]
+        assert mean == pytest.approx(statistics.fmean(values))
+        assert sd == pytest.approx(statistics.stdev(values))
+
+
+def test_tiny_run_learned_rows_match_their_soups_scored_independently(tiny_run):
+    rows = {r["row"]: r for r in reproduce.table_rows(tiny_run["results"], SPLITS)}
+    work = tiny_run["tmp"] / "work" / "soups"
+    for row, name in (("Learned soup", "learned"), ("Learned soup (by layer)", "learned_by_layer"),
+                      ("Greedy soup", "greedy")):  # fmt: skip
+        assert rows[row]["shift"] == pytest.approx(_independent(tiny_run, work / name, "shift"))
+
+
+def test_tiny_run_rerun_reads_every_step_from_the_workdir(tiny_run, monkeypatch):
+    import hfsoup.api
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached step was made again")
+
+    monkeypatch.setattr(hfsoup.api, "soup", refuse)
+    task = tiny_run["results"]["greedy"]["task"]
+    again = reproduce.soup_results(tiny_run["tmp"] / "work", tiny_run["dirs"], task, orders=3)
+    assert again == tiny_run["results"]

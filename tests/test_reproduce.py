@@ -133,6 +133,17 @@ def test_figure_averages_the_random_orders_step_by_step(results, tmp_path):
     assert (tmp_path / "b1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_figure_gets_one_panel_per_report_split_beside_the_selection_one(results, tmp_path):
+    from PIL import Image
+
+    for seed in range(3):
+        results[f"greedy_random_{seed}"]["greedy"] = {"trace": _trace([(0.6, True), (0.7, True)])}
+    reproduce.plot_figure(results, tmp_path / "one.png")
+    reproduce.plot_figure(results, tmp_path / "two.png", {"test": [[0.5, 0.6]] * 3})
+    one, two = Image.open(tmp_path / "one.png").size, Image.open(tmp_path / "two.png").size
+    assert two[0] == 2 * one[0] and two[1] == one[1]
+
+
 def test_format_table_prints_points_and_mean_sd(results):
     rows = reproduce.table_rows(results, SPLITS)
     text = reproduce.format_table(rows, SPLITS, {s: 400 for s in SPLITS})

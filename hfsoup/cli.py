@@ -429,11 +429,11 @@ def _add_reproduce(sub: Any, common: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--workdir", default="hfsoup-reproduce")
     p.add_argument("--k", type=int, default=12, help="ingredients to fine-tune (default 12)")
-    p.add_argument("--train", type=int, default=1000, help="training examples (default 1000)")
+    p.add_argument("--train", type=int, default=400, help="training examples (default 400)")
     p.add_argument(
-        "--eval", type=int, default=400, help="examples per evaluation split (default 400)"
+        "--eval", type=int, default=800, help="examples per evaluation split (default 800)"
     )
-    p.add_argument("--max-length", type=int, default=64, help="tokens per tweet (default 64)")
+    p.add_argument("--max-length", type=int, default=40, help="tokens per tweet (default 40)")
     p.add_argument("--seed", type=int, default=0, help="data shuffle and sweep seed")
     p.add_argument("--figure", help="where to write Figure B.1 (default WORKDIR/figure_b1.png)")
 

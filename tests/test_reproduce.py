@@ -80,6 +80,42 @@ def test_soup_rows_come_from_their_own_runs(results):
         "Best individual model", "Second best individual model"]  # fmt: skip
 
 
+def test_zero_shot_row_comes_first_with_the_inits_own_scores(results):
+    rows = reproduce.table_rows(results, SPLITS, zero_shot=_scores(0.66, 0.64, 0.70))
+    assert rows[0] == {"row": "Zero-shot init", "validation": 0.66, "test": 0.64, "shift": 0.70}
+    assert rows[1]["row"] == "Best individual model"
+
+
+def test_kept_sets_follow_accepted_candidates_only():
+    trace = [{"index": 2, "accepted": True}, {"index": 0, "accepted": False},
+             {"index": 3, "accepted": True}, {"index": 1, "accepted": True}]  # fmt: skip
+    assert reproduce.kept_sets(trace) == [(2,), (2,), (2, 3), (1, 2, 3)]
+
+
+def test_uniform_state_is_the_plain_mean_of_the_checkpoints(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    states = [{"w": torch.randn(3, 2, generator=torch.Generator().manual_seed(i)),
+               "ids": torch.arange(4)} for i in range(3)]  # fmt: skip
+    for i, state in enumerate(states):
+        (tmp_path / f"m{i}").mkdir()
+        save_file(state, str(tmp_path / f"m{i}" / "model.safetensors"))
+    mean = reproduce.uniform_state([str(tmp_path / f"m{i}") for i in range(3)])
+    assert torch.allclose(mean["w"], (states[0]["w"] + states[1]["w"] + states[2]["w"]) / 3)
+    assert torch.equal(mean["ids"], torch.arange(4))
+
+
+def test_workdir_of_another_recipe_is_refused(tmp_path):
+    from hfsoup.errors import RecipeError
+
+    old = {"k": 12, "train": 400, "evaluation": 200, "max_length": 48, "seed": 0}
+    (tmp_path / "reproduce_config.json").write_text(json.dumps(old))
+    with pytest.raises(RecipeError, match="recipe=an earlier one"):
+        reproduce.check_workdir(tmp_path, {**old, "recipe": reproduce.RECIPE})
+    assert json.loads((tmp_path / "reproduce_config.json").read_text()) == old
+
+
 def test_trajectory_keeps_the_incumbent_score_after_a_rejection():
     trace = _trace([(0.70, True), (None, False), (0.74, True), (0.71, False), (0.74, True)])
     assert reproduce.trajectory(trace) == [0.70, 0.70, 0.74, 0.74, 0.74]
@@ -95,6 +131,17 @@ def test_figure_averages_the_random_orders_step_by_step(results, tmp_path):
                                                  [0.5, 0.55, 0.55], strict=True)]  # fmt: skip
     assert mean == pytest.approx(expected)
     assert (tmp_path / "b1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_figure_gets_one_panel_per_report_split_beside_the_selection_one(results, tmp_path):
+    from PIL import Image
+
+    for seed in range(3):
+        results[f"greedy_random_{seed}"]["greedy"] = {"trace": _trace([(0.6, True), (0.7, True)])}
+    reproduce.plot_figure(results, tmp_path / "one.png")
+    reproduce.plot_figure(results, tmp_path / "two.png", {"test": [[0.5, 0.6]] * 3})
+    one, two = Image.open(tmp_path / "one.png").size, Image.open(tmp_path / "two.png").size
+    assert two[0] == 2 * one[0] and two[1] == one[1]
 
 
 def test_format_table_prints_points_and_mean_sd(results):
@@ -123,6 +170,8 @@ def test_shift_split_is_airline_tweets_the_ingredients_never_saw():
     splits = reproduce.shifted_splits(200, 100)
     airline = re.compile(reproduce.AIRLINE_PATTERN)
     assert [len(splits[s]) for s in reproduce.SPLITS] == [200, 100, 100, 100]
+    for name in ("train", "validation", "test"):  # the demo's balanced binary recipe
+        assert sum(r["label"] for r in splits[name]) == len(splits[name]) // 2
     assert all(airline.search(r["text"]) for r in splits["shift"])
     home = [r for s in ("train", "validation", "test") for r in splits[s]]
     assert not any(airline.search(r["text"]) for r in home)
@@ -190,6 +239,28 @@ def test_tiny_run_learned_rows_match_their_soups_scored_independently(tiny_run):
     for row, name in (("Learned soup", "learned"), ("Learned soup (by layer)", "learned_by_layer"),
                       ("Greedy soup", "greedy")):  # fmt: skip
         assert rows[row]["shift"] == pytest.approx(_independent(tiny_run, work / name, "shift"))
+
+
+def test_tiny_run_test_curve_matches_soups_averaged_and_scored_independently(tiny_run):
+    import torch
+    from factories import load_state_dict
+    from greedy_fixtures import accuracy
+
+    results, dirs = tiny_run["results"], tiny_run["dirs"]
+    task = results["greedy"]["task"]
+    curves = reproduce.report_trajectories(tiny_run["tmp"] / "work", results, dirs, task)
+    for seed, curve in enumerate(curves):
+        trace = results[f"greedy_random_{seed}"]["greedy"]["trace"]
+        kept: list[int] = []
+        for step, value in zip(trace, curve, strict=True):
+            kept += [step["index"]] if step["accepted"] else []
+            states = [load_state_dict(dirs[i]) for i in kept]
+            mean = {n: torch.stack([s[n].float() for s in states]).mean(0)
+                    for n in states[0] if states[0][n].is_floating_point()}  # fmt: skip
+            expected = accuracy(mean, dirs[0], tiny_run["splits"]["test"], tiny_run["tok"])
+            assert value == pytest.approx(expected)
+        final = results[f"greedy_random_{seed}"]["table"]["greedy_soup"]["test"]["accuracy"]
+        assert curve[-1] == pytest.approx(final)
 
 
 def test_tiny_run_rerun_reads_every_step_from_the_workdir(tiny_run, monkeypatch):

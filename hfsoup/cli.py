@@ -431,7 +431,12 @@ def _add_reproduce(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=12, help="ingredients to fine-tune (default 12)")
     p.add_argument("--train", type=int, default=400, help="training examples (default 400)")
     p.add_argument(
-        "--eval", type=int, default=800, help="examples per evaluation split (default 800)"
+        "--eval",
+        "--evaluation",
+        dest="eval",
+        type=int,
+        default=800,
+        help="examples per evaluation split (default 800)",
     )
     p.add_argument("--max-length", type=int, default=40, help="tokens per tweet (default 40)")
     p.add_argument("--seed", type=int, default=0, help="data shuffle and sweep seed")

@@ -62,6 +62,8 @@ class Scorer:
         max_tokens: The most tokens the model takes; longer text is cut to it (see
             :func:`~hfsoup.tasks.preprocess.prepare_split`). ``from_pretrained`` reads it
             from the model's config.
+        bucket: Batch text by token length (see :func:`~hfsoup.tasks.preprocess.prepare_split`;
+            default on). Outputs always come back in dataset order.
 
     Attributes:
         task: The resolved task.
@@ -90,6 +92,7 @@ class Scorer:
         splits: dict[str, datasets.Dataset] | None = None,
         processes: Processes | None = None,
         max_tokens: int | None = None,
+        bucket: bool | None = None,
     ) -> None:
         self.task = resolve_task(task)
         self.runner = BatchRunner(processes, progress=progress)
@@ -98,7 +101,7 @@ class Scorer:
         for name, dataset in loaded.items():
             prepared = prepare_split(
                 dataset, self.task, preprocessor, name=name, label2id=label2id,
-                max_tokens=max_tokens,
+                max_tokens=max_tokens, bucket=bucket,
             )  # fmt: skip
             if device is not None:
                 prepared.batches = [
@@ -187,7 +190,7 @@ class Scorer:
     def outputs(
         self, model: torch.nn.Module, split: str, *, key: str | None = None
     ) -> torch.Tensor:
-        """The model's logits on every example of ``split``, in order.
+        """The model's logits on every example of ``split``, in dataset order.
 
         Args:
             model: A ``transformers`` classification model (or any module returning logits).
@@ -202,7 +205,7 @@ class Scorer:
             return self.cache[(key, split)]
         prepared = self.split(split)
         outputs = self.runner.run(self._forward, model, prepared, split)
-        result = torch.cat(outputs) if outputs else torch.empty(0, 0)
+        result = prepared.in_dataset_order(torch.cat(outputs)) if outputs else torch.empty(0, 0)
         if key is not None:
             self.cache[(key, split)] = result
         return result
@@ -267,7 +270,8 @@ class Scorer:
                 scored += len(labels)
                 if scored < total and correct + (total - scored) < needed:
                     return EarlyStop(None, scored)
-        return EarlyStop(self.selection_score(torch.cat(outputs), split), scored)
+        outputs = prepared.in_dataset_order(torch.cat(outputs))
+        return EarlyStop(self.selection_score(outputs, split), scored)
 
     def tally(self, outputs: torch.Tensor, split: str | None = None) -> Tally | None:
         """The exact counts of full ``outputs`` on ``split`` (default: selection), or None when
@@ -290,7 +294,9 @@ class Scorer:
         ``[c, c + unscored]``. It is certainly accepted once ``c`` reaches the count needed to
         beat the incumbent's ``high`` (``>=``, or ``>`` when ``strict``, via
         :func:`required_count`), certainly rejected once ``c + unscored`` falls short of the
-        count needed against its ``hits``. Scored in full and still undecided:
+        count needed against its ``hits``. Batches come in the split's batch order (by token
+        length for text): the counts are those of the examples scored so far, whichever they
+        are, so the decision is the full evaluation's. Scored in full and still undecided:
         ``accepted=None``, and the caller finishes the incumbent (:meth:`finish`).
 
         Returns:
@@ -317,7 +323,7 @@ class Scorer:
                         return EarlyStop(None, scored, tally, hits >= high_needed)
                     break
         tally = Tally(hits, scored, total)
-        score = self.selection_score(torch.cat(outputs), split)
+        score = self.selection_score(prepared.in_dataset_order(torch.cat(outputs)), split)
         decided = tally.high < low_needed or hits >= high_needed
         return EarlyStop(score, scored, tally, hits >= high_needed if decided else None)
 

@@ -1,0 +1,241 @@
+"""The cost of a greedy soup against one scoring pass of its ingredients (issue 16).
+
+On real fine-tunes (local folders) and their task, with the outputs cache across runs OFF, for
+length-bucketed batches off and then on, in one process, one after the other:
+
+- **unit**: each of the k ingredients loaded (``from_pretrained``) and scored once, timed per
+  split: on the selection split alone, and on every split the task scores (which is what a
+  greedy run's first phase, ``timings.score_ingredients``, does: the table needs each
+  ingredient's report scores);
+- **greedy**: ``hfsoup.soup(method="greedy", cache=False)`` end to end, with its per-phase
+  ``timings`` from results.json, and the candidate examples scored against a full evaluation
+  (``greedy.examples_*``: saved by early rejections and by early acceptances).
+
+The ratios are greedy / unit, in the same bucketing mode and against the dataset-order unit.
+Pad tokens per split (a count, from the prepared batches) show what bucketing removes.
+
+    python benchmarks/greedy_cost.py --input /work/pool/SWEEP_READY --k 8
+
+``--input``: a JSON file ``{"ingredients": [folders...], "task": {...}}`` (more keys are
+ignored). Prints a markdown table and writes ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _pads(scorer: Any) -> dict[str, dict[str, int]]:
+    """Per split: real and pad tokens in the prepared batches."""
+    counts = {}
+    for name, split in scorer.splits.items():
+        masks = [b["attention_mask"] for b in split.batches if "attention_mask" in b]
+        real = sum(int(m.sum()) for m in masks)
+        counts[name] = {"real": real, "pad": sum(int(m.numel()) for m in masks) - real}
+    return counts
+
+
+def _unit(folders: list[str], task: dict) -> dict[str, Any]:
+    """Every ingredient loaded and scored once per split; seconds per split summed over k."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from hfsoup.tasks.classification import Scorer
+
+    t0 = time.perf_counter()
+    scorer = Scorer.from_pretrained(task, folders[0], progress=False)
+    prepare = time.perf_counter() - t0
+    sel = scorer.selection_split
+    seconds = {"load": 0.0, **{name: 0.0 for name in scorer.splits}}
+    selection_outputs = []
+    for folder in folders:
+        t0 = time.perf_counter()
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        seconds["load"] += time.perf_counter() - t0
+        for name in scorer.splits:
+            t0 = time.perf_counter()
+            outputs = scorer.outputs(model, name)
+            seconds[name] += time.perf_counter() - t0
+            if name == sel:
+                selection_outputs.append(outputs)
+        del model
+    load = seconds["load"]
+    return {
+        "prepare_s": prepare,
+        "seconds": seconds,
+        "selection_s": load + seconds[sel],
+        "all_splits_s": load + sum(seconds[name] for name in scorer.splits),
+        "splits": {name: split.size for name, split in scorer.splits.items()},
+        "tokens": _pads(scorer),
+        "selection_split": sel,
+        "_outputs": torch.stack(selection_outputs),
+    }
+
+
+def _greedy(folders: list[str], task: dict, out: Path, accept: str, order: str) -> dict[str, Any]:
+    import hfsoup
+
+    t0 = time.perf_counter()
+    result = hfsoup.soup(folders, output=out, method="greedy", task=task, accept=accept,
+                         order=order, cache=False, progress=False, overwrite=True)  # fmt: skip
+    wall = time.perf_counter() - t0
+    results = result.results
+    greedy = results["greedy"]
+    keys = ("examples_scored", "examples_full_evaluation", "examples_saved",
+            "examples_saved_rejections", "examples_saved_acceptances")  # fmt: skip
+    timings = {k: v for k, v in results.get("timings", {}).items() if isinstance(v, float)}
+    return {
+        "wall_s": wall,
+        "timings": timings,
+        "accepted": greedy["accepted"],
+        "decisions": [step["accepted"] for step in greedy["trace"]],
+        "stopped_early": [step.get("stopped_early") for step in greedy["trace"]],
+        **{k: greedy[k] for k in keys},
+        "greedy_selection": results["table"]["greedy_soup"],
+    }
+
+
+def _warm_up(folders: list[str], task: dict) -> None:
+    """Every ingredient file read once (the page cache) and one forward pass, so that the
+    first mode measured pays neither the disk nor torch's first-call costs."""
+    for folder in folders:
+        for file in Path(folder).rglob("*"):
+            if file.is_file():
+                file.read_bytes()
+    from transformers import AutoModelForSequenceClassification
+
+    from hfsoup.tasks.classification import Scorer
+
+    scorer = Scorer.from_pretrained(task, folders[0], progress=False)
+    model = AutoModelForSequenceClassification.from_pretrained(folders[0]).eval()
+    split = scorer.split(scorer.selection_split)
+    scorer._forward(model, split.batches[0])
+
+
+def _floor(unit: dict[str, Any], k: int) -> float:
+    """Greedy's least cost in units of the all-splits pass: the ingredients' own pass, the
+    uniform soup and the greedy soup on every split (one model each: about 1/k of the pass
+    each, without the loading) and no candidate example at all."""
+    return 1 + 2 / k
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", default="/work/pool/SWEEP_READY")
+    parser.add_argument("--k", type=int, default=8, help="the first k ingredients")
+    parser.add_argument("--accept", default=">=")
+    parser.add_argument("--order", default="score")
+    parser.add_argument("--out", default=".bench/greedy_cost.json")
+    args = parser.parse_args()
+
+    import torch
+
+    from hfsoup.tasks import preprocess
+
+    spec = json.loads(Path(args.input).read_text())
+    folders = [str(f) for f in spec["ingredients"][: args.k]]
+    task = spec["task"]
+    k = len(folders)
+    work = Path(tempfile.mkdtemp(prefix="hfsoup-greedy-cost-"))
+    os.environ["HFSOUP_OUTPUTS_CACHE"] = str(work / "outputs-cache")  # and cache=False anyway
+    before = _uptime()
+    started = time.perf_counter()
+    _warm_up(folders, task)
+    runs: dict[str, Any] = {}
+    for bucket in (False, True):
+        preprocess._BUCKET_TEXT = bucket
+        mode = "buckets" if bucket else "dataset order"
+        unit = _unit(folders, task)
+        greedy = _greedy(folders, task, work / f"soup-{int(bucket)}", args.accept, args.order)
+        runs[mode] = {"unit": unit, "greedy": greedy}
+    after = _uptime()
+    plain, ours = runs["dataset order"], runs["buckets"]
+    diff = float((plain["unit"].pop("_outputs") - ours["unit"].pop("_outputs")).abs().max())
+    floor = _floor(plain["unit"], k)
+    report = {
+        "command": f"python benchmarks/greedy_cost.py --input {args.input} --k {args.k}",
+        "k": k,
+        "ingredients": folders,
+        "task": task,
+        "uptime_before": before,
+        "uptime_after": after,
+        "seconds_total": time.perf_counter() - started,
+        "torch_threads": torch.get_num_threads(),
+        "max_abs_logit_diff_buckets_vs_dataset_order": diff,
+        "floor_in_all_split_units": floor,
+        "runs": runs,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(_markdown(report))
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    runs = report["runs"]
+    base = runs["dataset order"]["unit"]
+    lines = [
+        f"k = {report['k']}; splits {base['splits']} (selection: `{base['selection_split']}`); "
+        f"torch threads {report['torch_threads']}",
+        "",
+        "| | dataset order | buckets |",
+        "|---|---:|---:|",
+    ]
+
+    def row(label: str, get: Any, fmt: str = "{:.1f}") -> None:
+        lines.append(f"| {label} | " + " | ".join(fmt.format(get(runs[m])) for m in runs) + " |")
+
+    for name in base["tokens"]:
+        row(f"pad tokens / real tokens, `{name}`",
+            lambda r, n=name: f"{r['unit']['tokens'][n]['pad']} / {r['unit']['tokens'][n]['real']}",
+            "{}")  # fmt: skip
+    row("unit: k ingredients loaded + scored on the selection split, s",
+        lambda r: r["unit"]["selection_s"])  # fmt: skip
+    row(
+        "unit: k ingredients loaded + scored on every split, s", lambda r: r["unit"]["all_splits_s"]
+    )
+    row("greedy end to end (hfsoup.soup wall), s", lambda r: r["greedy"]["wall_s"])
+    for phase in runs["buckets"]["greedy"]["timings"]:
+        row(f"greedy `timings.{phase}`, s", lambda r, p=phase: r["greedy"]["timings"].get(p, 0.0))
+    row("**greedy / unit (every split)**",
+        lambda r: r["greedy"]["wall_s"] / r["unit"]["all_splits_s"], "{:.2f}x")  # fmt: skip
+    row("greedy / dataset-order unit (every split)",
+        lambda r: r["greedy"]["wall_s"] / base["all_splits_s"], "{:.2f}x")  # fmt: skip
+    row("greedy / unit (selection split only)",
+        lambda r: r["greedy"]["wall_s"] / r["unit"]["selection_s"], "{:.2f}x")  # fmt: skip
+    row("candidate examples scored / full evaluation",
+        lambda r: f"{r['greedy']['examples_scored']} / {r['greedy']['examples_full_evaluation']} "
+        f"= {r['greedy']['examples_scored'] / r['greedy']['examples_full_evaluation']:.3f}x",
+        "{}")  # fmt: skip
+    row("saved by early rejections / acceptances",
+        lambda r: f"{r['greedy']['examples_saved_rejections']} / "
+        f"{r['greedy']['examples_saved_acceptances']}", "{}")  # fmt: skip
+    row("decisions (trace)", lambda r: "".join("+" if d else "-" for d in r["greedy"]["decisions"]),
+        "`{}`")  # fmt: skip
+    same = runs["buckets"]["greedy"]["decisions"] == runs["dataset order"]["greedy"]["decisions"]
+    lines += [
+        "",
+        f"Decisions identical with and without buckets: {same}. Max |logit difference| on the "
+        f"selection split, buckets vs dataset order: {report['max_abs_logit_diff_buckets_vs_dataset_order']:.2e}. "
+        f"Floor (no candidate example scored): about {report['floor_in_all_split_units']:.2f}x "
+        "the every-split unit.",
+        f"uptime before: `{report['uptime_before']}`; after: `{report['uptime_after']}`",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

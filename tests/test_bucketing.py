@@ -144,3 +144,69 @@ def test_greedy_decides_the_same_with_and_without_buckets(
     for row in ("best_individual", "uniform_soup", "greedy_soup"):
         for split, scores in table_off[row].items():
             assert table_on[row][split] == pytest.approx(scores, abs=1e-12)
+
+
+# -- scoring order for early decisions: the examples the ingredients miss first ----------------
+@pytest.fixture(scope="module")
+def ingredient_outputs(sentiment, scorers):
+    from transformers import AutoModelForSequenceClassification
+
+    _, plain, _ = scorers
+    models = [
+        AutoModelForSequenceClassification.from_pretrained(d).eval() for d in sentiment["dirs"]
+    ]
+    return [plain.outputs(m, "validation") for m in models]
+
+
+def test_hardest_first_scores_the_most_missed_examples_first(sentiment, ingredient_outputs):
+    tok = load_preprocessor(str(sentiment["dirs"][0]), image=False)
+    scorer = Scorer(small_batches(sentiment), tok, progress=False)
+    scorer.put_hardest_first(ingredient_outputs)
+    split = scorer.split("validation")
+    labels = torch.tensor([r["label"] for r in sentiment["splits"]["validation"]])
+    missed = sum((o.argmax(-1) != labels).long() for o in ingredient_outputs)  # per example
+    in_order = missed[split.order]
+    assert (in_order[1:] <= in_order[:-1]).all()
+    assert in_order[0] > 0 and in_order[-1] == 0  # some examples are missed, some never
+    assert torch.equal(torch.cat(split.label_batches()), labels[split.order])
+
+
+def test_hardest_first_outputs_still_come_back_in_dataset_order(
+    sentiment, scorers, ingredient_outputs
+):
+    _, plain, model = scorers
+    tok = load_preprocessor(str(sentiment["dirs"][0]), image=False)
+    scorer = Scorer(small_batches(sentiment), tok, progress=False)
+    scorer.put_hardest_first(ingredient_outputs)
+    ours, theirs = scorer.outputs(model, "validation"), plain.outputs(model, "validation")
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("accept", "order"), [(">=", "score"), (">", "random")])
+def test_hardest_first_decides_like_a_full_evaluation(
+    hub, sentiment, tmp_path, monkeypatch, accept, order
+):
+    import random
+
+    from test_greedy import reference_greedy
+    from test_greedy_early import reference_in_order
+
+    from hfsoup.methods import greedy
+
+    if order == "score":
+        kept, _ = reference_greedy(sentiment, strict=accept == ">")
+    else:
+        ranking = list(range(len(sentiment["repos"])))
+        random.Random(0).shuffle(ranking)
+        kept = reference_in_order(sentiment, ranking, strict=accept == ">")
+    scored = {}
+    for first in (True, False):
+        monkeypatch.setattr(greedy, "_HARDEST_FIRST", first)
+        result = hfsoup.soup(sentiment["repos"], output=tmp_path / f"soup-{first}", method="greedy",
+                             task=small_batches(sentiment), accept=accept, order=order, seed=0,
+                             progress=False, cache=False)  # fmt: skip
+        g = result.results["greedy"]
+        assert g["accepted"] == [sentiment["repos"][i] for i in kept]
+        assert ("order_examples" in result.results["timings"]) == first
+        scored[first] = g["examples_scored"]
+    assert scored[True] <= scored[False], scored

@@ -98,6 +98,8 @@ class Scorer:
         self.runner = BatchRunner(processes, progress=progress)
         loaded = splits if splits is not None else load_task_splits(self.task)
         self.splits: dict[str, PreparedSplit] = {}
+        # Kept to re-batch a split in another order (put_hardest_first).
+        self._sources = (loaded, preprocessor, label2id, max_tokens, device)
         for name, dataset in loaded.items():
             prepared = prepare_split(
                 dataset, self.task, preprocessor, name=name, label2id=label2id,
@@ -272,6 +274,40 @@ class Scorer:
                     return EarlyStop(None, scored)
         outputs = prepared.in_dataset_order(torch.cat(outputs))
         return EarlyStop(self.selection_score(outputs, split), scored)
+
+    def put_hardest_first(self, outputs: Sequence[torch.Tensor], split: str | None = None) -> None:
+        """Re-batch ``split`` (default: selection) so that the examples most of ``outputs`` get
+        wrong come first, neighbouring token lengths within each count.
+
+        For early decisions: a candidate soup of these models is rejected once its misses
+        exceed what the incumbent can afford, and its misses lie mostly where the ingredients
+        miss; scored first, they decide a rejection sooner. The decisions do not depend on the
+        order (counts of the examples scored); only the work does. Nothing is done when the
+        selection metric is not a mean over examples. ``outputs``: full outputs on ``split``
+        in dataset order (the ingredients'), each ``(n, classes)``.
+        """
+        split = split or self.selection_split
+        prepared, name = self.split(split), self.selection_metric
+        labels = prepared.labels
+        if not outputs or not is_mean_over_examples(name) or labels.is_floating_point():
+            return
+        correct_in = per_example(name)
+        wrong = sum((~correct_in(_predictions(o), labels).bool()).long() for o in outputs)
+        lengths = torch.zeros(prepared.size, dtype=torch.int64)
+        if all("attention_mask" in batch for batch in prepared.batches):
+            in_batches = torch.cat([b["attention_mask"].sum(1).cpu() for b in prepared.batches])
+            lengths = prepared.in_dataset_order(in_batches)
+        longest = int(lengths.max()) if len(lengths) else 0
+        key = (len(outputs) - wrong) * (longest + 1) + lengths
+        order = torch.sort(key, stable=True).indices
+        loaded, preprocessor, label2id, max_tokens, device = self._sources
+        again = prepare_split(
+            loaded[split], self.task, preprocessor, name=split, label2id=label2id,
+            max_tokens=max_tokens, order=order,
+        )  # fmt: skip
+        if device is not None:
+            again.batches = [to_device(batch, torch.device(device)) for batch in again.batches]
+        self.splits[split] = again
 
     def tally(self, outputs: torch.Tensor, split: str | None = None) -> Tally | None:
         """The exact counts of full ``outputs`` on ``split`` (default: selection), or None when

@@ -104,6 +104,7 @@ def prepare_split(
     label2id: dict[str, int] | None = None,
     max_tokens: int | None = None,
     bucket: bool | None = None,
+    order: torch.Tensor | None = None,
 ) -> PreparedSplit:
     """Preprocess ``dataset`` into batches of ``task.batch_size`` examples.
 
@@ -126,6 +127,8 @@ def prepare_split(
             that ``task.max_length`` alone would not have.
         bucket: Sort text by token length before batching (the outputs of a model are the
             same up to float noise; the padding, hence the work, is less). Default: on.
+        order: Batch the examples in this order instead (dataset indices, a permutation):
+            a split prepared before, re-batched (its notices are not repeated).
 
     Returns:
         The prepared split.
@@ -144,24 +147,25 @@ def prepare_split(
         for column in task.input_columns:
             _check_text(dataset, column, split=name)
     length = task.max_length if max_tokens is None else max(1, min(task.max_length, max_tokens))
-    bucket = _BUCKET_TEXT if bucket is None else bucket
-    order = None if image or not bucket else _length_order(dataset, task, preprocessor, length)
+    again = order is not None
+    if order is not None and sorted(order.tolist()) != list(range(len(dataset))):
+        raise ValueError(f"order is not a permutation of the {len(dataset)} examples")
+    if order is None and not image and (_BUCKET_TEXT if bucket is None else bucket):
+        order = _length_order(dataset, task, preprocessor, length)
+    source = dataset if order is None else dataset.select(order.tolist())
     cut = False
     batches = []
-    for start in range(0, len(dataset), task.batch_size):
+    for start in range(0, len(source), task.batch_size):
         if image:
-            images = _decoded_images(dataset, task.input_columns[0], start, task, split=name)
+            images = _decoded_images(source, task.input_columns[0], start, task, split=name)
             encoded = _encode_images(preprocessor, images)
         else:
-            if order is None:
-                rows = dataset[start : start + task.batch_size]
-            else:
-                rows = dataset[order[start : start + task.batch_size].tolist()]
+            rows = source[start : start + task.batch_size]
             encoded = _encode_text(preprocessor, [rows[c] for c in task.input_columns], length)
             ids = encoded.get("input_ids")
             cut = cut or (length < task.max_length and ids is not None and ids.shape[-1] >= length)
         batches.append({k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)})
-    if cut:
+    if cut and not again:
         logging.getLogger("hfsoup").warning(
             "split %r: examples cut to %d tokens, the most the model takes (max_length is %d)",
             name, length, task.max_length,

@@ -1,7 +1,8 @@
 """The cost of a greedy soup against one scoring pass of its ingredients (issue 16).
 
-On real fine-tunes (local folders) and their task, with the outputs cache across runs OFF, for
-length-bucketed batches off and then on, in one process, one after the other:
+On real fine-tunes (local folders) and their task, with the outputs cache across runs OFF, in
+three modes, in one process: dataset-order batches; length-bucketed batches; length buckets and
+candidates scored on the examples the ingredients miss first (the default):
 
 - **unit**: each of the k ingredients loaded (``from_pretrained``) and scored once, timed per
   split: on the selection split alone, and on every split the task scores (which is what a
@@ -12,6 +13,7 @@ length-bucketed batches off and then on, in one process, one after the other:
   (``greedy.examples_*``: saved by early rejections and by early acceptances).
 
 The ratios are greedy / unit, in the same bucketing mode and against the dataset-order unit.
+The unit does not depend on the candidates' order: the last two modes share one.
 Pad tokens per split (a count, from the prepared batches) show what bucketing removes.
 
     python benchmarks/greedy_cost.py --input /work/pool/SWEEP_READY --k 8
@@ -156,18 +158,25 @@ def main() -> None:
     before = _uptime()
     started = time.perf_counter()
     _warm_up(folders, task, work)
-    runs: dict[str, Any] = {"dataset order": {}, "buckets": {}}
-    # Each measurement in both modes back to back, so that a change in the machine's load
-    # falls on both alike.
+    from hfsoup.methods import greedy as greedy_module
+
+    modes = {"dataset order": (False, False), "buckets": (True, False),
+             "buckets + hardest first": (True, True)}  # fmt: skip
+    runs: dict[str, Any] = {mode: {} for mode in modes}
+    # Each measurement in every mode back to back, so that a change in the machine's load
+    # falls on all alike. The unit does not depend on the candidates' order: measured once
+    # per bucketing mode.
     for what in ("unit", "greedy"):
-        for bucket in (False, True):
-            preprocess._BUCKET_TEXT = bucket
-            mode = "buckets" if bucket else "dataset order"
+        for mode, (bucket, hardest) in modes.items():
+            preprocess._BUCKET_TEXT, greedy_module._HARDEST_FIRST = bucket, hardest
+            if what == "unit" and hardest:
+                runs[mode]["unit"] = runs["buckets"]["unit"]
+                continue
             cpu = time.process_time()
             if what == "unit":
                 runs[mode]["unit"] = _unit(folders, task)
             else:
-                out = work / f"soup-{int(bucket)}"
+                out = work / f"soup-{int(bucket)}{int(hardest)}"
                 runs[mode]["greedy"] = _greedy(folders, task, out, args.accept, args.order)
             runs[mode][what]["cpu_s"] = time.process_time() - cpu
     after = _uptime()
@@ -175,6 +184,7 @@ def main() -> None:
     for run in runs.values():
         run["floors"] = _floors(run["unit"], k)
     diff = float((plain["unit"].pop("_outputs") - ours["unit"].pop("_outputs")).abs().max())
+    runs = json.loads(json.dumps(runs))  # the shared unit dict written out once per mode
     report = {
         "command": f"python benchmarks/greedy_cost.py --input {args.input} --k {args.k}",
         "k": k,
@@ -199,8 +209,8 @@ def _markdown(report: dict[str, Any]) -> str:
         f"k = {report['k']}; splits {base['splits']} (selection: `{base['selection_split']}`); "
         f"torch threads {report['torch_threads']}",
         "",
-        "| | dataset order | buckets |",
-        "|---|---:|---:|",
+        "| | " + " | ".join(runs) + " |",
+        "|---|" + "---:|" * len(runs),
     ]
 
     def row(label: str, get: Any, fmt: str = "{:.1f}") -> None:
@@ -218,7 +228,8 @@ def _markdown(report: dict[str, Any]) -> str:
     row("unit (every split), CPU s of this process", lambda r: r["unit"]["cpu_s"])
     row("greedy end to end (hfsoup.soup wall), s", lambda r: r["greedy"]["wall_s"])
     row("greedy end to end, CPU s of this process", lambda r: r["greedy"]["cpu_s"])
-    for phase in runs["buckets"]["greedy"]["timings"]:
+    phases = {p: None for r in runs.values() for p in r["greedy"]["timings"]}
+    for phase in phases:
         row(f"greedy `timings.{phase}`, s", lambda r, p=phase: r["greedy"]["timings"].get(p, 0.0))
     row("**greedy / unit (every split)**",
         lambda r: r["greedy"]["wall_s"] / r["unit"]["all_splits_s"], "{:.2f}x")  # fmt: skip
@@ -241,10 +252,10 @@ def _markdown(report: dict[str, Any]) -> str:
         f"{r['greedy']['examples_saved_acceptances']}", "{}")  # fmt: skip
     row("decisions (trace)", lambda r: "".join("+" if d else "-" for d in r["greedy"]["decisions"]),
         "`{}`")  # fmt: skip
-    same = runs["buckets"]["greedy"]["decisions"] == runs["dataset order"]["greedy"]["decisions"]
+    same = len({json.dumps(r["greedy"]["decisions"]) for r in runs.values()}) == 1
     lines += [
         "",
-        f"Decisions identical with and without buckets: {same}. Max |logit difference| on the "
+        f"Decisions identical in every mode: {same}. Max |logit difference| on the "
         f"selection split, buckets vs dataset order: {report['max_abs_logit_diff_buckets_vs_dataset_order']:.2e}.",
         f"uptime before: `{report['uptime_before']}`; after: `{report['uptime_after']}`",
     ]  # fmt: skip

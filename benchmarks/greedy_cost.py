@@ -136,6 +136,36 @@ def _floors(unit: dict[str, Any], k: int) -> dict[str, float]:
     return {"floor": floor, "full_candidates": floor + (k - 1) * candidate / every}
 
 
+def _interleaved_passes(folders: list[str], task: dict, rounds: int) -> dict[str, Any]:
+    """One ingredient's pass over the selection split, dataset order and buckets alternating
+    for ``rounds`` rounds: a per-pass ratio that a shared machine's changing load spoils less
+    than measurements minutes apart."""
+    import statistics
+
+    from transformers import AutoModelForSequenceClassification
+
+    from hfsoup.tasks.classification import Scorer
+
+    ours = Scorer.from_pretrained(task, folders[0], progress=False)
+    loaded, tokenizer, label2id, max_tokens, _ = ours._sources
+    plain = Scorer(ours.task, tokenizer, progress=False, splits=loaded, label2id=label2id,
+                   max_tokens=max_tokens, bucket=False)  # fmt: skip
+    scorers = {False: plain, True: ours}
+    model = AutoModelForSequenceClassification.from_pretrained(folders[0]).eval()
+    sel = scorers[True].selection_split
+    for scorer in scorers.values():  # untimed: first-call costs
+        scorer.outputs(model, sel)
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for bucket in (False, True):
+            t0 = time.perf_counter()
+            scorers[bucket].outputs(model, sel)
+            seconds[bucket].append(time.perf_counter() - t0)
+    ratios = [b / a for a, b in zip(seconds[False], seconds[True], strict=True)]
+    return {"seconds": {"dataset order": seconds[False], "buckets": seconds[True]},
+            "median_ratio": statistics.median(ratios)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", default="/work/pool/SWEEP_READY")
@@ -143,6 +173,11 @@ def main() -> None:
     parser.add_argument("--accept", default=">=")
     parser.add_argument("--order", default="score")
     parser.add_argument("--out", default=".bench/greedy_cost.json")
+    parser.add_argument(
+        "--passes", type=int, default=0,
+        help="only this many interleaved rounds of one ingredient's selection pass, dataset "
+        "order against buckets (no greedy run)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     import torch
@@ -157,6 +192,10 @@ def main() -> None:
     os.environ["HFSOUP_OUTPUTS_CACHE"] = str(work / "outputs-cache")  # and cache=False anyway
     before = _uptime()
     started = time.perf_counter()
+    if args.passes:
+        passes = _interleaved_passes(folders, task, args.passes)
+        print(json.dumps({**passes, "uptime_before": before, "uptime_after": _uptime()}))
+        return
     _warm_up(folders, task, work)
     from hfsoup.methods import greedy as greedy_module
 

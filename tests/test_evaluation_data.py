@@ -140,8 +140,10 @@ def test_text_batches_are_padded_per_batch_and_truncated(data):
     dataset = load_task_splits(task)["validation"]
     prepared = prepare_split(dataset, task, tokenizer, name="validation")
     assert [len(b["input_ids"]) for b in prepared.batches] == [8, 8, 4]
+    # Length buckets (the default) put the examples in ``order``: batch i holds its 8.
+    order = prepared.order.tolist()
     for i, batch in enumerate(prepared.batches):
-        texts = list(dataset["sentence"])[8 * i : 8 * i + 8]
+        texts = [dataset["sentence"][j] for j in order[8 * i : 8 * i + 8]]
         ids = [tokenizer(t, truncation=True, max_length=6)["input_ids"] for t in texts]
         assert batch["input_ids"].shape[1] == max(map(len, ids))
         assert [
@@ -156,8 +158,11 @@ def test_two_input_columns_are_tokenized_as_pairs(tmp_path):
     dataset = load_task_splits(task)["validation"]
     prepared = prepare_split(dataset, task, make_tokenizer(), name="validation")
     expected = make_tokenizer()(list(dataset["sentence"]), list(dataset["sentence2"]), padding=True)
-    assert prepared.batches[0]["input_ids"].tolist() == expected["input_ids"]
-    assert prepared.batches[0]["token_type_ids"].tolist() == expected["token_type_ids"]
+    order = prepared.order.tolist()  # one batch, its rows sorted by the pair's length
+    assert prepared.batches[0]["input_ids"].tolist() == [expected["input_ids"][j] for j in order]
+    assert prepared.batches[0]["token_type_ids"].tolist() == [
+        expected["token_type_ids"][j] for j in order
+    ]
 
 
 def test_image_column_goes_through_the_image_processor(tmp_path):

@@ -62,6 +62,8 @@ class Scorer:
         max_tokens: The most tokens the model takes; longer text is cut to it (see
             :func:`~hfsoup.tasks.preprocess.prepare_split`). ``from_pretrained`` reads it
             from the model's config.
+        bucket: Batch text by token length (see :func:`~hfsoup.tasks.preprocess.prepare_split`;
+            default on). Outputs always come back in dataset order.
 
     Attributes:
         task: The resolved task.
@@ -90,15 +92,18 @@ class Scorer:
         splits: dict[str, datasets.Dataset] | None = None,
         processes: Processes | None = None,
         max_tokens: int | None = None,
+        bucket: bool | None = None,
     ) -> None:
         self.task = resolve_task(task)
         self.runner = BatchRunner(processes, progress=progress)
         loaded = splits if splits is not None else load_task_splits(self.task)
         self.splits: dict[str, PreparedSplit] = {}
+        # Kept to re-batch a split in another order (put_hardest_first).
+        self._sources = (loaded, preprocessor, label2id, max_tokens, device)
         for name, dataset in loaded.items():
             prepared = prepare_split(
                 dataset, self.task, preprocessor, name=name, label2id=label2id,
-                max_tokens=max_tokens,
+                max_tokens=max_tokens, bucket=bucket,
             )  # fmt: skip
             if device is not None:
                 prepared.batches = [
@@ -187,7 +192,7 @@ class Scorer:
     def outputs(
         self, model: torch.nn.Module, split: str, *, key: str | None = None
     ) -> torch.Tensor:
-        """The model's logits on every example of ``split``, in order.
+        """The model's logits on every example of ``split``, in dataset order.
 
         Args:
             model: A ``transformers`` classification model (or any module returning logits).
@@ -202,7 +207,7 @@ class Scorer:
             return self.cache[(key, split)]
         prepared = self.split(split)
         outputs = self.runner.run(self._forward, model, prepared, split)
-        result = torch.cat(outputs) if outputs else torch.empty(0, 0)
+        result = prepared.in_dataset_order(torch.cat(outputs)) if outputs else torch.empty(0, 0)
         if key is not None:
             self.cache[(key, split)] = result
         return result
@@ -267,7 +272,42 @@ class Scorer:
                 scored += len(labels)
                 if scored < total and correct + (total - scored) < needed:
                     return EarlyStop(None, scored)
-        return EarlyStop(self.selection_score(torch.cat(outputs), split), scored)
+        outputs = prepared.in_dataset_order(torch.cat(outputs))
+        return EarlyStop(self.selection_score(outputs, split), scored)
+
+    def put_hardest_first(self, outputs: Sequence[torch.Tensor], split: str | None = None) -> None:
+        """Re-batch ``split`` (default: selection) so that the examples most of ``outputs`` get
+        wrong come first, neighbouring token lengths within each count.
+
+        For early decisions: a candidate soup of these models is rejected once its misses
+        exceed what the incumbent can afford, and its misses lie mostly where the ingredients
+        miss; scored first, they decide a rejection sooner. The decisions do not depend on the
+        order (counts of the examples scored); only the work does. Nothing is done when the
+        selection metric is not a mean over examples. ``outputs``: full outputs on ``split``
+        in dataset order (the ingredients'), each ``(n, classes)``.
+        """
+        split = split or self.selection_split
+        prepared, name = self.split(split), self.selection_metric
+        labels = prepared.labels
+        if not outputs or not is_mean_over_examples(name) or labels.is_floating_point():
+            return
+        correct_in = per_example(name)
+        wrong = sum((~correct_in(_predictions(o), labels).bool()).long() for o in outputs)
+        lengths = torch.zeros(prepared.size, dtype=torch.int64)
+        if all("attention_mask" in batch for batch in prepared.batches):
+            in_batches = torch.cat([b["attention_mask"].sum(1).cpu() for b in prepared.batches])
+            lengths = prepared.in_dataset_order(in_batches)
+        longest = int(lengths.max()) if len(lengths) else 0
+        key = (len(outputs) - wrong) * (longest + 1) + lengths
+        order = torch.sort(key, stable=True).indices
+        loaded, preprocessor, label2id, max_tokens, device = self._sources
+        again = prepare_split(
+            loaded[split], self.task, preprocessor, name=split, label2id=label2id,
+            max_tokens=max_tokens, order=order,
+        )  # fmt: skip
+        if device is not None:
+            again.batches = [to_device(batch, torch.device(device)) for batch in again.batches]
+        self.splits[split] = again
 
     def tally(self, outputs: torch.Tensor, split: str | None = None) -> Tally | None:
         """The exact counts of full ``outputs`` on ``split`` (default: selection), or None when
@@ -290,7 +330,9 @@ class Scorer:
         ``[c, c + unscored]``. It is certainly accepted once ``c`` reaches the count needed to
         beat the incumbent's ``high`` (``>=``, or ``>`` when ``strict``, via
         :func:`required_count`), certainly rejected once ``c + unscored`` falls short of the
-        count needed against its ``hits``. Scored in full and still undecided:
+        count needed against its ``hits``. Batches come in the split's batch order (by token
+        length for text): the counts are those of the examples scored so far, whichever they
+        are, so the decision is the full evaluation's. Scored in full and still undecided:
         ``accepted=None``, and the caller finishes the incumbent (:meth:`finish`).
 
         Returns:
@@ -317,7 +359,7 @@ class Scorer:
                         return EarlyStop(None, scored, tally, hits >= high_needed)
                     break
         tally = Tally(hits, scored, total)
-        score = self.selection_score(torch.cat(outputs), split)
+        score = self.selection_score(prepared.in_dataset_order(torch.cat(outputs)), split)
         decided = tally.high < low_needed or hits >= high_needed
         return EarlyStop(score, scored, tally, hits >= high_needed if decided else None)
 

@@ -177,6 +177,9 @@ class TaskScorer(Protocol):
     #   score_against(model, split, incumbent: Tally, *, strict) -> EarlyStop: score until
     #       the decision against an incumbent known only as a Tally is certain either way.
     #   finish(model, split, tally: Tally) -> Tally: score the examples a Tally has not seen.
+    # Optional, for fewer examples per decision (greedy calls it when present):
+    #   put_hardest_first(outputs, split=None): re-batch the split so that the examples the
+    #       ingredients' ``outputs`` get wrong are scored first (decisions stay the same).
 
     def ensemble(self, outputs: Sequence[Any]) -> Any:
         """The outputs of an ensemble of the models whose ``outputs`` are given."""

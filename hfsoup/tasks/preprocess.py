@@ -21,20 +21,31 @@ from hfsoup.tasks.task import Task
 
 Preprocessor = PreTrainedTokenizerBase | BaseImageProcessor
 
+# Private switch for benchmarks/greedy_cost.py, which compares runs with and without length
+# buckets: the default of ``prepare_split(bucket=None)``.
+_BUCKET_TEXT = True
+
 
 @dataclass
 class PreparedSplit:
-    """A split as tensors: input batches in dataset order, and one label per example.
+    """A split as tensors: input batches, and one label per example in dataset order.
+
+    Text batches hold the examples sorted by token length (``order``), each padded only to
+    its own longest example; image batches, and text prepared with ``bucket=False``, hold
+    them in dataset order (``order`` None).
 
     Attributes:
         name: The split's name.
         batches: Model keyword arguments per batch (``input_ids``, ... or ``pixel_values``).
-        labels: ``(n,)`` int64 class ids, or float32 targets for regression.
+        labels: ``(n,)`` int64 class ids, or float32 targets for regression, in dataset order.
+        order: ``(n,)`` int64: the dataset index of each example as the batches hold them,
+            or None when they hold the examples in dataset order.
     """
 
     name: str
     batches: list[dict[str, torch.Tensor]]
     labels: torch.Tensor
+    order: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -42,9 +53,21 @@ class PreparedSplit:
         return len(self.labels)
 
     def label_batches(self) -> list[torch.Tensor]:
-        """``labels`` cut like ``batches``."""
+        """The labels of each batch's examples (``labels`` in batch order, cut like ``batches``)."""
         sizes = [len(next(iter(batch.values()))) for batch in self.batches]
-        return list(self.labels.split(sizes))
+        labels = self.labels if self.order is None else self.labels[self.order]
+        return list(labels.split(sizes))
+
+    def in_dataset_order(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Per-example ``outputs`` of every batch, concatenated in batch order, put back in
+        dataset order (row ``i`` for example ``i``)."""
+        if self.order is None:
+            return outputs
+        if len(outputs) != len(self.order):
+            raise ValueError(f"{len(outputs)} outputs for {len(self.order)} examples")
+        restored = torch.empty_like(outputs)
+        restored[self.order] = outputs
+        return restored
 
 
 def is_image_column(dataset: datasets.Dataset, column: str) -> bool:
@@ -80,12 +103,16 @@ def prepare_split(
     name: str,
     label2id: dict[str, int] | None = None,
     max_tokens: int | None = None,
+    bucket: bool | None = None,
+    order: torch.Tensor | None = None,
 ) -> PreparedSplit:
-    """Preprocess ``dataset`` into batches of ``task.batch_size`` examples, in order.
+    """Preprocess ``dataset`` into batches of ``task.batch_size`` examples.
 
     Text goes through the tokenizer (one or two columns, padded to the longest in the batch,
-    truncated to ``task.max_length``); an image column through the image processor, images
-    converted to RGB.
+    truncated to ``task.max_length``); with ``bucket``, the examples are first sorted by
+    token length, so that each batch holds neighbouring lengths and little padding
+    (``PreparedSplit.order`` says which example is where). An image column goes through the
+    image processor, images converted to RGB, in dataset order.
 
     Args:
         dataset: The split (columns already checked).
@@ -98,6 +125,10 @@ def prepare_split(
         max_tokens: The most tokens the model takes (its position embeddings): text is cut
             to ``min(task.max_length, max_tokens)``, with one notice when that cuts an example
             that ``task.max_length`` alone would not have.
+        bucket: Sort text by token length before batching (the outputs of a model are the
+            same up to float noise; the padding, hence the work, is less). Default: on.
+        order: Batch the examples in this order instead (dataset indices, a permutation):
+            a split prepared before, re-batched (its notices are not repeated).
 
     Returns:
         The prepared split.
@@ -116,24 +147,44 @@ def prepare_split(
         for column in task.input_columns:
             _check_text(dataset, column, split=name)
     length = task.max_length if max_tokens is None else max(1, min(task.max_length, max_tokens))
+    again = order is not None
+    if order is not None and sorted(order.tolist()) != list(range(len(dataset))):
+        raise ValueError(f"order is not a permutation of the {len(dataset)} examples")
+    if order is None and not image and (_BUCKET_TEXT if bucket is None else bucket):
+        order = _length_order(dataset, task, preprocessor, length)
+    source = dataset if order is None else dataset.select(order.tolist())
     cut = False
     batches = []
-    for start in range(0, len(dataset), task.batch_size):
+    for start in range(0, len(source), task.batch_size):
         if image:
-            images = _decoded_images(dataset, task.input_columns[0], start, task, split=name)
+            images = _decoded_images(source, task.input_columns[0], start, task, split=name)
             encoded = _encode_images(preprocessor, images)
         else:
-            rows = dataset[start : start + task.batch_size]
+            rows = source[start : start + task.batch_size]
             encoded = _encode_text(preprocessor, [rows[c] for c in task.input_columns], length)
             ids = encoded.get("input_ids")
             cut = cut or (length < task.max_length and ids is not None and ids.shape[-1] >= length)
         batches.append({k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)})
-    if cut:
+    if cut and not again:
         logging.getLogger("hfsoup").warning(
             "split %r: examples cut to %d tokens, the most the model takes (max_length is %d)",
             name, length, task.max_length,
         )  # fmt: skip
-    return PreparedSplit(name=name, batches=batches, labels=labels)
+    return PreparedSplit(name=name, batches=batches, labels=labels, order=order)
+
+
+def _length_order(
+    dataset: datasets.Dataset, task: Task, tokenizer: PreTrainedTokenizerBase, length: int
+) -> torch.Tensor:
+    """The dataset's indices sorted by token length (after truncation), shortest first; ties
+    keep dataset order. Shortest first: when an early decision stops a candidate, the
+    examples it never scores are the longest, the costliest."""
+    if not len(dataset):
+        return torch.empty(0, dtype=torch.int64)
+    columns = [list(dataset[c]) for c in task.input_columns]
+    ids = tokenizer(*columns, truncation=True, max_length=length)["input_ids"]
+    lengths = torch.tensor([len(row) for row in ids], dtype=torch.int64)
+    return torch.sort(lengths, stable=True).indices
 
 
 def _check_text(dataset: datasets.Dataset, column: str, *, split: str) -> None:

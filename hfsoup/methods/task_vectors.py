@@ -39,20 +39,25 @@ if TYPE_CHECKING:
     from hfsoup.methods.context import MethodContext, MethodOutcome
 
 
-class TaskVectorConfig(BaseModel):
-    """The coefficients of a task-vector merge (None in the recipe: these defaults)."""
+class _Coefficients(BaseModel):
+    """What every task-vector merge takes (None in the recipe: these defaults)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    lambda_: Annotated[float, Field(allow_inf_nan=False)] | Literal["auto"] = Field(
-        1.0, alias="lambda"
-    )
     seed: int = 0
 
     @model_validator(mode="before")
     @classmethod
     def _defaults(cls, data: Any) -> Any:
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class TaskVectorConfig(_Coefficients):
+    """The coefficients of a task-vector merge that scales τ by λ (None: these defaults)."""
+
+    lambda_: Annotated[float, Field(allow_inf_nan=False)] | Literal["auto"] = Field(
+        1.0, alias="lambda"
+    )
 
 
 class SparseConfig(TaskVectorConfig):
@@ -62,8 +67,9 @@ class SparseConfig(TaskVectorConfig):
     density: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = 0.5
 
 
-class WiseConfig(TaskVectorConfig):
-    """WiSE-FT: the mixing coefficient α (default 0.5, the paper's usual middle point)."""
+class WiseConfig(_Coefficients):
+    """WiSE-FT: the mixing coefficient α (default 0.5, the paper's usual middle point); it
+    takes no λ (α is its only scale), so a ``lambda`` given with it is refused."""
 
     alpha: Annotated[float, Field(allow_inf_nan=False)] | Literal["auto"] = 0.5
 

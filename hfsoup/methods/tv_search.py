@@ -92,6 +92,7 @@ def search(
         candidate = cfg.model_copy(update=point)
         key = {k: v for k, v in point.items() if k != cls.scale_key}
         if key != tau_key:
+            held = None  # one θ₀ and τ at a time: the old pair goes before the new is streamed
             held, tau_key = merged_vector(ctx, cls, weights, candidate), key
         _show(session, cls, *held, point[cls.scale_key])
         out = scorer.score_with_early_stop(session.model, sel, best_score, strict=True)
@@ -105,6 +106,7 @@ def search(
                 best_score = out.score
     chosen = {k: v for k, v in best.model_dump().items() if k != cls.scale_key}
     if chosen != {k: v for k, v in candidate.model_dump().items() if k != cls.scale_key}:
+        held = None
         held = merged_vector(ctx, cls, weights, best)
     _show(session, cls, *held, getattr(best, cls.scale_key))
     return best, records

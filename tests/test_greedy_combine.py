@@ -138,6 +138,12 @@ def test_the_pinned_recipe_rebuilds_the_same_soup(hub, sentiment, base_repo, tmp
         (["--base", "BASE"], "only with combine"),
         (["--combine", "ties", "--base", "BASE", "--density", "1.5"], "density"),
         (["--combine", "task_arithmetic", "--base", "BASE", "--density", "0.5"], "density"),
+        (["--combine", "ties", "--base", "BASE", "--lambda", "auto"], "lambda auto is not"),
+        (["--combine", "dare_ties", "--base", "BASE", "--density", "auto"], "density auto is"),
+        (
+            ["--combine", "ties", "--base", "BASE", "--lambda", "auto", "--grid", "lambda=1,2"],
+            "lambda auto is not",
+        ),  # fmt: skip
     ],
 )
 def test_refused_options_are_one_line_exit_2_nothing_written(

@@ -334,6 +334,14 @@ def _add_inspect(sub: Any, common: argparse.ArgumentParser, methods: list[str]) 
                    help="output dtype to estimate for (default: the ingredients')")  # fmt: skip
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="output shard size to estimate for (default 5GB)")  # fmt: skip
+    p.add_argument("--base", metavar="INGREDIENT",
+                   help="task-vector merges and greedy --combine: the base model θ₀ (its "
+                   "download and float32 copy are counted)")  # fmt: skip
+    p.add_argument("--combine", choices=["average", "task_arithmetic", "ties", "dare_ties"],
+                   help="greedy: estimate for the accepted set merged with this operator")  # fmt: skip
+    p.add_argument("--scored", action="store_true",
+                   help="task-vector merges: estimate for a run scored on a --task (the "
+                   "coefficient search holds θ₀ and the merged task vector in float32)")  # fmt: skip
 
 
 def _add_soup(sub: Any, common: argparse.ArgumentParser, methods: list[str]) -> None:
@@ -581,7 +589,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         _check_estimable(args.method)
         report = api.inspect(args.ingredients, allow_pickle=args.allow_pickle, method=args.method,
                              bandwidth=args.bandwidth, dtype=args.dtype,
-                             max_shard_size=args.max_shard_size)  # fmt: skip
+                             max_shard_size=args.max_shard_size, base=args.base,
+                             combine=args.combine, scored=args.scored)  # fmt: skip
         _print_inspection(report, args.json)
         if not report.compatible:
             raise IncompatibleIngredientsError(report.problem)

@@ -27,7 +27,7 @@ tensor's, whatever the chunking.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from hfsoup.registry import MergeMethod, register
 
 if TYPE_CHECKING:
+    from hfsoup.check.estimates import EstimateInput, Peak
     from hfsoup.methods.context import MethodContext, MethodOutcome
 
 
@@ -322,6 +323,18 @@ def _section(ctx: MethodContext, name: str, shown: dict[str, Any]) -> str:
     )
 
 
+def _estimate(name: str) -> Callable[[EstimateInput], Peak]:
+    """``name``'s peak memory for ``hfsoup inspect`` (:func:`task_vector_peak`)."""
+
+    def estimate(given: EstimateInput) -> Peak:
+        from hfsoup.check.estimates import task_vector_peak
+
+        whole = _ACCUMULATORS[name].whole_tensors
+        return task_vector_peak(given, method=name, whole_tensors=whole)
+
+    return estimate
+
+
 def _method(name: str, summary: str, config: type[BaseModel]) -> MergeMethod:
     return register(
         MergeMethod(
@@ -332,6 +345,7 @@ def _method(name: str, summary: str, config: type[BaseModel]) -> MergeMethod:
             card=f"{name}: {_FORMULAS[name]}",
             needs_base=True,
             config=config,
+            estimate=_estimate(name),
         )  # fmt: skip
     )
 

@@ -131,19 +131,10 @@ def examine(
                     "models, not adapters",
                 )
             )
-    estimate = estimate_run(
-        indexes,
-        details + ([_sizes(base)] if base is not None else []),
-        method=method,
-        estimate=estimate,
-        bandwidth=bandwidth,
-        max_shard_size=max_shard_size,
-        dtype=dtype,
-        device=device,
-        base=base,
-        scored=scored,
-        combine=combine,
-    )
+    read = details + ([_sizes(base)] if base is not None else [])  # the base is read too
+    estimate = estimate_run(indexes, read, method=method, estimate=estimate, bandwidth=bandwidth,
+                            max_shard_size=max_shard_size, dtype=dtype, device=device, base=base,
+                            scored=scored, combine=combine)  # fmt: skip
     if not estimate["fits"]:
         needs = human_bytes(estimate["peak_memory_bytes"])
         have = f"{human_bytes(estimate['available_memory_bytes'])} {estimate['available_from']}"

@@ -179,11 +179,12 @@ def uniform_peak(given: EstimateInput) -> Peak:
     ), streams_all=True)  # fmt: skip
 
 
-# Float32 buffers of one streamed piece a task-vector operator holds (θ₀, the running sum,
-# the task vector τᵢ = θᵢ − θ₀; TIES / DARE-TIES also the elected signs, the agreeing count
-# and the trimmed or masked τᵢ; DARE its mask), beside the piece as read.
-OPERATOR_BUFFERS = {"task_arithmetic": 3, "wise_ft": 3, "dare_linear": 4, "ties": 6,
-                    "dare_ties": 6}  # fmt: skip
+# Float32-sized buffers of one streamed piece a task-vector operator holds: θ₀, the running
+# sum and τᵢ = θᵢ − θ₀; TIES also the elected signs, the agreeing count, |τᵢ| and topk's
+# values and int64 indices (docs/design.md, issue 17: TIES' peak measured at ~14 × the largest
+# tensor above the uniform soup's, DARE-TIES' ~10 ×); DARE its uniform draws and mask.
+OPERATOR_BUFFERS = {"task_arithmetic": 4, "wise_ft": 4, "dare_linear": 8, "ties": 14,
+                    "dare_ties": 10}  # fmt: skip
 # The float32 bytes of one tensor group greedy ``combine`` streams the accepted set in
 # (hfsoup.methods.greedy_combine.GROUP_BYTES; that module is above this one).
 COMBINE_GROUP_BYTES = 64 << 20

@@ -1,9 +1,10 @@
 """Task-vector merges: peak RSS and seconds of a streamed TIES merge against the uniform soup
 for k = 2, 4, 8 ingredients, and the cost of a coefficient search (``--lambda auto``).
 
-Each merge runs in a fresh subprocess (``hfsoup soup``, local folders) and its peak resident
-set (``ru_maxrss`` of the child) and wall seconds (spawn to exit, imports included) are
-reported; the ingredients are a BERT of ~``--hidden`` width (default 512: ~30 MB float32 each)
+Each merge runs in a fresh subprocess (``hfsoup soup``'s ``main``, local folders): its peak
+resident set (VmHWM), its growth above the resident set after the heavy imports (the high-water
+mark reset there), and its wall seconds (spawn to exit, imports included) are reported beside
+``hfsoup inspect``'s estimate for the same run; the ingredients are a BERT of ~``--hidden`` width (default 512: ~30 MB float32 each)
 made once under ``--dir``.
 
 The search part scores k = 4 task-arithmetic merges on a small local parquet task (random
@@ -76,20 +77,33 @@ def make_task(folder: Path, examples: int) -> Path:
     return path
 
 
-def measure(args: list[str]) -> tuple[float, float]:
-    """The child's own peak RSS in MB (os.wait4 reports that one process's rusage) and its
-    wall seconds."""
-    import os
+# The child: the heavy imports first, then the high-water mark reset (Linux >= 4.0), then the
+# command in-process; it prints the growth of VmHWM above the post-import resident set.
+_CHILD = """
+import json, sys
+import torch, transformers, datasets, safetensors
+import hfsoup.api, hfsoup.methods.task_vectors, hfsoup.methods.tv_search
+import hfsoup.methods.greedy_run, hfsoup.tasks.classification
+from hfsoup.cli import main
+def status(key):
+    return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "growth": status("VmHWM") - before, "hwm": status("VmHWM")}))
+"""
 
+
+def measure(args: list[str]) -> tuple[float, float, float]:
+    """The child's peak RSS and its growth above the post-import resident set (MB), and its
+    wall seconds (spawn to exit, imports included)."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "hfsoup", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
-        raise SystemExit(f"hfsoup {' '.join(args)} failed ({proc.returncode})")
-    return usage.ru_maxrss / 1024, seconds
+        raise SystemExit(f"hfsoup {' '.join(args)} failed: {proc.stderr.strip()[-500:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out["hwm"] / 2**20, out["growth"] / 2**20, seconds
 
 
 def estimate_mb(paths: list[str], **options) -> float:
@@ -112,21 +126,22 @@ def main() -> None:
     print(f"ingredient size: {size:.1f} MB (float32)\n")
     common = ["--overwrite", "--quiet", "--no-cache"]
     print(
-        "Peak RSS includes the interpreter and its imports; the inspect estimates count "
-        "only what the run holds.\n"
+        "Peak RSS: the whole process, imports included; growth: its peak above the resident "
+        "set after the imports, what the inspect estimate counts.\n"
     )
     print(
-        "| k | uniform peak RSS (MB) | ties peak RSS (MB) | uniform s | ties s "
+        "| k | uniform peak / growth (MB) | ties peak / growth (MB) | uniform s | ties s "
         "| estimate uniform / ties (MB) |"
     )
     print("|---|---|---|---|---|---|")
     for k in (2, 4, 8):
         paths = [str(p) for p in fts[:k]]
-        u, us = measure(["soup", *paths, "-o", str(a.dir / f"u{k}"), *common])
-        t, ts = measure(["soup", *paths, "--method", "ties", "--base", str(base),
-                         "-o", str(a.dir / f"t{k}"), *common])  # fmt: skip
+        u, ug, us = measure(["soup", *paths, "-o", str(a.dir / f"u{k}"), *common])
+        t, tg, ts = measure(["soup", *paths, "--method", "ties", "--base", str(base),
+                             "-o", str(a.dir / f"t{k}"), *common])  # fmt: skip
         eu, et = estimate_mb(paths), estimate_mb(paths, method="ties", base=str(base))
-        print(f"| {k} | {u:.0f} | {t:.0f} | {us:.1f} | {ts:.1f} | {eu:.0f} / {et:.0f} |")
+        print(f"| {k} | {u:.0f} / {ug:.0f} | {t:.0f} / {tg:.0f} | {us:.1f} | {ts:.1f} "
+              f"| {eu:.0f} / {et:.0f} |")  # fmt: skip
 
     task = make_task(a.dir, a.examples)
     paths = [str(p) for p in fts[:4]]
@@ -146,13 +161,13 @@ def main() -> None:
           "--grid", "lambda=1", "density=0.3,0.7"]),
     ]  # fmt: skip
     print(f"\nk = 4, {a.examples} selection + {a.examples} test examples:\n")
-    print("| run | peak RSS (MB) | s | inspect estimate (MB) |")
+    print("| run | peak RSS / growth (MB) | s | inspect estimate (MB) |")
     print("|---|---|---|---|")
     for i, (label, flags) in enumerate(rows):
-        rss, s = measure(["soup", *paths, "--base", str(base), *flags,
-                          "-o", str(a.dir / f"s{i}"), *common])  # fmt: skip
+        rss, growth, s = measure(["soup", *paths, "--base", str(base), *flags,
+                                  "-o", str(a.dir / f"s{i}"), *common])  # fmt: skip
         est = estimate_mb(paths, method=flags[1], base=str(base), scored="--task" in flags)
-        print(f"| {label} | {rss:.0f} | {s:.1f} | {est:.0f} |")
+        print(f"| {label} | {rss:.0f} / {growth:.0f} | {s:.1f} | {est:.0f} |")
 
 
 if __name__ == "__main__":

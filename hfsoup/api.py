@@ -95,7 +95,8 @@ def _describe(ix: IngredientIndex) -> dict[str, Any]:
 def inspect(
     ingredients: Sequence[IngredientLike], *, token: str | None = None, allow_pickle: bool = False,
     method: str = "uniform", bandwidth: str | int | None = None, dtype: str | None = None,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int = "5GB", base: IngredientLike | None = None,
+    combine: str | None = None, scored: bool = False,
 ) -> Inspection:  # fmt: skip
     """Resolve ingredients and examine them from listings, headers and small files alone.
 
@@ -109,10 +110,21 @@ def inspect(
         bandwidth: bytes per second from the Hub (``"100MB"`` or ``"100MB/s"``); default an
             assumed 50 MB/s.
         dtype / max_shard_size: the output options, as for :func:`soup`.
+        base: the base model θ₀ of a task-vector merge or of a greedy soup with ``combine``
+            (its download and its float32 copy are counted; checked to fit the ingredients).
+        combine: the greedy soup's operator (``task_arithmetic``, ``ties``, ``dare_ties``).
+        scored: a task-vector merge scored on a task (its coefficient search holds θ₀ and
+            the merged task vector τ in float32 beside the live model).
+
+    Raises:
+        RecipeError: an unknown method, an unreadable size, a base missing for a method that
+            needs one or given to one that takes none, ``combine`` for a method without it.
 
     Example:
         >>> hfsoup.inspect(["org/ft-1", "org/ft-2"]).compatible  # doctest: +SKIP
         True
+        >>> est = hfsoup.inspect(["org/ft-1", "org/ft-2"], method="ties",  # doctest: +SKIP
+        ...                      base="org/pretrained", scored=True).estimate
     """
     from hfsoup.check.doctor import examine
     from hfsoup.registry import estimable_methods, get_method
@@ -131,6 +143,7 @@ def inspect(
             sizes[key] = None if value is None else parse_size(value)
         except ValueError as exc:
             raise RecipeError(f"{key}: {exc}") from exc
+    _check_inspected_base(get_method(method), base, combine)
     indexes = load_ingredients(ingredients, token=token, allow_pickle=allow_pickle)
     problem = None
     try:
@@ -138,12 +151,42 @@ def inspect(
         indexes = checked(indexes)
     except IncompatibleIngredientsError as exc:
         problem = str(exc)
+    base_index = None
+    if base is not None:
+        from hfsoup.check.compat import check_base
+
+        (base_index,) = load_ingredients([base], token=token, allow_pickle=allow_pickle)
+        try:
+            check_base(base_index, indexes)
+        except IncompatibleIngredientsError as exc:
+            problem = problem or str(exc)
     examination = examine(indexes, method=method, estimate=estimate, bandwidth=sizes["bandwidth"],
                           max_shard_size=sizes["max_shard_size"],
-                          dtype=DTYPES[dtype] if dtype else None)  # fmt: skip
+                          dtype=DTYPES[dtype] if dtype else None, base=base_index,
+                          scored=scored, combine=combine)  # fmt: skip
     problem = problem or examination.tokenizer_problem
     return Inspection(indexes, compatible=problem is None, problem=problem,
                       examination=examination)  # fmt: skip
+
+
+def _check_inspected_base(method: Any, base: Any, combine: str | None) -> None:
+    """Refuse, as a soup would, a base or ``combine`` that ``method`` does not take."""
+    takes = set(method.config.model_fields) if method.config else set()
+    if combine is not None:
+        allowed = ("average", "task_arithmetic", "ties", "dare_ties")
+        if "combine" not in takes:
+            raise RecipeError(f"combine does not apply to method {method.name!r}",
+                              options=["combine"])  # fmt: skip
+        if combine not in allowed:
+            raise RecipeError(f"combine must be one of {', '.join(allowed)}, got {combine!r}",
+                              options=["combine"])  # fmt: skip
+    needs = combine not in (None, "average") if "combine" in takes else method.needs_base
+    if needs != (base is not None):
+        raise RecipeError(
+            f"method {method.name!r} needs a base model θ₀: set base" if needs
+            else f"method {method.name!r} takes no base model here; drop base",
+            options=["base"],
+        )  # fmt: skip
 
 
 def soup(

@@ -98,7 +98,7 @@ def _task_vector_options(p: argparse.ArgumentParser) -> None:
                    help="the base model θ₀ the task vectors θᵢ − θ₀ are taken from")  # fmt: skip
     g.add_argument("--lambda", type=_float_or_auto, metavar="L", help="scaling of the merged "
                    "task vector (default 1); auto: chosen on --task from --grid")  # fmt: skip
-    g.add_argument("--density", type=_float_or_auto, metavar="D",
+    g.add_argument("--density", type=_density_or_auto, metavar="D",
                    help="ties/dare: fraction of each task vector kept, in (0, 1] (default 0.5); auto")  # fmt: skip
     g.add_argument("--alpha", type=_float_or_auto, metavar="A", help="wise_ft: (1 − α)·base + "
                    "α·soup (default 0.5); auto")  # fmt: skip
@@ -115,8 +115,22 @@ def _float_or_auto(text: str) -> float | str:
     return "auto" if text == "auto" else float(text)
 
 
+def _density_or_auto(text: str) -> float | str:
+    value = _float_or_auto(text)
+    if value != "auto" and not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: the kept fraction must be in (0, 1]")
+    return value
+
+
+_GRID_KEYS = ("lambda", "density", "alpha")
+
+
 def _grid_item(text: str) -> tuple[str, list[float]]:
     name, _, values = text.partition("=")
+    if name not in _GRID_KEYS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: unknown coefficient {name!r} (use {', '.join(_GRID_KEYS)})"
+        )
     try:
         return name, [float(v) for v in values.split(",")]
     except ValueError:
@@ -127,6 +141,11 @@ def task_vector_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe's task-vector keys (base, lambda, density, alpha) the flags give."""
     given = {key: getattr(args, key) for key in ("base", "lambda", "density", "alpha", "combine")}
     if getattr(args, "grid", None):
+        names = [name for name, _ in args.grid]
+        twice = next((n for n in names if names.count(n) > 1), None)
+        if twice is not None:
+            raise RecipeError(f"grid: {twice} given twice (one NAME=V1,V2,... per coefficient)",
+                              options=["grid"])  # fmt: skip
         given["grid"] = dict(args.grid)
     return {key: value for key, value in given.items() if value is not None}
 
@@ -315,6 +334,14 @@ def _add_inspect(sub: Any, common: argparse.ArgumentParser, methods: list[str]) 
                    help="output dtype to estimate for (default: the ingredients')")  # fmt: skip
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="output shard size to estimate for (default 5GB)")  # fmt: skip
+    p.add_argument("--base", metavar="INGREDIENT",
+                   help="task-vector merges and greedy --combine: the base model θ₀ (its "
+                   "download and float32 copy are counted)")  # fmt: skip
+    p.add_argument("--combine", choices=["average", "task_arithmetic", "ties", "dare_ties"],
+                   help="greedy: estimate for the accepted set merged with this operator")  # fmt: skip
+    p.add_argument("--scored", action="store_true",
+                   help="task-vector merges: estimate for a run scored on a --task (the "
+                   "coefficient search holds θ₀ and the merged task vector in float32)")  # fmt: skip
 
 
 def _add_soup(sub: Any, common: argparse.ArgumentParser, methods: list[str]) -> None:
@@ -567,7 +594,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         _check_estimable(args.method)
         report = api.inspect(args.ingredients, allow_pickle=args.allow_pickle, method=args.method,
                              bandwidth=args.bandwidth, dtype=args.dtype,
-                             max_shard_size=args.max_shard_size)  # fmt: skip
+                             max_shard_size=args.max_shard_size, base=args.base,
+                             combine=args.combine, scored=args.scored)  # fmt: skip
         _print_inspection(report, args.json)
         if not report.compatible:
             raise IncompatibleIngredientsError(report.problem)

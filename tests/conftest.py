@@ -140,7 +140,10 @@ def cli(capfd):
 
     def call(*args: str):
         capfd.readouterr()
-        code = main([str(a) for a in args])
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's own refusals: one line, then exit 2
+            code = exc.code
         out, err = capfd.readouterr()
         return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 

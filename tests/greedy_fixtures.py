@@ -37,10 +37,17 @@ def tokenizer(tmp: Path):
 
 
 def fine_tune(
-    folder: Path, tok, train: list[dict], *, lr: float, seed: int, steps: int = 100
-) -> Path:
-    """Train the shared init (seed 0) for a few steps; save model + tokenizer to ``folder``."""
-    model = make_model(tiny_bert_config(), seed=0)
+    folder: Path, tok, train: list[dict], *, lr: float, seed: int, steps: int = 100,
+    start: Path | None = None,
+) -> Path:  # fmt: skip
+    """Train the shared init (seed 0), or the model saved in ``start``, for a few steps; save
+    model + tokenizer to ``folder``."""
+    if start is None:
+        model = make_model(tiny_bert_config(), seed=0)
+    else:
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(start)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()

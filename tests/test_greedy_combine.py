@@ -138,6 +138,12 @@ def test_the_pinned_recipe_rebuilds_the_same_soup(hub, sentiment, base_repo, tmp
         (["--base", "BASE"], "only with combine"),
         (["--combine", "ties", "--base", "BASE", "--density", "1.5"], "density"),
         (["--combine", "task_arithmetic", "--base", "BASE", "--density", "0.5"], "density"),
+        (["--combine", "ties", "--base", "BASE", "--lambda", "auto"], "lambda auto is not"),
+        (["--combine", "dare_ties", "--base", "BASE", "--density", "auto"], "density auto is"),
+        (
+            ["--combine", "ties", "--base", "BASE", "--lambda", "auto", "--grid", "lambda=1,2"],
+            "lambda auto is not",
+        ),  # fmt: skip
     ],
 )
 def test_refused_options_are_one_line_exit_2_nothing_written(
@@ -189,3 +195,54 @@ def test_interrupted_combine_run_resumes_with_the_same_decisions(
     assert calls["n"] == 10 + 3  # only the undecided candidates were scored
     kept, _ = reference(sentiment, "ties")
     assert resumed.results["greedy"]["accepted"] == [sentiment["repos"][i] for i in kept]
+
+
+@pytest.fixture(scope="module")
+def aligned(hub, tmp_path_factory) -> dict:
+    """Four fine-tunes in one basin: one from the shared init, three continued from it with
+    other seeds and learning rates, so that TIES merges of them score as well as the best
+    (greedy-TIES keeps several); the shared init (θ₀) and a dataset, all on the Hub."""
+    from greedy_fixtures import fine_tune, publish_dataset, sentences, tokenizer
+    from huggingface_hub import HfApi
+
+    api, tmp = HfApi(endpoint=hub.url), tmp_path_factory.mktemp("aligned")
+    tok = tokenizer(tmp)
+    splits = {"train": sentences(300, 41), "validation": sentences(200, 42),
+              "test": sentences(200, 43)}  # fmt: skip
+    publish_dataset(api, "test-org/aligned-sentiment", splits, tmp)
+    first = fine_tune(tmp / "ft0", tok, splits["train"], lr=1e-3, seed=0, steps=80)
+    dirs = [first] + [fine_tune(tmp / f"ft{i}", tok, splits["train"], lr=lr, seed=i, steps=30,
+                                start=first) for i, lr in ((1, 3e-4), (2, 1e-3), (3, 3e-4))]  # fmt: skip
+    base = tmp / "base"
+    make_model(tiny_bert_config(), seed=0).save_pretrained(base)
+    tok.save_pretrained(base)
+    repos = []
+    for name, folder in [("base", base), *((f"ft{i}", d) for i, d in enumerate(dirs))]:
+        repos.append(f"test-org/aligned-{name}")
+        api.create_repo(repos[-1], exist_ok=True)
+        api.upload_folder(repo_id=repos[-1], folder_path=str(folder))
+    task = {"dataset": "test-org/aligned-sentiment", "selection_split": "validation",
+            "report_splits": ["test"], "input_columns": ["text"], "label_column": "label",
+            "metrics": ["accuracy"], "batch_size": 32}  # fmt: skip
+    return {"base": repos[0], "repos": repos[1:], "dirs": dirs, "base_dir": base, "tok": tok,
+            "splits": splits, "task": task}  # fmt: skip
+
+
+def test_a_multi_ingredient_greedy_ties_soup_is_plain_torch_ties_and_its_card_rebuilds_it(
+    aligned, cli, tmp_path
+):
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(aligned["task"]))
+    out = tmp_path / "soup"
+    proc = cli("soup", *aligned["repos"], "--method", "greedy", "--combine", "ties", "--base",
+               aligned["base"], "--task", tmp_path / "task.yaml", "-o", out, "-q")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    kept, expected = reference(aligned, "ties")  # λ = 1, density = 0.5: the defaults
+    assert len(kept) >= 2  # the case this test is for: a real TIES of several ingredients
+    greedy = json.loads((out / "results.json").read_text())["greedy"]
+    assert greedy["accepted"] == [aligned["repos"][i] for i in kept]
+    assert _max_diff(load_state_dict(out), expected) <= 1e-6
+    proc = cli("run", out / "README.md", "--output", tmp_path / "again", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model.safetensors").read_bytes() == (
+        tmp_path / "again" / "model.safetensors"
+    ).read_bytes()

@@ -56,7 +56,8 @@ def test_inspect_refuses_a_method_the_estimates_do_not_know(toy, cli):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "hfsoup: error: inspect estimates memory and time for the methods uniform, greedy, "
-        "learned; method 'toy' has no estimate yet (--method)"
+        "learned, task_arithmetic, ties, dare_linear, dare_ties, wise_ft; method 'toy' has no "
+        "estimate yet (--method)"
     )
 
 

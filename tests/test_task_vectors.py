@@ -353,6 +353,13 @@ def test_a_coefficient_for_another_method_is_refused(models, cli, tmp_path):
     _refused(proc, out, "density does not apply", "--density")
 
 
+def test_lambda_is_refused_for_wise_ft_whose_only_scale_is_alpha(models, cli, tmp_path):
+    base, fts = models
+    out = tmp_path / "o"
+    proc = cli("soup", *fts, "--method", "wise_ft", "--base", base, "--lambda", "0.5", "-o", out)
+    _refused(proc, out, "lambda does not apply", "wise_ft", "--lambda")
+
+
 def test_results_record_the_weights_as_given(models, tmp_path):
     base, fts = models
     hfsoup.soup(fts, output=tmp_path / "s", method="task_arithmetic", weights=[2, 1, 1],

@@ -71,6 +71,9 @@ def examine(
     max_shard_size: int = 5 * 10**9,
     dtype: torch.dtype | None = None,
     device: torch.device | None = None,
+    base: IngredientIndex | None = None,
+    scored: bool = False,
+    combine: str | None = None,
 ) -> Examination:
     """Examine indexed ingredients before any weight byte is read.
 
@@ -80,6 +83,8 @@ def examine(
         bandwidth: bytes per second from the Hub; default :data:`DEFAULT_BANDWIDTH`.
         max_shard_size / dtype: the output options (a uniform soup holds one output shard).
         device: where the soup would run; default CUDA when available, else the CPU.
+        base / scored / combine: a base model θ₀ the run reads too (task-vector merges, greedy
+            ``combine``), whether it is scored on a task, and greedy's ``combine``.
 
     Returns:
         An :class:`Examination`.
@@ -126,16 +131,10 @@ def examine(
                     "models, not adapters",
                 )
             )
-    estimate = estimate_run(
-        indexes,
-        details,
-        method=method,
-        estimate=estimate,
-        bandwidth=bandwidth,
-        max_shard_size=max_shard_size,
-        dtype=dtype,
-        device=device,
-    )
+    read = details + ([_sizes(base)] if base is not None else [])  # the base is read too
+    estimate = estimate_run(indexes, read, method=method, estimate=estimate, bandwidth=bandwidth,
+                            max_shard_size=max_shard_size, dtype=dtype, device=device, base=base,
+                            scored=scored, combine=combine)  # fmt: skip
     if not estimate["fits"]:
         needs = human_bytes(estimate["peak_memory_bytes"])
         have = f"{human_bytes(estimate['available_memory_bytes'])} {estimate['available_from']}"

@@ -69,6 +69,12 @@ class EstimateInput(NamedTuple):
     max_shard_size: int
     dtype: torch.dtype | None
     device: torch.device
+    # Runs with a base model θ₀ (task-vector merges, greedy ``combine``): its index; whether the
+    # run is scored on a task (a task-vector merge then holds θ₀ and τ for the search); the
+    # greedy soup's ``combine`` operator (None: the plain average).
+    base: IngredientIndex | None = None
+    scored: bool = False
+    combine: str | None = None
 
 
 class Peak(NamedTuple):
@@ -93,6 +99,9 @@ def estimate_run(
     max_shard_size: int,
     dtype: torch.dtype | None,
     device: torch.device | None,
+    base: IngredientIndex | None = None,
+    scored: bool = False,
+    combine: str | None = None,
 ) -> dict[str, Any]:
     """Download size, peak memory and time of a ``method`` soup, from headers alone.
 
@@ -110,6 +119,8 @@ def estimate_run(
         device: where the soup would run; ``None``: CUDA when available, else the CPU.
 
         method / estimate: the method's name (reported) and its ``MergeMethod.estimate``.
+        base / scored / combine: as :class:`EstimateInput` has them; ``details`` then ends
+            with the base's entry, so that its bytes are downloaded and read too.
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hub = [d for d in details if not d["local"]]
@@ -117,7 +128,7 @@ def estimate_run(
     local = sum(d["weight_bytes"] for d in details if d["local"])
     read = sum(d["weight_bytes"] for d in details)
     peak, path, assumed, streams_all = estimate(
-        EstimateInput(indexes, read, max_shard_size, dtype, device)
+        EstimateInput(indexes, read, max_shard_size, dtype, device, base, scored, combine)
     )
     download = weight_bytes - (0 if streams_all else sum(d["cached_bytes"] for d in hub))
     available, where = available_memory(device)
@@ -168,15 +179,73 @@ def uniform_peak(given: EstimateInput) -> Peak:
     ), streams_all=True)  # fmt: skip
 
 
+# Float32-sized buffers of one streamed piece a task-vector operator holds: θ₀, the running
+# sum and τᵢ = θᵢ − θ₀; TIES also the elected signs, the agreeing count, |τᵢ| and topk's
+# values and int64 indices (docs/design.md, issue 17: TIES' peak measured at ~14 × the largest
+# tensor above the uniform soup's, DARE-TIES' ~10 ×); DARE its uniform draws and mask.
+OPERATOR_BUFFERS = {"task_arithmetic": 4, "wise_ft": 4, "dare_linear": 8, "ties": 14,
+                    "dare_ties": 10}  # fmt: skip
+# The float32 bytes of one tensor group greedy ``combine`` streams the accepted set in
+# (hfsoup.methods.greedy_combine.GROUP_BYTES; that module is above this one).
+COMBINE_GROUP_BYTES = 64 << 20
+_SCORING = ("scoring activations (the task's batch size and length) are not counted, nor is "
+            "scoring time")  # fmt: skip
+
+
 def greedy_peak(given: EstimateInput) -> Peak:
-    """The live model and one float32 running sum, plus one ingredient's reads."""
+    """The live model and one float32 running sum, plus one ingredient's reads; with
+    ``combine``, also θ₀ in float32 and the operator's buffers for one tensor group."""
     indexes = given.indexes
     model32, others = _model_bytes(indexes[0])
     largest = max(ix.nbytes for ix in indexes)
-    return Peak(2 * model32 + 2 * others + read_ahead_bytes(largest), None, (
-        "the live model and one float32 running sum (float32 scoring), plus one "
-        "ingredient's reads; scoring activations (the task's batch size and "
-        "length) are not counted, nor is scoring time"
+    peak = 2 * model32 + 2 * others + read_ahead_bytes(largest)
+    if given.combine in (None, "average"):
+        return Peak(peak, None, "the live model and one float32 running sum (float32 "
+                    f"scoring), plus one ingredient's reads; {_SCORING}")  # fmt: skip
+    group = min(COMBINE_GROUP_BYTES, model32)
+    # One group's operator buffers, its merged result and one ingredient's copy of it.
+    groups = (OPERATOR_BUFFERS[given.combine] + 2) * group
+    return Peak(peak + model32 + groups, None, (
+        f"the live model, one float32 running sum (the uniform baseline) and the base θ₀ in "
+        f"float32 ({human_bytes(model32)}), plus one ingredient's reads and "
+        f"{given.combine}'s buffers for one tensor group of at most "
+        f"{human_bytes(group)} ({human_bytes(groups)}); {_SCORING}"
+    ))  # fmt: skip
+
+
+def task_vector_peak(given: EstimateInput, *, method: str, whole_tensors: bool) -> Peak:
+    """A task-vector merge (``method``) with the base θ₀ as stream slot 0.
+
+    Without a task: the reads in flight plus, for one chunk (a whole tensor for TIES and DARE),
+    the operator's float32 buffers and the output bytes. Scored on a task: the live model and
+    the uniform baseline's running sum, then for the coefficient search θ₀ and the merged
+    task vector τ in float32 beside the live model (each λ is θ₀ + λ·τ set in it).
+    """
+    indexes, base = given.indexes, given.base
+    if base is None:
+        raise ValueError("a task-vector estimate needs the base model's index")
+    model32, others = _model_bytes(indexes[0])
+    shards = plan_shards(indexes[0], max_shard_size=given.max_shard_size, dtype=given.dtype)
+    acc, out = _chunk_bytes(indexes, shards, given.dtype, whole_tensors=whole_tensors)
+    buffers = OPERATOR_BUFFERS[method] * acc
+    stream = min(DEFAULT_IN_FLIGHT + 2 * acc, given.read_bytes) + buffers
+    piece = "whole tensor" if whole_tensors else "chunk"
+    if not given.scored:
+        return Peak(stream + out, None, (
+            f"reads in flight (base and ingredients, up to {human_bytes(DEFAULT_IN_FLIGHT + 2 * acc)}) "
+            f"+ {method}'s float32 buffers for one {piece} ({human_bytes(buffers)}: θ₀, the "
+            f"sums, τᵢ) and its output bytes ({human_bytes(out)}), written in place"
+        ), streams_all=True)  # fmt: skip
+    live = model32 + others
+    held = 2 * model32 + others  # θ₀ (integer buffers too) and τ, float32
+    # Measured (a 30 MB model, BENCHMARKS.md issue 17): the stream that makes τ peaks about one
+    # float32 model above θ₀, τ and its own buffers (freed pieces the allocator still holds).
+    slack = model32
+    return Peak(live + held + slack + stream, None, (
+        f"scored on a task: the live model ({human_bytes(live)}) and, for the coefficient "
+        f"search, θ₀ and the merged task vector τ in float32 ({human_bytes(held)}), plus the "
+        f"stream that makes τ ({human_bytes(stream)}: reads in flight and one {piece}'s "
+        f"buffers) and {human_bytes(slack)} of allocator slack measured there; {_SCORING}"
     ))  # fmt: skip
 
 
@@ -203,14 +272,15 @@ def learned_peak(given: EstimateInput) -> Peak:
 
 
 def _chunk_bytes(
-    indexes: Sequence[IngredientIndex], shards: Sequence[Sequence[str]], dtype: torch.dtype | None
-) -> tuple[int, int]:
+    indexes: Sequence[IngredientIndex], shards: Sequence[Sequence[str]], dtype: torch.dtype | None,
+    *, whole_tensors: bool = False,
+) -> tuple[int, int]:  # fmt: skip
     """The largest chunk's float32 sums and output bytes (:func:`plan_chunks`)."""
     from hfsoup.io.chunks import plan_chunks
 
     tensors = indexes[0].tensors
     acc = out = 0
-    for chunk in plan_chunks(indexes, shards):
+    for chunk in plan_chunks(indexes, shards, whole_tensors=whole_tensors):
         a = o = 0
         for piece in chunk.pieces:
             ref = tensors[piece.name]
@@ -226,6 +296,7 @@ __all__ = [
     "Peak",
     "greedy_peak",
     "learned_peak",
+    "task_vector_peak",
     "uniform_peak",
     "estimate_run",
     "activation_bytes",

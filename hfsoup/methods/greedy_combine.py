@@ -25,14 +25,16 @@ from typing import Any
 
 import torch
 
+from hfsoup.check.estimates import COMBINE_GROUP_BYTES
 from hfsoup.compute.placement import Placement
 from hfsoup.io.streaming import iter_tensors
 from hfsoup.io.tensors import IngredientIndex
 from hfsoup.methods.greedy import SoupSession
 from hfsoup.methods.task_vectors import _ACCUMULATORS, _FORMULAS
 
-# The float32 bytes of one tensor group: the unit the accepted set is streamed in.
-GROUP_BYTES = 64 << 20
+# The float32 bytes of one tensor group: the unit the accepted set is streamed in (the
+# memory estimate counts the same group).
+GROUP_BYTES = COMBINE_GROUP_BYTES
 
 
 class CombineSession(SoupSession):

@@ -40,6 +40,10 @@ class GreedyConfig(BaseModel):
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
+_DEFAULTS = {"lambda": GreedyConfig.model_fields["lambda_"].default,
+             "density": GreedyConfig.model_fields["density"].default}  # fmt: skip
+
+
 def combines(recipe: Recipe) -> bool:
     """Whether ``recipe``'s greedy soup merges with a task-vector operator (it needs a base)."""
     return recipe.combine not in (None, "average")
@@ -50,7 +54,9 @@ def check_combine(recipe: Recipe) -> None:
 
     Raises:
         RecipeError: a base, ``lambda`` or ``density`` without a task-vector ``combine``;
-            ``density`` with ``combine: task_arithmetic``.
+            ``density`` with ``combine: task_arithmetic``; ``lambda`` or ``density`` ``auto``
+            (the greedy loop merges with fixed coefficients: a search per candidate would
+            score every grid point for each one, and the accepted set depends on them).
     """
     if not combines(recipe):
         for key, given in (("base", recipe.base), ("lambda", recipe.lambda_),
@@ -66,6 +72,14 @@ def check_combine(recipe: Recipe) -> None:
             "density applies to combine ties and dare_ties, not task_arithmetic",
             options=["density"],
         )
+    for key, given in (("lambda", recipe.lambda_), ("density", recipe.density)):
+        if given == "auto":
+            raise RecipeError(
+                f"{key} auto is not searched by a greedy soup: combine merges with fixed "
+                f"coefficients; give {key} a number (default {_DEFAULTS[key]:g}), or search it "
+                f"with method {recipe.combine} on the ingredients greedy keeps",
+                options=[key],
+            )
 
 
 def prepare(ctx: MethodContext) -> Any:

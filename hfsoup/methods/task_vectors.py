@@ -27,7 +27,7 @@ tensor's, whatever the chunking.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
@@ -36,23 +36,29 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from hfsoup.registry import MergeMethod, register
 
 if TYPE_CHECKING:
+    from hfsoup.check.estimates import EstimateInput, Peak
     from hfsoup.methods.context import MethodContext, MethodOutcome
 
 
-class TaskVectorConfig(BaseModel):
-    """The coefficients of a task-vector merge (None in the recipe: these defaults)."""
+class _Coefficients(BaseModel):
+    """What every task-vector merge takes (None in the recipe: these defaults)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    lambda_: Annotated[float, Field(allow_inf_nan=False)] | Literal["auto"] = Field(
-        1.0, alias="lambda"
-    )
     seed: int = 0
 
     @model_validator(mode="before")
     @classmethod
     def _defaults(cls, data: Any) -> Any:
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class TaskVectorConfig(_Coefficients):
+    """The coefficients of a task-vector merge that scales τ by λ (None: these defaults)."""
+
+    lambda_: Annotated[float, Field(allow_inf_nan=False)] | Literal["auto"] = Field(
+        1.0, alias="lambda"
+    )
 
 
 class SparseConfig(TaskVectorConfig):
@@ -62,8 +68,9 @@ class SparseConfig(TaskVectorConfig):
     density: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = 0.5
 
 
-class WiseConfig(TaskVectorConfig):
-    """WiSE-FT: the mixing coefficient α (default 0.5, the paper's usual middle point)."""
+class WiseConfig(_Coefficients):
+    """WiSE-FT: the mixing coefficient α (default 0.5, the paper's usual middle point); it
+    takes no λ (α is its only scale), so a ``lambda`` given with it is refused."""
 
     alpha: Annotated[float, Field(allow_inf_nan=False)] | Literal["auto"] = 0.5
 
@@ -316,6 +323,18 @@ def _section(ctx: MethodContext, name: str, shown: dict[str, Any]) -> str:
     )
 
 
+def _estimate(name: str) -> Callable[[EstimateInput], Peak]:
+    """``name``'s peak memory for ``hfsoup inspect`` (:func:`task_vector_peak`)."""
+
+    def estimate(given: EstimateInput) -> Peak:
+        from hfsoup.check.estimates import task_vector_peak
+
+        whole = _ACCUMULATORS[name].whole_tensors
+        return task_vector_peak(given, method=name, whole_tensors=whole)
+
+    return estimate
+
+
 def _method(name: str, summary: str, config: type[BaseModel]) -> MergeMethod:
     return register(
         MergeMethod(
@@ -326,6 +345,7 @@ def _method(name: str, summary: str, config: type[BaseModel]) -> MergeMethod:
             card=f"{name}: {_FORMULAS[name]}",
             needs_base=True,
             config=config,
+            estimate=_estimate(name),
         )  # fmt: skip
     )
 

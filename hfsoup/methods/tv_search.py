@@ -70,7 +70,13 @@ def merged_vector(ctx: MethodContext, accumulator_cls: type, weights: Sequence[f
               for ix in [ctx.base, *ctx.indexes]]  # fmt: skip
     stream_combine(cached, ctx.shards, lambda: Capture(weights, cfg), on_shard=keep,
                    dtype=torch.float32, placement=ctx.placement)  # fmt: skip
-    return base_out, tau
+    # Capture (a class made here) sits in a reference cycle holding these dicts through its
+    # closure until the cyclic GC runs: hand over new dicts and empty these, so that θ₀ and τ
+    # are freed as soon as the caller drops them (measured: a second density held two pairs).
+    out = dict(base_out), dict(tau)
+    base_out.clear()
+    tau.clear()
+    return out
 
 
 def _show(session: SoupSession, cls: type, base: dict, tau: dict, scale: float) -> None:
@@ -92,6 +98,7 @@ def search(
         candidate = cfg.model_copy(update=point)
         key = {k: v for k, v in point.items() if k != cls.scale_key}
         if key != tau_key:
+            held = None  # one θ₀ and τ at a time: the old pair goes before the new is streamed
             held, tau_key = merged_vector(ctx, cls, weights, candidate), key
         _show(session, cls, *held, point[cls.scale_key])
         out = scorer.score_with_early_stop(session.model, sel, best_score, strict=True)
@@ -105,6 +112,7 @@ def search(
                 best_score = out.score
     chosen = {k: v for k, v in best.model_dump().items() if k != cls.scale_key}
     if chosen != {k: v for k, v in candidate.model_dump().items() if k != cls.scale_key}:
+        held = None
         held = merged_vector(ctx, cls, weights, best)
     _show(session, cls, *held, getattr(best, cls.scale_key))
     return best, records

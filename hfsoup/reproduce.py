@@ -480,11 +480,30 @@ def phase_seconds(work: Path, results: dict[str, dict]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hfsoup.reproduce ARGS`` is ``hfsoup reproduce ARGS``: the same flags, and a
-    user's error is one line with exit code 2 (the CLI's handling), not a traceback."""
-    from hfsoup.cli import main as cli_main
+    """``python -m hfsoup.reproduce --workdir DIR``: print the table (resumable); a user's
+    error is one line and exit code 2, as ``hfsoup reproduce`` gives it."""
+    import argparse
 
-    return cli_main(["reproduce", *(sys.argv[1:] if argv is None else argv)])
+    from hfsoup.errors import HfsoupError
+
+    p = argparse.ArgumentParser(prog="hfsoup reproduce", description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", default="hfsoup-reproduce")
+    p.add_argument("--k", type=int, default=12)
+    p.add_argument("--train", type=int, default=400)
+    p.add_argument("--evaluation", "--eval", type=int, default=800)
+    p.add_argument("--max-length", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--figure", default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s hfsoup reproduce: %(message)s")
+    try:
+        out = reproduce(workdir=a.workdir, k=a.k, train=a.train, evaluation=a.evaluation,
+                        max_length=a.max_length, seed=a.seed, figure=a.figure)  # fmt: skip
+    except HfsoupError as exc:
+        sys.stderr.write(f"hfsoup reproduce: error: {exc}\n")
+        return 2
+    sys.stdout.write(out["markdown"] + "\n\n" + f"Figure B.1: {out['figure']}\n")
+    return 0
 
 
 if __name__ == "__main__":

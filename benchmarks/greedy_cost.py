@@ -16,10 +16,11 @@ The ratios are greedy / unit, in the same bucketing mode and against the dataset
 The unit does not depend on the candidates' order: the last two modes share one.
 Pad tokens per split (a count, from the prepared batches) show what bucketing removes.
 
-    python benchmarks/greedy_cost.py --input /work/pool/SWEEP_READY --k 8
+    hfsoup reproduce --workdir repro      # the 12 fine-tunes (its sweep is all this needs)
+    python benchmarks/greedy_cost.py --input repro --k 8
 
-``--input``: a JSON file ``{"ingredients": [folders...], "task": {...}}`` (more keys are
-ignored). Prints a markdown table and writes ``--out`` (JSON).
+``--input``: a finished ``hfsoup reproduce`` workdir (:func:`hfsoup.reproduce.workdir_pool`),
+or a JSON file ``{"ingredients": [folders...], "task": {...}}`` (more keys are ignored). Prints a markdown table and writes ``--out`` (JSON).
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def _interleaved_passes(folders: list[str], task: dict, rounds: int) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", default="/work/pool/SWEEP_READY")
+    parser.add_argument("--input", default="hfsoup-reproduce")
     parser.add_argument("--k", type=int, default=8, help="the first k ingredients")
     parser.add_argument("--accept", default=">=")
     parser.add_argument("--order", default="score")
@@ -182,9 +183,10 @@ def main() -> None:
 
     import torch
 
+    from hfsoup.reproduce import workdir_pool
     from hfsoup.tasks import preprocess
 
-    spec = json.loads(Path(args.input).read_text())
+    spec = workdir_pool(args.input)  # a reproduce workdir, or a JSON file with its keys
     folders = [str(f) for f in spec["ingredients"][: args.k]]
     task = spec["task"]
     k = len(folders)

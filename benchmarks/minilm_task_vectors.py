@@ -2,8 +2,8 @@
 init, beside the paper's soups, scored on the same held-out split.
 
 The ingredients, the shared init (the base θ₀ of every task vector) and the task come from a
-finished ``hfsoup reproduce`` sweep, described by a JSON file (``--sweep``, default
-/work/pool/SWEEP_READY: ``ingredients``, ``base_with_head``, ``task``). Each row is one
+finished ``hfsoup reproduce`` sweep (``--sweep``: its workdir, default ``hfsoup-reproduce``, or a
+JSON file with ``ingredients``, ``base_with_head``, ``task``; :func:`hfsoup.reproduce.workdir_pool`). Each row is one
 ``hfsoup.soup`` call on the local folders, one after the other in this process, with the
 outputs cache on (``--workdir/outputs-cache``), so each run scores only what it has not scored
 before (the ingredients' outputs are cached after the first run):
@@ -37,13 +37,15 @@ def _floats(text: str) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", type=Path, default=Path("/work/pool/SWEEP_READY"))
+    parser.add_argument("--sweep", type=Path, default=Path("hfsoup-reproduce"))
     parser.add_argument("--workdir", type=Path, default=Path(".bench/minilm-tv"))
     parser.add_argument("--ties-lambdas", type=_floats, default=[0.6, 1.0, 1.4, 1.8])
     parser.add_argument("--ties-densities", type=_floats, default=[0.2, 0.5, 0.8])
     parser.add_argument("--only", nargs="*", help="run only these rows (by name)")
     args = parser.parse_args()
-    sweep = json.loads(args.sweep.read_text())
+    from hfsoup.reproduce import workdir_pool
+
+    sweep = workdir_pool(args.sweep)  # a reproduce workdir, or a JSON file with its keys
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.environ["HFSOUP_OUTPUTS_CACHE"] = str(work / "outputs-cache")

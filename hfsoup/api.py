@@ -171,9 +171,10 @@ def inspect(
 
 def _check_inspected_base(method: Any, base: Any, combine: str | None) -> None:
     """Refuse, as a soup would, a base or ``combine`` that ``method`` does not take."""
+    from hfsoup.methods.greedy_soup import COMBINE_OPERATORS as allowed
+
     takes = set(method.config.model_fields) if method.config else set()
     if combine is not None:
-        allowed = ("average", "task_arithmetic", "ties", "dare_ties")
         if "combine" not in takes:
             raise RecipeError(f"combine does not apply to method {method.name!r}",
                               options=["combine"])  # fmt: skip

@@ -93,6 +93,8 @@ def _learned_options(p: argparse.ArgumentParser) -> None:
 
 
 def _task_vector_options(p: argparse.ArgumentParser) -> None:
+    from hfsoup.methods.greedy_soup import COMBINE_OPERATORS
+
     g = p.add_argument_group("task-vector merges (task_arithmetic, ties, dare_*, wise_ft)")
     g.add_argument("--base", metavar="INGREDIENT",
                    help="the base model θ₀ the task vectors θᵢ − θ₀ are taken from")  # fmt: skip
@@ -106,7 +108,7 @@ def _task_vector_options(p: argparse.ArgumentParser) -> None:
                    help="the values auto coefficients are chosen from, e.g. lambda=0.2,0.5,1 "
                    "density=0.3,0.5 (default λ 0.1..1.5 by 0.1, density 0.1,0.3,..,0.9, "
                    "α 0..1 by 0.1)")  # fmt: skip
-    g.add_argument("--combine", choices=["average", "task_arithmetic", "ties", "dare_ties"],
+    g.add_argument("--combine", choices=COMBINE_OPERATORS,
                    help="greedy: merge the accepted set with this operator (needs --base; "
                    "default average, the paper's soup)")  # fmt: skip
 
@@ -320,6 +322,8 @@ def _method_help(methods: list[str]) -> str:
 
 
 def _add_inspect(sub: Any, common: argparse.ArgumentParser, methods: list[str]) -> None:
+    from hfsoup.methods.greedy_soup import COMBINE_OPERATORS
+
     p = sub.add_parser(
         "inspect", parents=[common], help="resolve ingredients and check compatibility"
     )
@@ -337,7 +341,7 @@ def _add_inspect(sub: Any, common: argparse.ArgumentParser, methods: list[str]) 
     p.add_argument("--base", metavar="INGREDIENT",
                    help="task-vector merges and greedy --combine: the base model θ₀ (its "
                    "download and float32 copy are counted)")  # fmt: skip
-    p.add_argument("--combine", choices=["average", "task_arithmetic", "ties", "dare_ties"],
+    p.add_argument("--combine", choices=COMBINE_OPERATORS,
                    help="greedy: estimate for the accepted set merged with this operator")  # fmt: skip
     p.add_argument("--scored", action="store_true",
                    help="task-vector merges: estimate for a run scored on a --task (the "

@@ -221,6 +221,32 @@ def split_sizes(task: dict[str, Any]) -> dict[str, int]:
     return {name: pq.read_metadata(path).num_rows for name, path in files.items()}
 
 
+def workdir_pool(path: str | Path) -> dict[str, Any]:
+    """What a finished ``hfsoup reproduce`` workdir holds for other measurements (the
+    benchmarks that reuse its fine-tunes): ``{"ingredients": [folders], "base_with_head":
+    the shared init's folder, "task": the scoring task}``. ``path`` may also be a JSON file
+    with those keys.
+
+    Raises:
+        RecipeError: not a reproduce workdir, or its sweep has not finished.
+    """
+    path = Path(path).expanduser().resolve()
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    config, sweep_dir = path / "reproduce_config.json", path / "sweep"
+    if not config.is_file():
+        raise RecipeError(f"{path} is not an hfsoup reproduce workdir (no reproduce_config.json)")
+    sizes = json.loads(config.read_text(encoding="utf-8"))
+    ingredients = sorted(str(f) for f in sweep_dir.glob("ingredient-*") if f.is_dir())
+    if len(ingredients) < sizes["k"]:
+        raise RecipeError(f"{path}: the sweep holds {len(ingredients)} of {sizes['k']} "
+                          "ingredients; rerun hfsoup reproduce to finish it")  # fmt: skip
+    files = {name: str(path / "data" / f"{name}.parquet") for name in SPLITS}
+    task = task_block({"path": "parquet", "data_files": files}, sizes["max_length"])
+    return {"ingredients": ingredients, "base_with_head": str(sweep_dir / "base-with-head"),
+            "task": task}  # fmt: skip
+
+
 def mean_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0

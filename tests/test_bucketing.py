@@ -17,6 +17,13 @@ from hfsoup.tasks.kinds import Tally
 from hfsoup.tasks.preprocess import load_preprocessor
 
 
+def greedy_run(sentiment, out, accept: str, order: str):
+    """A greedy soup of the fixture's fine-tunes on small batches, outputs cache off."""
+    return hfsoup.soup(sentiment["repos"], output=out, method="greedy",
+                       task=small_batches(sentiment), accept=accept, order=order, seed=0,
+                       progress=False, cache=False)  # fmt: skip
+
+
 def pad_tokens(scorer: Scorer, split: str) -> int:
     return sum(int((b["attention_mask"] == 0).sum()) for b in scorer.split(split).batches)
 
@@ -129,9 +136,7 @@ def test_greedy_decides_the_same_with_and_without_buckets(
     runs = {}
     for bucket in (True, False):
         monkeypatch.setattr(preprocess, "_BUCKET_TEXT", bucket)
-        result = hfsoup.soup(sentiment["repos"], output=tmp_path / f"soup-{bucket}", method="greedy",
-                             task=small_batches(sentiment), accept=accept, order=order, seed=0,
-                             progress=False, cache=False)  # fmt: skip
+        result = greedy_run(sentiment, tmp_path / f"soup-{bucket}", accept, order)
         runs[bucket] = result.results
     on, off = runs[True]["greedy"], runs[False]["greedy"]
     assert on["accepted"] == off["accepted"]
@@ -202,9 +207,7 @@ def test_hardest_first_decides_like_a_full_evaluation(
     scored = {}
     for first in (True, False):
         monkeypatch.setattr(greedy, "_HARDEST_FIRST", first)
-        result = hfsoup.soup(sentiment["repos"], output=tmp_path / f"soup-{first}", method="greedy",
-                             task=small_batches(sentiment), accept=accept, order=order, seed=0,
-                             progress=False, cache=False)  # fmt: skip
+        result = greedy_run(sentiment, tmp_path / f"soup-{first}", accept, order)
         g = result.results["greedy"]
         assert g["accepted"] == [sentiment["repos"][i] for i in kept]
         assert ("order_examples" in result.results["timings"]) == first

@@ -116,6 +116,25 @@ def test_workdir_of_another_recipe_is_refused(tmp_path):
     assert json.loads((tmp_path / "reproduce_config.json").read_text()) == old
 
 
+def test_workdir_pool_names_the_sweeps_folders_and_refuses_an_unfinished_one(tmp_path):
+    from hfsoup.errors import RecipeError
+
+    sizes = {"k": 2, "train": 4, "evaluation": 4, "max_length": 16, "seed": 0}
+    reproduce.check_workdir(tmp_path, {**sizes, "recipe": reproduce.RECIPE})
+    (tmp_path / "sweep" / "ingredient-002").mkdir(parents=True)
+    with pytest.raises(RecipeError, match="1 of 2 ingredients"):
+        reproduce.workdir_pool(tmp_path)
+    (tmp_path / "sweep" / "ingredient-001").mkdir()
+    pool = reproduce.workdir_pool(tmp_path)
+    assert pool["ingredients"] == [str(tmp_path / "sweep" / f"ingredient-00{i}") for i in (1, 2)]
+    assert pool["base_with_head"] == str(tmp_path / "sweep" / "base-with-head")
+    files = pool["task"]["dataset"]["data_files"]
+    assert files["shift"] == str(tmp_path / "data" / "shift.parquet")
+    assert pool["task"]["max_length"] == 16
+    with pytest.raises(RecipeError, match="not an hfsoup reproduce workdir"):
+        reproduce.workdir_pool(tmp_path / "sweep")
+
+
 def test_trajectory_keeps_the_incumbent_score_after_a_rejection():
     trace = _trace([(0.70, True), (None, False), (0.74, True), (0.71, False), (0.74, True)])
     assert reproduce.trajectory(trace) == [0.70, 0.70, 0.74, 0.74, 0.74]

@@ -6,7 +6,7 @@ imported when the method runs, so listing the methods stays cheap.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from hfsoup.recipe import Recipe
 
 Combine = Literal["average", "task_arithmetic", "ties", "dare_ties"]
+# The operators greedy can merge the accepted set with (the CLI's --combine choices).
+COMBINE_OPERATORS: tuple[str, ...] = get_args(Combine)
 
 
 class GreedyConfig(BaseModel):

@@ -97,19 +97,11 @@ class Scorer:
         self.task = resolve_task(task)
         self.runner = BatchRunner(processes, progress=progress)
         loaded = splits if splits is not None else load_task_splits(self.task)
-        self.splits: dict[str, PreparedSplit] = {}
         # Kept to re-batch a split in another order (put_hardest_first).
         self._sources = (loaded, preprocessor, label2id, max_tokens, device)
-        for name, dataset in loaded.items():
-            prepared = prepare_split(
-                dataset, self.task, preprocessor, name=name, label2id=label2id,
-                max_tokens=max_tokens, bucket=bucket,
-            )  # fmt: skip
-            if device is not None:
-                prepared.batches = [
-                    to_device(batch, torch.device(device)) for batch in prepared.batches
-                ]
-            self.splits[name] = prepared
+        self.splits: dict[str, PreparedSplit] = {
+            name: self._prepare(name, bucket=bucket) for name in loaded
+        }
         # After the data: labels the model cannot have are refused before any metric is fetched.
         self.metrics = {name: load_metric(name) for name in self.task.metrics}
         self.cache: dict[tuple[str, str], torch.Tensor] = {}
@@ -300,14 +292,20 @@ class Scorer:
         longest = int(lengths.max()) if len(lengths) else 0
         key = (len(outputs) - wrong) * (longest + 1) + lengths
         order = torch.sort(key, stable=True).indices
+        self.splits[split] = self._prepare(split, order=order)
+
+    def _prepare(
+        self, name: str, *, bucket: bool | None = None, order: torch.Tensor | None = None
+    ) -> PreparedSplit:
+        """Split ``name`` of the loaded data as batches (on the scorer's device)."""
         loaded, preprocessor, label2id, max_tokens, device = self._sources
-        again = prepare_split(
-            loaded[split], self.task, preprocessor, name=split, label2id=label2id,
-            max_tokens=max_tokens, order=order,
+        prepared = prepare_split(
+            loaded[name], self.task, preprocessor, name=name, label2id=label2id,
+            max_tokens=max_tokens, bucket=bucket, order=order,
         )  # fmt: skip
         if device is not None:
-            again.batches = [to_device(batch, torch.device(device)) for batch in again.batches]
-        self.splits[split] = again
+            prepared.batches = [to_device(b, torch.device(device)) for b in prepared.batches]
+        return prepared
 
     def tally(self, outputs: torch.Tensor, split: str | None = None) -> Tally | None:
         """The exact counts of full ``outputs`` on ``split`` (default: selection), or None when
